@@ -1,0 +1,1 @@
+"""farm: a real-time speech farm for FreeSWITCH."""

@@ -1,0 +1,250 @@
+"""The broker process: assigns calls to workers, watches their liveness, relays events.
+
+Follows the FARMW01 contract in :mod:`farm.broker.wire`. Everything that changes the
+call table or the worker table lives in this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from farm.broker import wire
+from farm.config import Config
+
+__all__ = ["Broker", "main"]
+
+log = logging.getLogger("farm.broker")
+
+
+@dataclass
+class _Worker:
+    identity: bytes
+    index: int
+    pid: int
+    expiry: float
+    calls: set[str] = field(default_factory=set)
+    last_sent: float = 0.0
+
+
+@dataclass
+class _Call:
+    call_id: str
+    ring: str
+    info: str
+    worker: bytes | None = None
+
+
+def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str) -> None:
+    """XSUB <-> XPUB relay, on its own thread: events never wait for control traffic."""
+    xsub = ctx.socket(zmq.XSUB)
+    xpub = ctx.socket(zmq.XPUB)
+    for s in (xsub, xpub):
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+    xsub.bind(events_in)
+    xpub.bind(events_out)
+    try:
+        zmq.proxy(xsub, xpub)
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        xsub.close()
+        xpub.close()
+
+
+class Broker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.ingress_sock = self.ctx.socket(zmq.ROUTER)
+        for s in (self.workers_sock, self.ingress_sock):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.workers_sock.bind(config.endpoint("workers"))
+        self.ingress_sock.bind(config.endpoint("ingress"))
+        self.relay = threading.Thread(
+            target=_relay,
+            args=(self.ctx, config.endpoint("events_in"), config.events),
+            name="event-relay",
+            daemon=True,
+        )
+        self.workers: dict[bytes, _Worker] = {}
+        self.calls: dict[str, _Call] = {}
+        self.pending: deque[str] = deque()
+        self.ingress_identity: bytes | None = None
+        self.running = True
+
+    # -- sending -----------------------------------------------------------
+
+    def _send_worker(self, worker: _Worker, command: bytes, *body: str) -> None:
+        worker.last_sent = time.monotonic()
+        self.workers_sock.send_multipart([worker.identity, *wire.message(command, *body)])
+
+    def _send_ingress(self, command: bytes, *body: str) -> None:
+        if self.ingress_identity is not None:
+            self.ingress_sock.send_multipart([self.ingress_identity, *wire.message(command, *body)])
+
+    # -- call table ----------------------------------------------------------
+
+    def _assign(self, call: _Call) -> bool:
+        live = [w for w in self.workers.values()]
+        if not live:
+            return False
+        worker = min(live, key=lambda w: (len(w.calls), w.index))
+        call.worker = worker.identity
+        worker.calls.add(call.call_id)
+        self._send_worker(worker, wire.B_ASSIGN, call.call_id, call.ring, call.info)
+        log.info(
+            "call %s assigned to worker %d (pid %d, %d calls)",
+            call.call_id,
+            worker.index,
+            worker.pid,
+            len(worker.calls),
+        )
+        return True
+
+    def _assign_pending(self) -> None:
+        while self.pending and self.workers:
+            call = self.calls.get(self.pending.popleft())
+            if call is not None and call.worker is None:
+                self._assign(call)
+
+    def _forget_worker(self, worker: _Worker, why: str) -> None:
+        del self.workers[worker.identity]
+        log.warning(
+            "worker %d (pid %d) %s; reassigning %d calls",
+            worker.index,
+            worker.pid,
+            why,
+            len(worker.calls),
+        )
+        for call_id in sorted(worker.calls):
+            call = self.calls.get(call_id)
+            if call is not None and call.worker == worker.identity:
+                call.worker = None
+                self.pending.append(call_id)
+        self._assign_pending()
+
+    # -- message handlers ------------------------------------------------------
+
+    def handle_worker(self, frames: list[bytes]) -> None:
+        identity, rest = frames[0], frames[1:]
+        try:
+            command, body = wire.parse(rest)
+        except wire.WireError as exc:
+            log.warning("dropped a message from a worker: %s", exc)
+            return
+        now = time.monotonic()
+        expiry = now + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
+        worker = self.workers.get(identity)
+        if command is wire.W_READY or command == wire.W_READY:
+            index, pid = int(body[0]), int(body[1])
+            self.workers[identity] = _Worker(identity, index, pid, expiry)
+            log.info("worker %d (pid %d) ready", index, pid)
+            self._assign_pending()
+            return
+        if worker is None:
+            # Declared dead earlier (or the broker restarted): make it start over.
+            self.workers_sock.send_multipart([identity, *wire.message(wire.B_DISCONNECT)])
+            return
+        worker.expiry = expiry
+        if command == wire.W_DONE:
+            call_id = body[0]
+            worker.calls.discard(call_id)
+            self.calls.pop(call_id, None)
+            self._send_ingress(wire.I_DONE, call_id)
+        elif command == wire.W_DISCONNECT:
+            self._forget_worker(worker, "disconnected")
+        elif command != wire.W_HEARTBEAT:
+            log.warning("worker %d sent unexpected %s", worker.index, wire.name(command))
+
+    def handle_ingress(self, frames: list[bytes]) -> None:
+        identity, rest = frames[0], frames[1:]
+        try:
+            command, body = wire.parse(rest)
+        except wire.WireError as exc:
+            log.warning("dropped a message from the ingress: %s", exc)
+            return
+        self.ingress_identity = identity
+        if command == wire.I_OPEN:
+            call_id, ring, info = body
+            old = self.calls.get(call_id)
+            if old is not None and old.worker in self.workers:
+                self.workers[old.worker].calls.discard(call_id)
+            call = _Call(call_id, ring, info)
+            self.calls[call_id] = call
+            if not self._assign(call):
+                log.info("call %s queued: no worker ready", call_id)
+                self.pending.append(call_id)
+        elif command != wire.I_HEARTBEAT:
+            log.warning("ingress sent unexpected %s", wire.name(command))
+
+    def tick(self) -> None:
+        """Heartbeats out, expired workers out; call at least every heartbeat interval."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if worker.expiry < now:
+                self._forget_worker(worker, "missed its heartbeats")
+            elif now - worker.last_sent >= wire.HEARTBEAT_INTERVAL:
+                self._send_worker(worker, wire.B_HEARTBEAT)
+
+    def run(self) -> None:
+        self.relay.start()
+        poller = zmq.Poller()
+        poller.register(self.workers_sock, zmq.POLLIN)
+        poller.register(self.ingress_sock, zmq.POLLIN)
+        interval_ms = int(wire.HEARTBEAT_INTERVAL * 1000)
+        next_tick = time.monotonic()
+        log.info("broker ready (pid %d), events on %s", os.getpid(), self.config.events)
+        while self.running:
+            timeout = max(0, int((next_tick - time.monotonic()) * 1000))
+            for sock, _ in poller.poll(min(timeout, interval_ms)):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if sock is self.workers_sock:
+                        self.handle_worker(frames)
+                    else:
+                        self.handle_ingress(frames)
+            if time.monotonic() >= next_tick:
+                self.tick()
+                next_tick = time.monotonic() + wire.HEARTBEAT_INTERVAL
+
+    def close(self) -> None:
+        self.workers_sock.close()
+        self.ingress_sock.close()
+        self.ctx.term()
+
+
+def main() -> None:
+    from farm.logs import setup_logging
+
+    config = Config.from_env()
+    setup_logging(config.log_level)
+    broker = Broker(config)
+
+    def stop(signum: int, frame: object) -> None:
+        broker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+    try:
+        broker.run()
+    finally:
+        broker.close()
+
+
+if __name__ == "__main__":
+    main()

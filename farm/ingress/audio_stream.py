@@ -1,0 +1,295 @@
+"""The mod_audio_stream site: a WebSocket server, one connection per call (PROTOCOLS.md §1).
+
+Thin adapter: the ``websockets`` library speaks RFC 6455 (any path, headers with or
+without a space after the colon, permessage-deflate on or off, pings), and
+:mod:`farm.protocol.audio_stream` says what the messages mean. The same port
+answers plain HTTP for health checks and Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import time
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from farm.config import Config
+from farm.ingress.calls import Call, CallRegistry, Metrics
+from farm.protocol import audio_stream as proto
+from farm.protocol.events import Event
+
+__all__ = ["AudioStreamSite"]
+
+log = logging.getLogger("farm.ingress.ws")
+
+# A connection that completes the handshake and then sends nothing at all is dropped
+# after this; a call that goes quiet later (uuid_audio_stream pause) gets idle_timeout.
+FIRST_MESSAGE_TIMEOUT_S = 10.0
+
+
+class _Connection:
+    """One mod_audio_stream connection: metadata, then PCM into the call's ring."""
+
+    def __init__(self, site: AudioStreamSite, ws: ServerConnection) -> None:
+        self.site = site
+        self.ws = ws
+        self.config = site.config
+        self.call: Call | None = None
+        self.url = proto.StreamParams()
+        self.meta = proto.StreamParams()
+        self.meta_seen = False
+        self.held: list[tuple[bytes, int]] = []  # audio that came before the metadata
+        self.pending_error = ""  # bad metadata seen before the call had an id
+        self.carry: proto.SampleCarry | None = None
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
+        self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
+        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
+
+    async def run(self) -> None:
+        path = self.ws.request.path if self.ws.request else "/"
+        try:
+            self.url = proto.params_from_path(path)
+        except proto.AudioStreamError as exc:
+            await self.refuse(exc)
+            return
+        sender = asyncio.create_task(self._send_events())
+        try:
+            await self._receive()
+        except proto.AudioStreamError as exc:
+            await self.refuse(exc)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            if rcvd is None or rcvd.code not in (1000, 1001):
+                self.log.warning(
+                    "%s: connection lost (%s)", self.name, f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame"
+                )
+        finally:
+            sender.cancel()
+            if self.call is not None:
+                self.site.registry.close(self.call)
+                self.site.live.discard(self)
+
+    @property
+    def name(self) -> str:
+        return f"call {self.call.call_id}" if self.call else f"connection from {self.peer}"
+
+    async def refuse(self, exc: proto.AudioStreamError) -> None:
+        self.log.warning("%s: closing: %s", self.name, exc)
+        self.site.metrics.reject(str(exc).split(" (")[0][:40])
+        if self.call is not None:
+            self.site.registry.error(self.call.call_id, str(exc))
+        await self.ws.close(exc.code, str(exc)[:120])
+
+    async def _receive(self) -> None:
+        opened = time.monotonic()
+        first = True
+        while True:
+            if self.call is None:
+                wait = self.config.metadata_wait_ms / 1000 - (time.monotonic() - opened)
+                if self.held and wait <= 0:
+                    await self._open()
+                    continue
+                timeout = wait if self.held else FIRST_MESSAGE_TIMEOUT_S if first else self.config.idle_timeout
+            else:
+                timeout = self.config.idle_timeout
+            try:
+                message = await asyncio.wait_for(self.ws.recv(), max(timeout, 0.001))
+            except asyncio.TimeoutError:
+                if self.call is None and self.held:
+                    continue  # metadata wait is over: open with what we know
+                raise proto.AudioStreamError(
+                    f"no message in {timeout:.0f} s", proto.CLOSE_POLICY
+                ) from None
+            first = False
+            recv_ns = time.monotonic_ns()
+            if isinstance(message, str):
+                await self._on_text(message)
+            elif self.call is None:
+                self.held.append((message, recv_ns))
+            else:
+                self._write(message, recv_ns)
+
+    async def _on_text(self, text: str) -> None:
+        params, error = proto.parse_metadata(text)
+        if error:
+            self.log.warning("%s: %s", self.name, error)
+            if self.call is not None:
+                self.site.registry.error(self.call.call_id, error)
+            else:
+                self.pending_error = error
+        if self.call is None:
+            self.meta = params
+            self.meta_seen = True
+            await self._open()
+        elif not error:
+            # Metadata again (IXWebSocket re-sends it on every reconnect) or late:
+            # the rate is fixed by now, so it is only recorded.
+            self.log.info("%s: metadata again, %d bytes; kept the stream's parameters", self.name, len(text))
+
+    async def _open(self) -> None:
+        if self.site.draining:
+            raise proto.AudioStreamError("farm is shutting down", 1001)
+        p = proto.resolve(
+            self.url, self.meta, default_rate=self.config.default_rate, default_channels=self.config.default_channels
+        )
+        assert p.rate is not None and p.channels is not None and p.call_id is not None
+        info: dict[str, Any] = {"protocol": "audio_stream", "metadata": p.metadata, "path": self.ws.request.path if self.ws.request else ""}
+        if p.transcribe:
+            info["transcribe"] = p.transcribe
+        self.call = await self.site.registry.open(
+            p.call_id,
+            rate=p.rate,
+            channels=p.channels,
+            protocol="audio_stream",
+            info=info,
+            on_event=self._queue_event if self.config.ws_events else None,
+        )
+        self.log = logging.LoggerAdapter(log, {"call_id": self.call.call_id})
+        self.site.live.add(self)
+        self.carry = proto.SampleCarry(2 * p.channels)
+        self.log.info(
+            "call %s: mod_audio_stream from %s, %d Hz, %d ch%s",
+            self.call.call_id,
+            self.peer,
+            p.rate,
+            p.channels,
+            "" if self.meta_seen else ", no metadata",
+        )
+        if self.pending_error:
+            self.site.registry.error(self.call.call_id, self.pending_error)
+        held, self.held = self.held, []
+        for chunk, recv_ns in held:
+            self._write(chunk, recv_ns)
+
+    def _write(self, chunk: bytes, recv_ns: int) -> None:
+        assert self.call is not None and self.carry is not None
+        pcm = self.carry.feed(chunk)
+        if pcm:
+            self.call.write(pcm, recv_ns)
+        self.site.metrics.audio_bytes += len(chunk)
+        self.site.metrics.frames += 1
+
+    # -- events back to FreeSWITCH (mod_audio_stream::json) -------------------------
+
+    def _queue_event(self, event: Event) -> None:
+        try:
+            self.outbox.put_nowait(json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")))
+        except asyncio.QueueFull:
+            pass  # FreeSWITCH stopped reading; the ZeroMQ stream still has every event
+
+    async def _send_events(self) -> None:
+        while True:
+            text = await self.outbox.get()
+            try:
+                await self.ws.send(text)
+            except ConnectionClosed:
+                return
+
+
+class AudioStreamSite:
+    def __init__(self, config: Config, registry: CallRegistry, metrics: Metrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.live: set[_Connection] = set()
+        self.server: Server | None = None
+        self.draining = False
+
+    async def start(self) -> Server:
+        self.server = await serve(
+            self._handler,
+            self.config.ws_host,
+            self.config.ws_port,
+            process_request=self._process_request,
+            max_size=self.config.max_message_bytes,
+            max_queue=64,
+            compression="deflate",
+            ping_interval=None,  # FreeSWITCH does not expect our pings; we answer its own
+            open_timeout=FIRST_MESSAGE_TIMEOUT_S,
+            close_timeout=2,
+            server_header="farm",
+        )
+        return self.server
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(list(self.server.sockets)[0].getsockname()[1])
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        await _Connection(self, ws).run()
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not upgrade:
+            if path in ("/healthz", "/livez"):
+                return _text(conn, http.HTTPStatus.OK, "ok\n")
+            if path == "/readyz":
+                if self.draining:
+                    return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+                return _text(conn, http.HTTPStatus.OK, "ready\n")
+            if path == "/metrics":
+                return _text(conn, http.HTTPStatus.OK, self.metrics_text(), "text/plain; version=0.0.4")
+            self.metrics.reject("not a websocket request")
+            log.info("refused a plain HTTP request for %s: not a WebSocket upgrade", path[:80])
+            return _text(
+                conn,
+                http.HTTPStatus.UPGRADE_REQUIRED,
+                "farm: this port takes mod_audio_stream WebSocket connections "
+                "(ws://host:port/<call-id>); /healthz, /readyz and /metrics answer plain HTTP\n",
+            )
+        if self.draining:
+            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "farm is draining\n")
+        if len(self.live) >= self.config.max_connections:
+            self.metrics.reject("too many calls")
+            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "farm is at its call limit\n")
+        return None
+
+    def metrics_text(self) -> str:
+        m = self.metrics
+        lines = [
+            "# TYPE farm_calls_active gauge",
+            f"farm_calls_active {len(self.live)}",
+            "# TYPE farm_calls_total counter",
+            f"farm_calls_total {m.calls_total}",
+            "# TYPE farm_audio_bytes_total counter",
+            f"farm_audio_bytes_total {m.audio_bytes}",
+            "# TYPE farm_audio_messages_total counter",
+            f"farm_audio_messages_total {m.frames}",
+            "# TYPE farm_events_relayed_total counter",
+            f"farm_events_relayed_total {m.events_relayed}",
+            "# TYPE farm_ring_overrun_bytes_total counter",
+            f"farm_ring_overrun_bytes_total {m.overrun_bytes + sum(c.call.ring.overrun_bytes for c in self.live if c.call)}",
+            "# TYPE farm_connections_refused_total counter",
+        ]
+        for reason, n in sorted(m.calls_rejected.items()):
+            lines.append(f'farm_connections_refused_total{{reason="{reason}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking calls; let utterances in flight finish, then close the rest."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close(close_connections=False)
+        deadline = time.monotonic() + timeout
+        while self.live:
+            # A caller in mid-utterance keeps the call until the VAD ends it.
+            quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
+            for conn in quiet:
+                self.live.discard(conn)
+                await conn.ws.close(1001, "farm is shutting down")
+            await asyncio.sleep(0.05)
+
+
+def _text(conn: ServerConnection, status: http.HTTPStatus, body: str, ctype: str = "text/plain; charset=utf-8") -> Response:
+    response = conn.respond(status, body)
+    response.headers["Content-Type"] = ctype
+    return response
+

@@ -1,0 +1,220 @@
+"""The ingress's call table: rings, the broker link and the event relay to connections.
+
+The ingress owns every ring: it creates one per call, writes it, marks it closed when
+the connection ends, and unlinks it only when the broker relays ``I_DONE`` (the
+worker finished the call) or, failing that, after a timeout — so a worker that
+takes over a call after a crash still finds the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from farm.broker import wire
+from farm.config import Config
+from farm.protocol.events import Event, EventError
+from farm.ring import Ring, segment_name
+
+__all__ = ["Call", "CallRegistry", "Metrics"]
+
+log = logging.getLogger("farm.ingress")
+
+# A closed call whose worker never reports done (no worker alive) is unlinked after this.
+DONE_TIMEOUT_S = 120.0
+# How long a new connection for a call id waits for the previous leg to finish
+# (IXWebSocket reconnects 100 ms after a close, §1.10).
+RECONNECT_WAIT_S = 3.0
+
+
+@dataclass
+class Metrics:
+    calls_total: int = 0
+    calls_rejected: dict[str, int] = field(default_factory=dict)
+    audio_bytes: int = 0
+    frames: int = 0
+    events_relayed: int = 0
+    overrun_bytes: int = 0
+
+    def reject(self, reason: str) -> None:
+        self.calls_rejected[reason] = self.calls_rejected.get(reason, 0) + 1
+
+
+@dataclass
+class Call:
+    call_id: str
+    ring: Ring
+    protocol: str
+    leg: int
+    on_event: Callable[[Event], None] | None = None
+    closed_at: float = 0.0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def write(self, pcm: bytes, recv_ns: int) -> None:
+        self.ring.write(pcm, recv_ns)
+
+
+class CallRegistry:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.ctx = zmq.asyncio.Context()
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(config.endpoint("ingress"))
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 500)
+        self.pub.connect(config.endpoint("events_in"))
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.sub.connect(config.events.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"))
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.calls: dict[str, Call] = {}
+        self._seq = 0
+        # call id -> next event seq, so a reconnected call continues its numbering.
+        self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self._broker_loop(), name="broker-link"),
+            asyncio.create_task(self._event_loop(), name="event-relay"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+
+    # -- calls -------------------------------------------------------------------
+
+    async def open(
+        self,
+        call_id: str,
+        *,
+        rate: int,
+        channels: int,
+        protocol: str,
+        info: dict[str, Any],
+        on_event: Callable[[Event], None] | None,
+    ) -> Call:
+        """Create the call's ring, announce it (call_start) and ask for a worker."""
+        old = self.calls.get(call_id)
+        if old is not None and old.closed_at:
+            # A reconnect of a call whose previous leg is still being finished.
+            try:
+                await asyncio.wait_for(old.done.wait(), RECONNECT_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+        if call_id in self.calls:
+            n = 2
+            while f"{call_id}-{n}" in self.calls:
+                n += 1
+            log.warning("call id %s is in use by a live connection: serving this one as %s-%d", call_id, call_id, n)
+            call_id = f"{call_id}-{n}"
+        next_seq, leg = self._next_seq.pop(call_id, (0, 0))
+        self._seq += 1
+        ring = Ring.create(
+            segment_name(os.getpid(), self._seq),
+            capacity=int(self.config.ring_seconds * rate) * 2 * channels,
+            rate=rate,
+            channels=channels,
+            event_seq=next_seq + 1,
+        )
+        call = Call(call_id, ring, protocol, leg + 1, on_event)
+        self.calls[call_id] = call
+        self.metrics.calls_total += 1
+        start = Event(
+            "call_start",
+            call_id,
+            next_seq,
+            0,
+            {"protocol": protocol, "rate": rate, "channels": channels, "leg": call.leg, **info},
+            {"recv": time.monotonic_ns()},
+        )
+        self.publish(start)
+        await self.dealer.send_multipart(wire.message(wire.I_OPEN, call_id, ring.name, wire.encode_info(info)))
+        return call
+
+    def close(self, call: Call) -> None:
+        """The connection ended: no more audio. The worker finishes what it has."""
+        if not call.closed_at:
+            call.closed_at = time.monotonic()
+            call.ring.mark_closed()
+
+    def _finish(self, call_id: str, why: str) -> None:
+        call = self.calls.pop(call_id, None)
+        if call is None:
+            return
+        self.metrics.overrun_bytes += call.ring.overrun_bytes
+        self._next_seq[call_id] = (call.ring.event_seq, call.leg)
+        while len(self._next_seq) > 10_000:
+            self._next_seq.popitem(last=False)
+        call.ring.close()
+        call.ring.unlink()
+        call.on_event = None
+        call.done.set()
+        log.debug("call %s: ring %s unlinked (%s)", call_id, call.ring.name, why)
+
+    def publish(self, event: Event) -> None:
+        self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
+
+    def error(self, call_id: str, reason: str) -> None:
+        """Report bad input of one call on the event stream."""
+        self.publish(Event("error", call_id, 0, 0, {"reason": reason}))
+
+    # -- background loops ----------------------------------------------------------
+
+    async def _broker_loop(self) -> None:
+        while True:
+            frames = await self.dealer.recv_multipart()
+            try:
+                command, body = wire.parse(frames)
+            except wire.WireError as exc:
+                log.warning("dropped a broker message: %s", exc)
+                continue
+            if command == wire.I_DONE:
+                self._finish(body[0], "worker done")
+
+    async def _event_loop(self) -> None:
+        while True:
+            _topic, raw = await self.sub.recv_multipart()
+            try:
+                event = Event.from_json(raw)
+            except EventError as exc:
+                log.warning("dropped a malformed event: %s", exc)
+                continue
+            call = self.calls.get(event.call_id)
+            if call is not None and call.on_event is not None:
+                self.metrics.events_relayed += 1
+                call.on_event(event)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.dealer.send_multipart(wire.message(wire.I_HEARTBEAT))
+            now = time.monotonic()
+            for call in list(self.calls.values()):
+                if call.closed_at and now - call.closed_at > DONE_TIMEOUT_S:
+                    log.warning("call %s: no worker finished it in %.0f s; ring unlinked", call.call_id, DONE_TIMEOUT_S)
+                    self._finish(call.call_id, "timeout")
+
+    async def wait_all_done(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for call_id in list(self.calls):
+            self._finish(call_id, "shutdown")
+
+    def close_all(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for call_id in list(self.calls):
+            self._finish(call_id, "shutdown")
+        self.ctx.destroy(linger=200)

@@ -1,0 +1,58 @@
+"""The ingress process: uvloop, the call registry and the sites, drained on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+
+from farm.config import Config
+from farm.ingress.audio_stream import AudioStreamSite
+from farm.ingress.calls import CallRegistry, Metrics
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("farm.ingress")
+
+
+def _raise_fd_limit() -> None:
+    # Every call is a socket; 500 idle connections must not exhaust the default 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(config: Config) -> None:
+    metrics = Metrics()
+    registry = CallRegistry(config, metrics)
+    registry.start()
+    site = AudioStreamSite(config, registry, metrics)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+    log.info("ingress ready (pid %d): mod_audio_stream on ws://%s:%d/<call-id>", os.getpid(), config.ws_host, site.port)
+    await stop.wait()
+    log.info("ingress draining (pid %d): no new calls, waiting up to %.0f s for utterances in flight", os.getpid(), config.drain_timeout)
+    await site.drain(config.drain_timeout)
+    await registry.wait_all_done(timeout=10.0)
+    registry.close_all()
+    log.info("ingress stopped (pid %d)", os.getpid())
+
+
+def main() -> None:
+    from farm.logs import setup_logging
+
+    config = Config.from_env()
+    setup_logging(config.log_level, "ingress")
+    _raise_fd_limit()
+    import uvloop
+
+    uvloop.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The farm's own event schema: what the farm says about a call.
+
+Defined once here and used by every producer (ingress, workers) and consumer
+(ingress WebSocket relay, :mod:`farm.client`, bench). See ARCHITECTURE.md, "Events".
+
+On the wire an event is a two-frame ZeroMQ message ``[topic, json]`` where
+``topic`` is the call id followed by a NUL byte, so that a subscription to one
+call id never matches another id that merely starts with it. The JSON object is
+flat::
+
+    {"v": 1, "type": "final", "call_id": "6f2d…", "seq": 7, "offset_ms": 5120,
+     "channel": 0, "text": "…", "words": [...],
+     "t": {"recv": 1234, "commit": 1240, "read": 1300, "vad": 1310, "asr": 1500,
+           "publish": 1510}}
+
+``t`` holds ``time.monotonic_ns()`` values of the stages the event passed through
+(CLOCK_MONOTONIC is shared by every process of a host, so consumers can subtract
+them). Type-specific members sit next to the common ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EVENT_TYPES",
+    "STAGES",
+    "Event",
+    "EventError",
+    "topic_for",
+    "call_id_from_topic",
+]
+
+SCHEMA_VERSION = 1
+
+EVENT_TYPES = frozenset(
+    {
+        "call_start",  # ingress saw the call begin: protocol, rate, channels, metadata
+        "call_end",  # the call's audio is fully processed: reason, duration
+        "speech_start",  # VAD hysteresis says speech began
+        "partial",  # recogniser has a new partial hypothesis: text
+        "final",  # utterance finished: text, words, reason (vad|endpoint|end)
+        "speech_end",  # VAD says speech ended: duration_ms
+        "barge_in",  # speech started while audio was playing to the call
+        "intent",  # a transcript matched an intent
+        "overrun",  # audio dropped because a reader fell behind: bytes, count
+        "error",  # bad input or a lost worker: reason
+    }
+)
+
+# Latency stages in pipeline order (ARCHITECTURE.md, "Per-stage latency vocabulary").
+STAGES = ("recv", "commit", "read", "vad", "asr", "publish")
+
+_COMMON = frozenset({"v", "type", "call_id", "seq", "offset_ms", "channel", "t"})
+
+
+class EventError(ValueError):
+    """An event could not be built or parsed (bad JSON, missing member, bad type)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event about one call.
+
+    Attributes:
+        type: one of :data:`EVENT_TYPES`.
+        call_id: the call this event is about.
+        seq: per-call sequence number, increasing by one per event of the call.
+        offset_ms: audio offset in the call (caller channel time) the event refers to.
+        data: type-specific members (``text``, ``words``, ``reason`` …).
+        stamps: stage name -> ``time.monotonic_ns()`` when the event passed it.
+        channel: audio channel the event is about (0 = caller).
+    """
+
+    type: str
+    call_id: str
+    seq: int = 0
+    offset_ms: int = 0
+    data: Mapping[str, Any] = field(default_factory=dict)
+    stamps: Mapping[str, int] = field(default_factory=dict)
+    channel: int = 0
+
+    def __post_init__(self) -> None:
+        if self.type not in EVENT_TYPES:
+            raise EventError(f"unknown event type {self.type!r}")
+        clash = _COMMON.intersection(self.data)
+        if clash:
+            raise EventError(f"event data may not redefine {sorted(clash)}")
+
+    def __getitem__(self, key: str) -> Any:
+        """Read a type-specific member, e.g. ``event["text"]``."""
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def stamped(self, stage: str, ns: int) -> Event:
+        """Return a copy with one more stage timestamp; call right before sending."""
+        return Event(
+            self.type,
+            self.call_id,
+            self.seq,
+            self.offset_ms,
+            self.data,
+            {**self.stamps, stage: ns},
+            self.channel,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "type": self.type,
+            "call_id": self.call_id,
+            "seq": self.seq,
+            "offset_ms": self.offset_ms,
+            "channel": self.channel,
+        }
+        out.update(self.data)
+        out["t"] = dict(self.stamps)
+        return out
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    def to_frames(self) -> list[bytes]:
+        """The ZeroMQ multipart message for this event: ``[topic, json]``."""
+        return [topic_for(self.call_id), self.to_json()]
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Event:
+        try:
+            if obj["v"] != SCHEMA_VERSION:
+                raise EventError(f"event schema version {obj['v']!r}, expected {SCHEMA_VERSION}")
+            data = {k: v for k, v in obj.items() if k not in _COMMON}
+            stamps = obj.get("t") or {}
+            if not isinstance(stamps, dict):
+                raise EventError("event member 't' is not an object")
+            return cls(
+                str(obj["type"]),
+                str(obj["call_id"]),
+                int(obj["seq"]),
+                int(obj["offset_ms"]),
+                data,
+                {str(k): int(v) for k, v in stamps.items()},
+                int(obj.get("channel", 0)),
+            )
+        except KeyError as exc:
+            raise EventError(f"event lacks member {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, EventError):
+                raise
+            raise EventError(f"malformed event: {exc}") from None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Event:
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise EventError(f"event is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise EventError("event is not a JSON object")
+        return cls.from_dict(obj)
+
+
+def topic_for(call_id: str) -> bytes:
+    """The ZeroMQ topic of a call's events; subscribe to it to get only that call."""
+    return call_id.encode() + b"\0"
+
+
+def call_id_from_topic(topic: bytes) -> str:
+    return topic.rstrip(b"\0").decode(errors="replace")

@@ -1,0 +1,247 @@
+"""Recognition off the worker's main loop: one serial stream of Vosk work per call channel.
+
+Vosk's AcceptWaveform is bursty (p99 ~200 ms, max ~0.9 s per 20 ms chunk here: the
+network runs in 240 ms batches). If the worker fed every call from its main loop,
+one call's burst would freeze VAD decisions, heartbeats and the other calls of the
+worker. So the main loop only queues audio; each :class:`AsrStream` drains its queue
+on a small thread pool (the vosk binding releases the GIL), one job at a time per
+stream so a call's audio stays in order, several streams in parallel.
+
+Results go back to the main loop through a queue plus an eventfd the loop polls,
+because ZeroMQ sockets and sequence numbers belong to the main thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Any
+
+from workers.engines.vosk import Recognizer, RecognizerPool, Result
+
+__all__ = ["AsrOutput", "AsrStream", "ResultQueue"]
+
+
+@dataclass(frozen=True)
+class AsrOutput:
+    """A recogniser output for the main loop to publish."""
+
+    stream: AsrStream
+    kind: str  # "partial" | "final"
+    offset_ms: int  # call offset of the utterance start
+    text: str
+    words: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""  # finals: "vad" | "endpoint" | "end"
+    utterance: int = -1  # ring cursor that opened the utterance (for the committed cursor)
+    fed_until: int = 0  # ring cursor of the end of the audio heard
+    asr_ns: int = 0
+
+
+class ResultQueue:
+    """Thread-safe queue whose readiness is an fd the main loop's poller can watch."""
+
+    def __init__(self) -> None:
+        self._q: SimpleQueue[AsrOutput] = SimpleQueue()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def put(self, out: AsrOutput) -> None:
+        self._q.put(out)
+        os.eventfd_write(self.fd, 1)
+
+    def drain(self) -> list[AsrOutput]:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        out = []
+        while not self._q.empty():
+            out.append(self._q.get_nowait())
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+
+@dataclass(frozen=True)
+class _Item:
+    """Queued by the main loop: audio of an utterance, or its end."""
+
+    kind: str  # "audio" | "end"
+    pcm: bytes  # audio: model-rate int16 mono
+    reason: str  # end: "vad" | "end"
+    offset_ms: int  # audio: call offset of its first sample
+    utterance: int  # ring cursor that opened the utterance
+    end_cursor: int  # ring cursor just after this audio
+
+# Coalesce queued frames into one AcceptWaveform call up to this much audio: bigger
+# calls are cheaper, smaller ones keep partials timely during a catch-up.
+_MAX_FEED_BYTES = 16000 * 2 // 5  # 200 ms at 16 kHz
+
+
+class AsrStream:
+    """Serial recognition work for one channel of one call.
+
+    Call :meth:`feed` with model-rate audio and :meth:`end` when the VAD closes an
+    utterance, from the main loop only. ``hold`` keeps one recogniser for the whole
+    call (no VAD gating: Vosk hears everything and its own endpoint ends utterances).
+    """
+
+    def __init__(
+        self,
+        pool: RecognizerPool,
+        executor: ThreadPoolExecutor,
+        results: ResultQueue,
+        *,
+        partial_interval_s: float,
+        hold: bool,
+        tag: Any = None,
+    ) -> None:
+        self.pool = pool
+        self.executor = executor
+        self.results = results
+        self.partial_interval_s = partial_interval_s
+        self.hold = hold
+        self.tag = tag
+        self._items: deque[_Item] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._rec: Recognizer | None = None
+        self._origin_ms = 0  # call offset of the recogniser's time zero
+        self._first_ms = 0  # call offset of the first audio of the utterance
+        self._utterance = -1
+        self._last_partial = ""
+        self._last_partial_t = 0.0
+        self._fed_until = 0
+        self.closed = False
+        self.busy_s = 0.0  # CPU-side time spent in Vosk calls (wall clock in the thread)
+
+    # -- main loop side --------------------------------------------------------
+
+    def feed(self, pcm: bytes, offset_ms: int, utterance: int, end_cursor: int) -> None:
+        """Queue audio of the utterance that started at ring cursor ``utterance``."""
+        self._push(_Item("audio", pcm, "", offset_ms, utterance, end_cursor))
+
+    def end(self, reason: str, utterance: int, end_cursor: int) -> None:
+        """Close the current utterance: the stream will publish its final."""
+        self._push(_Item("end", b"", reason, 0, utterance, end_cursor))
+
+    def _push(self, item: _Item) -> None:
+        self._items.append(item)
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.executor.submit(self._run)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._items) or self._scheduled
+
+    def release(self) -> None:
+        """Give the recogniser back; call once the stream has nothing pending."""
+        self.closed = True
+        rec, self._rec = self._rec, None
+        if rec is not None:
+            self.pool.give_back(rec)
+
+    # -- thread pool side ------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._items:
+                    self._scheduled = False
+                    return
+            item = self._items.popleft()
+            t0 = time.perf_counter()
+            if item.kind == "audio":
+                self._accept(item)
+            else:
+                self._finish(item.reason, item.utterance, item.end_cursor)
+            self.busy_s += time.perf_counter() - t0
+
+    def _accept(self, first: _Item) -> None:
+        utterance, end_cursor = first.utterance, first.end_cursor
+        chunks = [first.pcm]
+        size = len(first.pcm)
+        # Coalesce what else is queued for the same utterance.
+        while self._items and size < _MAX_FEED_BYTES:
+            nxt = self._items[0]
+            if nxt.kind != "audio" or nxt.utterance != utterance:
+                break
+            self._items.popleft()
+            chunks.append(nxt.pcm)
+            size += len(nxt.pcm)
+            end_cursor = nxt.end_cursor
+        if self._rec is None:
+            self._rec = self.pool.lease()
+            # Word times count from the recogniser's creation: map them to the call.
+            self._origin_ms = first.offset_ms - self._rec.heard_ms
+            self._first_ms = first.offset_ms
+            self._last_partial = ""
+        self._utterance = utterance
+        self._fed_until = end_cursor
+        if self._rec.accept(b"".join(chunks)):
+            result = self._rec.result()
+            if result.text:
+                self._emit_final(result, "endpoint")
+            self._last_partial = ""
+            return
+        now = time.monotonic()
+        if now - self._last_partial_t >= self.partial_interval_s:
+            self._last_partial_t = now
+            text = self._rec.partial()
+            if text and text != self._last_partial:
+                self._last_partial = text
+                self.results.put(
+                    AsrOutput(
+                        self,
+                        "partial",
+                        self._first_ms,
+                        text,
+                        utterance=utterance,
+                        fed_until=end_cursor,
+                        asr_ns=time.monotonic_ns(),
+                    )
+                )
+
+    def _finish(self, reason: str, utterance: int, end_cursor: int) -> None:
+        if self._rec is None:
+            # Nothing was fed (the VAD end came before any audio): an empty final keeps
+            # speech_end and final paired for the consumer.
+            self.results.put(
+                AsrOutput(self, "final", 0, "", [], reason, utterance, end_cursor, time.monotonic_ns())
+            )
+            return
+        self._utterance = utterance
+        self._fed_until = max(self._fed_until, end_cursor)
+        self._emit_final(self._rec.final(), reason)
+        self._last_partial = ""
+        if not self.hold or reason == "end":
+            rec, self._rec = self._rec, None
+            self.pool.give_back(rec)
+
+    def _emit_final(self, result: Result, reason: str) -> None:
+        words = [
+            {**w, "start_ms": w["start_ms"] + self._origin_ms, "end_ms": w["end_ms"] + self._origin_ms}
+            for w in result.words
+        ]
+        self.results.put(
+            AsrOutput(
+                self,
+                "final",
+                words[0]["start_ms"] if words else self._first_ms,
+                result.text,
+                words,
+                reason,
+                self._utterance,
+                self._fed_until,
+                time.monotonic_ns(),
+            )
+        )

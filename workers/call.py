@@ -1,0 +1,346 @@
+"""One call served by a worker: ring in, resample, VAD, recognition streams, events out.
+
+The main loop calls :meth:`CallSession.pump` every tick; it reads what the ingress
+wrote since the last tick and returns the events the VAD decided. Recogniser outputs
+come back through :meth:`CallSession.on_asr`. Everything runs on the worker's main
+thread except the Vosk work inside :class:`~workers.asr.AsrStream`.
+
+The committed cursor (ring header) is what makes a worker crash lose no words: it
+only moves past audio whose utterance has been finalised, and while the caller is
+silent it trails the read cursor by the VAD's onset window plus the preroll, so a
+worker that attaches later and replays from it rebuilds the same utterances.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import soxr
+
+from farm.config import Config
+from farm.protocol.events import Event
+from farm.ring import Ring
+from workers.asr import AsrOutput, AsrStream, ResultQueue
+from workers.engines.vosk import RecognizerPool
+from workers.vad import SpeechEnd, SpeechStart, Vad, VadConfig, VadState
+
+__all__ = ["CallSession"]
+
+log = logging.getLogger("farm.worker.call")
+
+FRAME_MS = 20
+
+
+@dataclass
+class _Draft:
+    """An event before it gets its sequence number."""
+
+    type: str
+    offset_ms: int
+    data: dict[str, Any]
+    stamps: dict[str, int]
+    channel: int
+
+
+class _Channel:
+    """One transcribed channel: resampler, VAD, preroll and its recognition stream."""
+
+    def __init__(self, session: CallSession, index: int, asr: AsrStream) -> None:
+        cfg = session.config
+        self.session = session
+        self.index = index
+        self.asr = asr
+        rate = session.ring.rate
+        self.resampler = (
+            soxr.ResampleStream(rate, session.model_rate, 1, dtype="int16", quality="QQ")
+            if rate != session.model_rate
+            else None
+        )
+        self.vad_config = VadConfig(
+                aggressiveness=cfg.vad_aggressiveness,
+                onset_ms=cfg.vad_onset_ms,
+                onset_window_ms=max(100, cfg.vad_onset_ms),
+                hangover_ms=cfg.vad_hangover_ms,
+                preroll_ms=cfg.vad_preroll_ms,
+        )
+        self.vad = Vad(session.model_rate, self.vad_config)
+        self.frame_bytes = self.vad.frame_bytes
+        self.pending = bytearray()  # model-rate audio not yet a whole frame
+        self.preroll: list[bytes] = []  # recent silent frames, fed when speech starts
+        self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
+        self.open_utterances: list[int] = []  # opened and not yet finalised
+        self.speech_start_frame = 0
+
+    def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[_Draft]:
+        if self.resampler is not None:
+            samples = self.resampler.resample_chunk(samples, last=last)
+        self.pending += samples.astype("<i2", copy=False).tobytes()
+        drafts: list[_Draft] = []
+        fb = self.frame_bytes
+        n = len(self.pending) // fb
+        for i in range(n):
+            frame = bytes(self.pending[i * fb : (i + 1) * fb])
+            drafts.extend(self._frame(frame, read_ns))
+        del self.pending[: n * fb]
+        return drafts
+
+    def _frame(self, frame: bytes, read_ns: int) -> list[_Draft]:
+        s = self.session
+        k = self.vad.frames  # index of this frame
+        decision = self.vad.process(frame)
+        drafts: list[_Draft] = []
+        cursor_end = s.cursor_of(k + 1)
+        if not s.config.gating:
+            if self.utterance < 0:
+                self.utterance = s.cursor_of(k)
+                self.open_utterances.append(self.utterance)
+            self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
+        if isinstance(decision, SpeechStart):
+            start = self._speech_start(decision, read_ns)
+            if start is not None:
+                drafts.append(start)
+            if s.config.gating:
+                first = k - len(self.preroll)
+                self.utterance = s.cursor_of(first)
+                self.open_utterances.append(self.utterance)
+                for j, old in enumerate(self.preroll):
+                    self.asr.feed(old, s.offset_ms(first + j), self.utterance, s.cursor_of(first + j + 1))
+                self.preroll.clear()
+                self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
+        elif self.vad.state is VadState.SPEECH:
+            if s.config.gating:
+                self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
+        else:
+            if isinstance(decision, SpeechEnd):
+                drafts.append(self._speech_end(decision, read_ns))
+                if s.config.gating:
+                    # The hangover frames were fed already; this one is silence.
+                    self.asr.end("vad", self.utterance, cursor_end)
+                    self.utterance = -1
+            if s.config.gating:
+                self.preroll.append(frame)
+                if len(self.preroll) > self.vad.preroll_frames:
+                    del self.preroll[0]
+        return drafts
+
+    def _speech_start(self, d: SpeechStart, read_ns: int) -> _Draft | None:
+        s = self.session
+        self.speech_start_frame = d.frame
+        s.ring.in_speech = True
+        if s.replaying_speech:
+            # A worker before us published this speech_start already; its utterance
+            # is being replayed from the committed cursor.
+            s.replaying_speech = False
+            return None
+        stamps = s.stamps_at(s.cursor_of(d.frame), read_ns)
+        stamps["vad"] = time.monotonic_ns()
+        return _Draft("speech_start", s.offset_ms(d.frame), {}, stamps, self.index)
+
+    def _speech_end(self, d: SpeechEnd, read_ns: int) -> _Draft:
+        s = self.session
+        s.ring.in_speech = False
+        s.replaying_speech = False
+        # recv of the last voiced frame: "end of speech" in the latency vocabulary.
+        stamps = s.stamps_at(s.cursor_of(d.frame) - 1, read_ns)
+        stamps["vad"] = time.monotonic_ns()
+        s.end_of_speech[self.index] = stamps.get("recv", 0)
+        return _Draft(
+            "speech_end",
+            s.offset_ms(d.frame),
+            {"duration_ms": d.duration_frames * FRAME_MS, "start_ms": s.offset_ms(d.frame - d.duration_frames)},
+            stamps,
+            self.index,
+        )
+
+    def finish(self, read_ns: int) -> list[_Draft]:
+        """The ring is closed and drained: flush everything into a last final."""
+        drafts = self.push(np.zeros(0, dtype="<i2"), read_ns, last=True) if self.resampler else []
+        end = self.vad.flush()
+        cursor = self.session.ring.write_cursor
+        if isinstance(end, SpeechEnd):
+            drafts.append(self._speech_end(end, read_ns))
+        if self.utterance >= 0:
+            self.asr.end("end", self.utterance, cursor)
+            self.utterance = -1
+        return drafts
+
+
+class CallSession:
+    """A call this worker serves; created on B_ASSIGN, dropped after W_DONE."""
+
+    def __init__(
+        self,
+        call_id: str,
+        ring: Ring,
+        info: dict[str, Any],
+        config: Config,
+        *,
+        pool: RecognizerPool,
+        executor: ThreadPoolExecutor,
+        results: ResultQueue,
+    ) -> None:
+        self.call_id = call_id
+        self.ring = ring
+        self.info = info
+        self.config = config
+        self.model_rate = pool.rate
+        self.width = 2 * ring.channels  # bytes per sample frame in the ring
+        self.in_frame_bytes = ring.rate * FRAME_MS // 1000 * self.width
+        # Resume where the last finalised utterance ended (a fresh call: 0).
+        ring.seek(ring.committed)
+        self.base = ring.read_cursor - ring.read_cursor % self.width
+        ring.seek(self.base)
+        self.carry = b""  # partial sample frame between reads
+        self.next_cursor = self.base
+        self.replaying_speech = ring.in_speech
+        self.overrun_seen = ring.overrun_bytes
+        self.end_of_speech: dict[int, int] = {}
+        self.resumed = self.base > 0
+        wanted = info.get("transcribe", config.transcribe)
+        channels = range(ring.channels) if wanted == "both" else range(1)
+        self.channels = [
+            _Channel(
+                self,
+                c,
+                AsrStream(
+                    pool,
+                    executor,
+                    results,
+                    partial_interval_s=config.partial_interval_ms / 1000,
+                    hold=not config.gating,
+                    tag=(call_id, c),
+                ),
+            )
+            for c in channels
+        ]
+        self.by_index = {ch.index: ch for ch in self.channels}
+        self.finishing = False
+
+    # -- cursor arithmetic -----------------------------------------------------
+
+    def cursor_of(self, frame: int) -> int:
+        """Ring cursor where 20 ms model frame ``frame`` (counted from ``base``) starts."""
+        return self.base + frame * self.in_frame_bytes
+
+    def offset_ms(self, frame: int) -> int:
+        return self.cursor_of(frame) * 1000 // (self.ring.rate * self.width)
+
+    def stamps_at(self, cursor: int, read_ns: int) -> dict[str, int]:
+        stamps = {"read": read_ns}
+        arrival = self.ring.arrival(max(cursor, 0))
+        if arrival is not None:
+            stamps["recv"], stamps["commit"] = arrival
+        return stamps
+
+    # -- main loop entry points --------------------------------------------------
+
+    def pump(self) -> list[_Draft]:
+        """Process what the ingress wrote since the last call; return VAD events."""
+        if self.finishing:
+            return []
+        closed = self.ring.closed  # read before the data so no audio is missed
+        start, data = self.ring.read()
+        read_ns = time.monotonic_ns()
+        drafts: list[_Draft] = []
+        overrun = self.ring.overrun_bytes
+        if overrun != self.overrun_seen:
+            drafts.append(
+                _Draft(
+                    "overrun",
+                    self.offset_ms_of_cursor(start),
+                    {"bytes": overrun - self.overrun_seen, "total_bytes": overrun, "count": self.ring.overrun_count},
+                    {"read": read_ns},
+                    0,
+                )
+            )
+            self.overrun_seen = overrun
+        if data:
+            drafts.extend(self._consume(start, data, read_ns))
+        if closed and self.ring.read_cursor >= self.ring.write_cursor:
+            self.finishing = True
+            for ch in self.channels:
+                drafts.extend(ch.finish(read_ns))
+        return drafts
+
+    def offset_ms_of_cursor(self, cursor: int) -> int:
+        return cursor * 1000 // (self.ring.rate * self.width)
+
+    def _consume(self, start: int, data: bytes, read_ns: int) -> list[_Draft]:
+        if start != self.next_cursor:
+            # The reader fell behind and the writer overwrote audio (counted as an
+            # overrun): re-align on a sample frame and shift the frame clock.
+            skip = -start % self.width
+            data, start = data[skip:], start + skip
+            self.base += start - self.next_cursor
+            self.carry = b""
+        self.next_cursor = start + len(data)
+        buf = self.carry + data
+        usable = len(buf) - len(buf) % self.width
+        self.carry = buf[usable:]
+        if not usable:
+            return []
+        samples = np.frombuffer(buf[:usable], dtype="<i2")
+        if self.ring.channels > 1:
+            samples = samples.reshape(-1, self.ring.channels)
+        drafts: list[_Draft] = []
+        for ch in self.channels:
+            mono = samples[:, ch.index] if self.ring.channels > 1 else samples
+            drafts.extend(ch.push(np.ascontiguousarray(mono), read_ns))
+        return drafts
+
+    def on_asr(self, out: AsrOutput) -> list[_Draft]:
+        """A recogniser output for this call arrived on the main loop."""
+        ch = out.stream.tag[1]
+        stamps = self.stamps_at(out.fed_until - 1, 0)
+        stamps.pop("read", None)
+        stamps["asr"] = out.asr_ns
+        data: dict[str, Any] = {"text": out.text}
+        if out.kind == "final":
+            data["words"] = out.words
+            data["reason"] = out.reason
+            eos = self.end_of_speech.pop(ch, 0) if out.reason in ("vad", "end") else 0
+            if eos:
+                stamps["recv"] = eos  # end of speech -> final is what a dialer waits on
+            channel = self.by_index[ch]
+            if out.reason != "endpoint":
+                if out.utterance in channel.open_utterances:
+                    channel.open_utterances.remove(out.utterance)
+            elif not self.config.gating:
+                # No VAD gating: one recogniser hears the whole call, so the last
+                # endpoint is the only place a replay can start from.
+                channel.open_utterances = [out.fed_until]
+        return [_Draft(out.kind, out.offset_ms, data, stamps, ch)]
+
+    def committed_cursor(self) -> int:
+        """Where a worker taking over this call would have to start."""
+        ch0 = self.channels[0]
+        opened = [u for ch in self.channels for u in ch.open_utterances]
+        if opened:
+            return min(opened)
+        # Silence: keep the onset window and the preroll replayable.
+        back = ch0.vad.preroll_frames + ch0.vad_config.onset_window_ms // FRAME_MS + 1
+        return max(self.base, self.cursor_of(ch0.vad.frames - back))
+
+    @property
+    def idle(self) -> bool:
+        return self.finishing and not any(ch.asr.pending for ch in self.channels)
+
+    def event(self, draft: _Draft) -> Event:
+        """Give a draft its sequence number; the counter lives in the ring so a
+        worker taking over the call continues it."""
+        seq = self.ring.event_seq
+        self.ring.event_seq = seq + 1
+        return Event(draft.type, self.call_id, seq, draft.offset_ms, draft.data, draft.stamps, draft.channel)
+
+    def event_for(self, type: str, offset_ms: int, data: dict[str, Any]) -> Event:
+        return self.event(_Draft(type, offset_ms, data, {}, 0))
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.asr.release()
+        self.ring.close()

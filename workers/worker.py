@@ -1,0 +1,247 @@
+"""The worker process: its loop reads rings, runs VAD, publishes events, heartbeats.
+
+Forked by the supervisor after the model is loaded, so every worker shares the one
+copy of the model in memory (copy-on-write). The loop proves progress twice: a
+``W_HEARTBEAT`` to the broker and a timestamp in the supervisor's heartbeat table,
+both written from the loop itself, never from a side thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from farm.broker import wire
+from farm.config import Config
+from farm.protocol.events import Event
+from farm.ring import Ring, RingError
+from workers.asr import ResultQueue
+from workers.call import CallSession
+from workers.engines.vosk import RecognizerPool
+
+__all__ = ["Worker", "HeartbeatTable"]
+
+TICK_S = 0.01  # ring poll period: a frame is 20 ms, so speech is seen within half a frame
+
+
+class HeartbeatTable:
+    """Per-worker ``time.monotonic()`` stamps in anonymous shared memory (made before fork)."""
+
+    def __init__(self, slots: int) -> None:
+        import mmap
+
+        self._map = mmap.mmap(-1, 8 * max(slots, 1))
+        self.slots = slots
+
+    def beat(self, index: int) -> None:
+        import struct
+
+        struct.pack_into("<d", self._map, 8 * index, time.monotonic())
+
+    def age(self, index: int) -> float:
+        import struct
+
+        (t,) = struct.unpack_from("<d", self._map, 8 * index)
+        return time.monotonic() - t if t else 0.0
+
+    def clear(self, index: int) -> None:
+        import struct
+
+        struct.pack_into("<d", self._map, 8 * index, 0.0)
+
+
+class Worker:
+    def __init__(self, index: int, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable) -> None:
+        self.index = index
+        self.config = config
+        self.heartbeats = heartbeats
+        self.log = logging.LoggerAdapter(logging.getLogger("farm.worker"), {"worker": index})
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 1000)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.connect(config.endpoint("events_in"))
+        self.dealer: zmq.Socket[bytes] | None = None
+        self.pool = RecognizerPool(
+            model,
+            model_rate,
+            max_audio_s=config.recognizer_max_audio_s,
+            keep=config.recognizer_pool,
+            reuse=config.recognizer_reuse,
+        )
+        self.executor = ThreadPoolExecutor(max(1, config.asr_threads), thread_name_prefix=f"asr{index}")
+        self.results = ResultQueue()
+        self.sessions: dict[str, CallSession] = {}
+        self.running = True
+        self.parent = os.getppid()
+        self.broker_expiry = 0.0
+
+    # -- broker link -------------------------------------------------------------
+
+    def connect(self) -> None:
+        """(Re)create the DEALER and register: the MDP way to reconnect."""
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(0)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(self.config.endpoint("workers"))
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self.send(wire.W_READY, str(self.index), str(os.getpid()))
+        self.broker_expiry = time.monotonic() + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
+
+    def send(self, command: bytes, *body: str) -> None:
+        assert self.dealer is not None
+        self.dealer.send_multipart(wire.message(command, *body))
+        self.last_sent = time.monotonic()
+
+    def on_broker(self, frames: list[bytes]) -> None:
+        try:
+            command, body = wire.parse(frames)
+        except wire.WireError as exc:
+            self.log.warning("dropped a broker message: %s", exc)
+            return
+        self.broker_expiry = time.monotonic() + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
+        if command == wire.B_ASSIGN:
+            self.assign(*body)
+        elif command == wire.B_DISCONNECT:
+            self.log.warning("broker does not know this worker: dropping %d calls, registering again", len(self.sessions))
+            for session in self.sessions.values():
+                session.close()
+            self.sessions.clear()
+            self.connect()
+
+    def assign(self, call_id: str, ring_name: str, raw_info: str) -> None:
+        old = self.sessions.pop(call_id, None)
+        if old is not None:
+            old.close()
+        try:
+            info = wire.decode_info(raw_info)
+            ring = Ring.attach(ring_name)
+        except (wire.WireError, RingError) as exc:
+            self.log.warning("call %s: cannot serve it: %s", call_id, exc)
+            self.publish(Event("error", call_id, 0, 0, {"reason": f"worker could not attach: {exc}"}))
+            self.send(wire.W_DONE, call_id)
+            return
+        session = CallSession(
+            call_id, ring, info, self.config, pool=self.pool, executor=self.executor, results=self.results
+        )
+        self.sessions[call_id] = session
+        self.log.info(
+            "call %s: serving ring %s (%d Hz, %d ch)%s",
+            call_id,
+            ring_name,
+            ring.rate,
+            ring.channels,
+            f", resuming at byte {session.base}" if session.resumed else "",
+        )
+
+    # -- events ----------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
+
+    def pump(self) -> None:
+        for call_id, session in list(self.sessions.items()):
+            for draft in session.pump():
+                self.publish(session.event(draft))
+            if session.idle:
+                self.end(call_id, session)
+            else:
+                session.ring.committed = max(session.ring.committed, session.committed_cursor())
+
+    def on_results(self) -> None:
+        for out in self.results.drain():
+            call_id = out.stream.tag[0]
+            session = self.sessions.get(call_id)
+            if session is None or out.stream.closed:
+                continue  # the call was dropped or reassigned meanwhile
+            for draft in session.on_asr(out):
+                self.publish(session.event(draft))
+
+    def end(self, call_id: str, session: CallSession) -> None:
+        ring = session.ring
+        duration_ms = session.offset_ms_of_cursor(ring.write_cursor)
+        self.publish(
+            session.event_for(
+                "call_end",
+                duration_ms,
+                {"duration_ms": duration_ms, "overrun_bytes": ring.overrun_bytes, "frames": ring.frames},
+            )
+        )
+        ring.committed = ring.write_cursor
+        del self.sessions[call_id]
+        session.close()
+        self.send(wire.W_DONE, call_id)
+        self.log.info("call %s: done, %d ms of audio", call_id, duration_ms)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        self.poller = zmq.Poller()
+        self.poller.register(self.results.fd, zmq.POLLIN)
+        self.connect()
+        next_tick = time.monotonic()
+        while self.running:
+            timeout = max(0.0, next_tick - time.monotonic())
+            for sock, _ in self.poller.poll(timeout * 1000):
+                if sock is self.dealer:
+                    while self.dealer is not None:
+                        try:
+                            frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.on_broker(frames)
+            self.on_results()
+            now = time.monotonic()
+            if now >= next_tick:
+                self.pump()
+                self.heartbeats.beat(self.index)
+                if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
+                    self.send(wire.W_HEARTBEAT, str(len(self.sessions)))
+                if now > self.broker_expiry:
+                    self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
+                    self.connect()
+                if os.getppid() != self.parent:
+                    self.log.warning("supervisor is gone: exiting")
+                    return 1
+                next_tick = now + TICK_S
+        if self.dealer is not None:
+            self.send(wire.W_DISCONNECT)
+        return 0
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for session in self.sessions.values():
+            session.close()
+        self.ctx.destroy(linger=500)
+
+
+def worker_main(index: int, cpu: int | None, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable) -> int:
+    """Entry point in the forked child; returns the exit code."""
+    from farm.logs import setup_logging
+
+    setup_logging(config.log_level, f"worker{index}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+    worker = Worker(index, config, model, model_rate, heartbeats)
+
+    def stop(signum: int, frame: object) -> None:
+        worker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    worker.log.info("worker %d (pid %d) started on cpu %s", index, os.getpid(), cpu)
+    try:
+        return worker.run()
+    finally:
+        worker.close()
