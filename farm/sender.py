@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
 
 __all__ = ["read_wav", "send_pcm", "SendResult"]
 
@@ -70,23 +72,26 @@ async def send_pcm(
                         on_text(message)
 
         reader = asyncio.create_task(receive())
-        if metadata is not None and metadata_after_frames <= 0:
-            await ws.send(metadata)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for i, start in enumerate(range(0, len(pcm), size)):
-            if realtime:
-                delay = t0 + i * period - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            await ws.send(pcm[start : start + size])
-            result.frames += 1
-            result.bytes += len(pcm[start : start + size])
-            if metadata is not None and i + 1 == metadata_after_frames:
+        try:
+            if metadata is not None and metadata_after_frames <= 0:
                 await ws.send(metadata)
-        if linger_s:
-            await asyncio.sleep(linger_s)
-        await ws.close(1000, "Normal closure")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for i, start in enumerate(range(0, len(pcm), size)):
+                if realtime:
+                    delay = t0 + i * period - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await ws.send(pcm[start : start + size])
+                result.frames += 1
+                result.bytes += len(pcm[start : start + size])
+                if metadata is not None and i + 1 == metadata_after_frames:
+                    await ws.send(metadata)
+            if linger_s:
+                await asyncio.sleep(linger_s)
+            await ws.close(1000, "Normal closure")
+        except ConnectionClosed:
+            pass  # the farm closed the stream: its code and reason say why
         result.close_code = ws.close_code
         result.close_reason = ws.close_reason or ""
         reader.cancel()

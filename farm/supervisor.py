@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from farm.config import Config
 from farm.ring import sweep_stale
 
+
 __all__ = ["Supervisor", "HaltServer", "MODEL_LOAD_ERROR", "START_ERROR"]
 
 log = logging.getLogger("farm.supervisor")
@@ -88,7 +89,13 @@ class Supervisor:
         except ModelError as exc:
             raise HaltServer(f"cannot load the model: {exc}", MODEL_LOAD_ERROR) from None
         self.model_rate = model_rate(self.config.model)
-        log.info("model %s loaded in %.1f s (%d Hz) (pid %d)", self.config.model, time.monotonic() - t0, self.model_rate, os.getpid())
+        log.info(
+            "model %s loaded in %.1f s (%d Hz) (pid %d)",
+            self.config.model,
+            time.monotonic() - t0,
+            self.model_rate,
+            os.getpid(),
+        )
         self.heartbeats = HeartbeatTable(64)
         self.pipe = os.pipe()
         for fd in self.pipe:
@@ -163,7 +170,8 @@ class Supervisor:
         while time.monotonic() < deadline:
             if ingress.popen is not None and ingress.popen.poll() is not None:
                 raise HaltServer(
-                    f"the ingress exited at start (code {ingress.popen.returncode}): is port {self.config.ws_port} in use?",
+                    f"the ingress exited at start (code {ingress.popen.returncode}): "
+                    f"is port {self.config.ws_port} in use?",
                     START_ERROR,
                 )
             try:
@@ -307,7 +315,9 @@ class Supervisor:
         ingress = [c for c in self.children.values() if c.role == "ingress"]
         for c in ingress:
             self._kill(c.pid, signal.SIGTERM if graceful else signal.SIGKILL)
-        self._reap_until(lambda: not any(c.role == "ingress" for c in self.children.values()), self.config.drain_timeout + 15)
+        self._reap_until(
+            lambda: not any(c.role == "ingress" for c in self.children.values()), self.config.drain_timeout + 15
+        )
         for c in list(self.children.values()):
             self._kill(c.pid, signal.SIGTERM)
         self._reap_until(lambda: not self.children, 5.0)

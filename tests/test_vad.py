@@ -371,3 +371,16 @@ def test_reset_in_speech_gives_no_event_and_counts_on() -> None:
     vad.reset()
     assert vad.state is SILENCE
     assert script(vad, 4) == [SpeechStart(3, 5), SpeechEnd(6, 6, 3, False)]
+
+
+class TestResume:
+    def test_resume_speech_enters_speech_without_an_event_and_ends_after_hangover(self) -> None:
+        vad = Vad(16000, VadConfig(hangover_ms=100))
+        vad.resume_speech(3)
+        assert vad.state is SPEECH
+        silence = bytes(vad.frame_bytes)
+        events = [vad.process(silence) for _ in range(9)]
+        ends = [e for e in events if e is not None]
+        # Frames 0..3 sit before the assumed onset; the hangover counts from frame 3.
+        assert len(ends) == 1 and isinstance(ends[0], SpeechEnd)
+        assert ends[0].frame == 4 and ends[0].decided_frame == 8 and ends[0].duration_frames == 1

@@ -24,6 +24,7 @@ from typing import Any
 
 from workers.engines.vosk import Recognizer, RecognizerPool, Result
 
+
 __all__ = ["AsrOutput", "AsrStream", "ResultQueue"]
 
 
@@ -67,7 +68,6 @@ class ResultQueue:
         os.close(self.fd)
 
 
-
 @dataclass(frozen=True)
 class _Item:
     """Queued by the main loop: audio of an utterance, or its end."""
@@ -78,6 +78,7 @@ class _Item:
     offset_ms: int  # audio: call offset of its first sample
     utterance: int  # ring cursor that opened the utterance
     end_cursor: int  # ring cursor just after this audio
+
 
 # Coalesce queued frames into one AcceptWaveform call up to this much audio: bigger
 # calls are cheaper, smaller ones keep partials timely during a catch-up.
@@ -215,9 +216,7 @@ class AsrStream:
         if self._rec is None:
             # Nothing was fed (the VAD end came before any audio): an empty final keeps
             # speech_end and final paired for the consumer.
-            self.results.put(
-                AsrOutput(self, "final", 0, "", [], reason, utterance, end_cursor, time.monotonic_ns())
-            )
+            self.results.put(AsrOutput(self, "final", 0, "", [], reason, utterance, end_cursor, time.monotonic_ns()))
             return
         self._utterance = utterance
         self._fed_until = max(self._fed_until, end_cursor)

@@ -29,6 +29,7 @@ from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
 from workers.vad import SpeechEnd, SpeechStart, Vad, VadConfig, VadState
 
+
 __all__ = ["CallSession"]
 
 log = logging.getLogger("farm.worker.call")
@@ -62,11 +63,11 @@ class _Channel:
             else None
         )
         self.vad_config = VadConfig(
-                aggressiveness=cfg.vad_aggressiveness,
-                onset_ms=cfg.vad_onset_ms,
-                onset_window_ms=max(100, cfg.vad_onset_ms),
-                hangover_ms=cfg.vad_hangover_ms,
-                preroll_ms=cfg.vad_preroll_ms,
+            aggressiveness=cfg.vad_aggressiveness,
+            onset_ms=cfg.vad_onset_ms,
+            onset_window_ms=max(100, cfg.vad_onset_ms),
+            hangover_ms=cfg.vad_hangover_ms,
+            preroll_ms=cfg.vad_preroll_ms,
         )
         self.vad = Vad(session.model_rate, self.vad_config)
         self.frame_bytes = self.vad.frame_bytes
@@ -75,6 +76,18 @@ class _Channel:
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
         self.speech_start_frame = 0
+        # Frames a resumed worker knows to be silence (its predecessor decided so):
+        # a fresh webrtcvad flags ~100 ms of any noise at its start as speech.
+        self.quiet_frames = 0
+        if session.resumed and cfg.gating:
+            if session.ring.in_speech:
+                # The predecessor published this utterance's speech_start; it began at
+                # the committed cursor, preroll included.
+                self.utterance = session.cursor_of(0)
+                self.open_utterances.append(self.utterance)
+                self.vad.resume_speech(self.vad.preroll_frames)
+            else:
+                self.quiet_frames = self.vad.preroll_frames + self.vad_config.onset_window_ms // FRAME_MS + 1
 
     def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[_Draft]:
         if self.resampler is not None:
@@ -93,6 +106,9 @@ class _Channel:
         s = self.session
         k = self.vad.frames  # index of this frame
         decision = self.vad.process(frame)
+        if isinstance(decision, SpeechStart) and k < self.quiet_frames:
+            self.vad.reset()
+            decision = None
         drafts: list[_Draft] = []
         cursor_end = s.cursor_of(k + 1)
         if not s.config.gating:
@@ -101,9 +117,7 @@ class _Channel:
                 self.open_utterances.append(self.utterance)
             self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
         if isinstance(decision, SpeechStart):
-            start = self._speech_start(decision, read_ns)
-            if start is not None:
-                drafts.append(start)
+            drafts.append(self._speech_start(decision, read_ns))
             if s.config.gating:
                 first = k - len(self.preroll)
                 self.utterance = s.cursor_of(first)
@@ -128,15 +142,10 @@ class _Channel:
                     del self.preroll[0]
         return drafts
 
-    def _speech_start(self, d: SpeechStart, read_ns: int) -> _Draft | None:
+    def _speech_start(self, d: SpeechStart, read_ns: int) -> _Draft:
         s = self.session
         self.speech_start_frame = d.frame
         s.ring.in_speech = True
-        if s.replaying_speech:
-            # A worker before us published this speech_start already; its utterance
-            # is being replayed from the committed cursor.
-            s.replaying_speech = False
-            return None
         stamps = s.stamps_at(s.cursor_of(d.frame), read_ns)
         stamps["vad"] = time.monotonic_ns()
         return _Draft("speech_start", s.offset_ms(d.frame), {}, stamps, self.index)
@@ -144,7 +153,6 @@ class _Channel:
     def _speech_end(self, d: SpeechEnd, read_ns: int) -> _Draft:
         s = self.session
         s.ring.in_speech = False
-        s.replaying_speech = False
         # recv of the last voiced frame: "end of speech" in the latency vocabulary.
         stamps = s.stamps_at(s.cursor_of(d.frame) - 1, read_ns)
         stamps["vad"] = time.monotonic_ns()
@@ -191,16 +199,16 @@ class CallSession:
         self.model_rate = pool.rate
         self.width = 2 * ring.channels  # bytes per sample frame in the ring
         self.in_frame_bytes = ring.rate * FRAME_MS // 1000 * self.width
-        # Resume where the last finalised utterance ended (a fresh call: 0).
+        # A worker before us read this ring (and died): resume where the last
+        # finalised utterance ended. A fresh call starts at 0.
+        self.resumed = ring.read_cursor > 0 or ring.in_speech
         ring.seek(ring.committed)
         self.base = ring.read_cursor - ring.read_cursor % self.width
         ring.seek(self.base)
         self.carry = b""  # partial sample frame between reads
         self.next_cursor = self.base
-        self.replaying_speech = ring.in_speech
         self.overrun_seen = ring.overrun_bytes
         self.end_of_speech: dict[int, int] = {}
-        self.resumed = self.base > 0
         wanted = info.get("transcribe", config.transcribe)
         channels = range(ring.channels) if wanted == "both" else range(1)
         self.channels = [

@@ -11,8 +11,16 @@ as ~100 ms of voicing and passes a 60 ms onset (use onset_ms >= 120 or the
 
 from __future__ import annotations
 
+
 __all__ = [
-    "SILENCE", "SPEECH", "SpeechEnd", "SpeechStart", "Vad", "VadConfig", "VadEvent", "VadState",
+    "SILENCE",
+    "SPEECH",
+    "SpeechEnd",
+    "SpeechStart",
+    "Vad",
+    "VadConfig",
+    "VadEvent",
+    "VadState",
 ]
 
 from collections import deque
@@ -20,7 +28,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Final, TypeAlias
 
-import webrtcvad  # type: ignore[import-untyped]  # ships no type information
+import webrtcvad  # ships no type information
+
 
 _FRAME_MS: Final = 20
 _RATES: Final = (8000, 16000, 32000, 48000)  # the only rates webrtcvad accepts
@@ -44,6 +53,7 @@ class _Input(Enum):
     UNVOICED = "unvoiced"
     FLUSH = "flush"
     RESET = "reset"
+    RESUME = "resume"
 
 
 @dataclass(frozen=True)
@@ -83,9 +93,7 @@ class VadConfig:
             if getattr(self, name) < _FRAME_MS:
                 raise ValueError(f"{name} must be at least 20 ms, got {getattr(self, name)}")
         if self.onset_window_ms < self.onset_ms:
-            raise ValueError(
-                f"onset_window_ms ({self.onset_window_ms}) must be >= onset_ms ({self.onset_ms})"
-            )
+            raise ValueError(f"onset_window_ms ({self.onset_window_ms}) must be >= onset_ms ({self.onset_ms})")
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ class Vad:
         self._onset_voiced: deque[int] = deque()  # indices of voiced frames in the onset window
         self._start = 0  # SpeechStart.frame of the current utterance (valid in SPEECH)
         self._last_voiced = 0  # index of the latest voiced frame (valid in SPEECH)
+        self._resume_at = 0  # onset frame given to resume_speech
 
     @property
     def frame_bytes(self) -> int:
@@ -211,6 +220,16 @@ class Vad:
         """
         self._step(_Input.RESET)
 
+    def resume_speech(self, onset_frame: int) -> None:
+        """Call before the first frame when taking over a call inside an utterance.
+
+        Another worker already published that utterance's SpeechStart; this one
+        enters SPEECH without an event, as if the onset had been at `onset_frame`,
+        so the hangover only counts unvoiced frames after it.
+        """
+        self._resume_at = onset_frame
+        self._step(_Input.RESUME)
+
     # ---- State machine: the only code that changes self._state. -------------
     # SILENCE + voiced:   note it, forget voiced frames older than the onset window; once
     #                     onset_frames remain -> SPEECH, emit SpeechStart(frame = oldest of them).
@@ -220,11 +239,12 @@ class Vad:
     # SPEECH + unvoiced:  after hangover_frames unvoiced in a row -> SILENCE, emit
     #                     SpeechEnd(frame = last voiced + 1). SPEECH + flush: the same, at once.
     # SPEECH + reset:     -> SILENCE, no event.
+    # SILENCE + resume:   -> SPEECH, no event, onset (and last voiced frame) at the given frame.
     def _step(self, event: _Input) -> VadEvent | None:
         now = self._frames - 1  # index of the latest frame processed
         if self._state is SPEECH:
             if event is _Input.VOICED:
-                self._last_voiced = now
+                self._last_voiced = max(self._last_voiced, now)
                 return None
             if event is _Input.UNVOICED and now - self._last_voiced < self._hangover_frames:
                 return None
@@ -245,6 +265,10 @@ class Vad:
                 self._last_voiced = now
                 voiced.clear()
                 return SpeechStart(self._start, now)
+        elif event is _Input.RESUME:
+            self._state = SPEECH
+            self._start = self._last_voiced = self._resume_at
+            self._onset_voiced.clear()
         elif event is not _Input.UNVOICED:
             self._onset_voiced.clear()
         return None

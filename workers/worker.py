@@ -25,6 +25,7 @@ from workers.asr import ResultQueue
 from workers.call import CallSession
 from workers.engines.vosk import RecognizerPool
 
+
 __all__ = ["Worker", "HeartbeatTable"]
 
 TICK_S = 0.01  # ring poll period: a frame is 20 ms, so speech is seen within half a frame
@@ -111,7 +112,9 @@ class Worker:
         if command == wire.B_ASSIGN:
             self.assign(*body)
         elif command == wire.B_DISCONNECT:
-            self.log.warning("broker does not know this worker: dropping %d calls, registering again", len(self.sessions))
+            self.log.warning(
+                "broker does not know this worker: dropping %d calls, registering again", len(self.sessions)
+            )
             for session in self.sessions.values():
                 session.close()
             self.sessions.clear()
@@ -190,7 +193,7 @@ class Worker:
         next_tick = time.monotonic()
         while self.running:
             timeout = max(0.0, next_tick - time.monotonic())
-            for sock, _ in self.poller.poll(timeout * 1000):
+            for sock, _ in self.poller.poll(int(timeout * 1000)):
                 if sock is self.dealer:
                     while self.dealer is not None:
                         try:
@@ -223,7 +226,9 @@ class Worker:
         self.ctx.destroy(linger=500)
 
 
-def worker_main(index: int, cpu: int | None, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable) -> int:
+def worker_main(
+    index: int, cpu: int | None, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable
+) -> int:
     """Entry point in the forked child; returns the exit code."""
     from farm.logs import setup_logging
 

@@ -19,6 +19,7 @@ import zmq
 from farm.broker import wire
 from farm.config import Config
 
+
 __all__ = ["Broker", "main"]
 
 log = logging.getLogger("farm.broker")
@@ -147,7 +148,7 @@ class Broker:
         now = time.monotonic()
         expiry = now + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
         worker = self.workers.get(identity)
-        if command is wire.W_READY or command == wire.W_READY:
+        if command == wire.W_READY:
             index, pid = int(body[0]), int(body[1])
             self.workers[identity] = _Worker(identity, index, pid, expiry)
             log.info("worker %d (pid %d) ready", index, pid)
@@ -232,7 +233,7 @@ def main() -> None:
     from farm.logs import setup_logging
 
     config = Config.from_env()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, "broker")
     broker = Broker(config)
 
     def stop(signum: int, frame: object) -> None:

@@ -59,6 +59,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+
 __all__ = [
     "HEADER",
     "HEARTBEAT_INTERVAL",

@@ -24,6 +24,7 @@ from farm.ingress.calls import Call, CallRegistry, Metrics
 from farm.protocol import audio_stream as proto
 from farm.protocol.events import Event
 
+
 __all__ = ["AudioStreamSite"]
 
 log = logging.getLogger("farm.ingress.ws")
@@ -67,7 +68,9 @@ class _Connection:
             rcvd = exc.rcvd
             if rcvd is None or rcvd.code not in (1000, 1001):
                 self.log.warning(
-                    "%s: connection lost (%s)", self.name, f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame"
+                    "%s: connection lost (%s)",
+                    self.name,
+                    f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame",
                 )
         finally:
             sender.cancel()
@@ -100,12 +103,10 @@ class _Connection:
                 timeout = self.config.idle_timeout
             try:
                 message = await asyncio.wait_for(self.ws.recv(), max(timeout, 0.001))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self.call is None and self.held:
                     continue  # metadata wait is over: open with what we know
-                raise proto.AudioStreamError(
-                    f"no message in {timeout:.0f} s", proto.CLOSE_POLICY
-                ) from None
+                raise proto.AudioStreamError(f"no message in {timeout:.0f} s", proto.CLOSE_POLICY) from None
             first = False
             recv_ns = time.monotonic_ns()
             if isinstance(message, str):
@@ -139,7 +140,11 @@ class _Connection:
             self.url, self.meta, default_rate=self.config.default_rate, default_channels=self.config.default_channels
         )
         assert p.rate is not None and p.channels is not None and p.call_id is not None
-        info: dict[str, Any] = {"protocol": "audio_stream", "metadata": p.metadata, "path": self.ws.request.path if self.ws.request else ""}
+        info: dict[str, Any] = {
+            "protocol": "audio_stream",
+            "metadata": p.metadata,
+            "path": self.ws.request.path if self.ws.request else "",
+        }
         if p.transcribe:
             info["transcribe"] = p.transcribe
         self.call = await self.site.registry.open(
@@ -254,6 +259,7 @@ class AudioStreamSite:
 
     def metrics_text(self) -> str:
         m = self.metrics
+        overrun = m.overrun_bytes + sum(c.call.ring.overrun_bytes for c in self.live if c.call is not None)
         lines = [
             "# TYPE farm_calls_active gauge",
             f"farm_calls_active {len(self.live)}",
@@ -266,7 +272,7 @@ class AudioStreamSite:
             "# TYPE farm_events_relayed_total counter",
             f"farm_events_relayed_total {m.events_relayed}",
             "# TYPE farm_ring_overrun_bytes_total counter",
-            f"farm_ring_overrun_bytes_total {m.overrun_bytes + sum(c.call.ring.overrun_bytes for c in self.live if c.call)}",
+            f"farm_ring_overrun_bytes_total {overrun}",
             "# TYPE farm_connections_refused_total counter",
         ]
         for reason, n in sorted(m.calls_rejected.items()):
@@ -288,8 +294,9 @@ class AudioStreamSite:
             await asyncio.sleep(0.05)
 
 
-def _text(conn: ServerConnection, status: http.HTTPStatus, body: str, ctype: str = "text/plain; charset=utf-8") -> Response:
+def _text(
+    conn: ServerConnection, status: http.HTTPStatus, body: str, ctype: str = "text/plain; charset=utf-8"
+) -> Response:
     response = conn.respond(status, body)
     response.headers["Content-Type"] = ctype
     return response
-

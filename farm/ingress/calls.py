@@ -25,6 +25,7 @@ from farm.config import Config
 from farm.protocol.events import Event, EventError
 from farm.ring import Ring, segment_name
 
+
 __all__ = ["Call", "CallRegistry", "Metrics"]
 
 log = logging.getLogger("farm.ingress")
@@ -110,7 +111,7 @@ class CallRegistry:
             # A reconnect of a call whose previous leg is still being finished.
             try:
                 await asyncio.wait_for(old.done.wait(), RECONNECT_WAIT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if call_id in self.calls:
             n = 2

@@ -12,6 +12,7 @@ from farm.config import Config
 from farm.ingress.audio_stream import AudioStreamSite
 from farm.ingress.calls import CallRegistry, Metrics
 
+
 __all__ = ["main", "serve"]
 
 log = logging.getLogger("farm.ingress")
@@ -36,7 +37,11 @@ async def serve(config: Config) -> None:
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     log.info("ingress ready (pid %d): mod_audio_stream on ws://%s:%d/<call-id>", os.getpid(), config.ws_host, site.port)
     await stop.wait()
-    log.info("ingress draining (pid %d): no new calls, waiting up to %.0f s for utterances in flight", os.getpid(), config.drain_timeout)
+    log.info(
+        "ingress draining (pid %d): no new calls, waiting up to %.0f s for utterances in flight",
+        os.getpid(),
+        config.drain_timeout,
+    )
     await site.drain(config.drain_timeout)
     await registry.wait_all_done(timeout=10.0)
     registry.close_all()

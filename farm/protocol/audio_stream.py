@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from farm.config import SUPPORTED_RATES
 
+
 __all__ = [
     "StreamParams",
     "AudioStreamError",
@@ -36,6 +37,7 @@ CLOSE_POLICY = 1008  # RFC 6455: policy violation (idle, limits)
 _RATE_KEYS = ("rate", "sample_rate", "sampleRate", "samplerate")
 _CHANNEL_KEYS = ("channels", "nchannels")
 _ID_KEYS = ("call_id", "callId", "uuid", "call_uuid")
+_K_RATES = {"8k": 8000, "16k": 16000}
 
 
 class AudioStreamError(ValueError):
@@ -67,9 +69,10 @@ def _first(values: dict[str, Any], keys: tuple[str, ...]) -> Any:
 def _rate(raw: Any) -> int:
     text = str(raw).strip().lower()
     try:
-        # "16k" and "8k" as uuid_audio_stream spells them (§1.2).
-        rate = int(text[:-1]) * 1000 if text.endswith("k") else int(float(text))
-    except ValueError:
+        # "16k" and "8k" as uuid_audio_stream spells them (§1.2); it reads any other
+        # "<n>k" as the integer n, so "24k" is 24 there and is refused here too.
+        rate = _K_RATES[text] if text in _K_RATES else int(text[:-1]) if text.endswith("k") else int(float(text))
+    except (ValueError, OverflowError):  # OverflowError: "inf", 1e400
         raise AudioStreamError(f"sample rate {str(raw)[:32]!r} is not a number") from None
     if rate not in SUPPORTED_RATES:
         allowed = ", ".join(str(r) for r in SUPPORTED_RATES)
@@ -133,8 +136,10 @@ def parse_metadata(text: str) -> tuple[StreamParams, str | None]:
     """
     try:
         obj = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return StreamParams(), f"metadata is not JSON ({exc.msg} at char {exc.pos}), ignored"
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, "[[[[…" nested too deep
+        return StreamParams(), f"metadata is not usable JSON ({str(exc)[:80]}), ignored"
     if not isinstance(obj, dict):
         return StreamParams(metadata={"value": obj}), None
     call_id = _first(obj, _ID_KEYS)

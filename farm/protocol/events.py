@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+
 __all__ = [
     "SCHEMA_VERSION",
     "EVENT_TYPES",

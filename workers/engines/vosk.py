@@ -24,6 +24,7 @@ from typing import Any
 
 import vosk
 
+
 __all__ = ["ModelError", "load_model", "model_rate", "Recognizer", "RecognizerPool", "Result"]
 
 log = logging.getLogger("farm.worker.vosk")

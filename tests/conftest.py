@@ -1,0 +1,222 @@
+"""Shared test fixtures: a real ``farm up`` node, the real model, real speech.
+
+Nothing here mocks a farm component: nodes are real processes started with
+``subprocess.Popen(..., start_new_session=True)`` and stopped with real signals, on
+loopback sockets. Timeouts are in units of ``MS`` scaled by
+``FARM_TESTS_TIMEOUT_FACTOR`` for slow machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farm.client import Subscription
+from farm.config import default_model_dir
+from farm.protocol.events import Event
+from farm.sender import SendResult, metadata_for, read_wav, send_pcm
+
+
+MS = 0.001 * float(os.environ.get("FARM_TESTS_TIMEOUT_FACTOR", "1"))
+DATA = Path(__file__).parent / "data"
+CAPTURES = Path(__file__).parent / "captures"
+TEXTS: dict[str, Any] = json.loads((DATA / "texts.json").read_text()) if (DATA / "texts.json").exists() else {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def farm_segments(pid: int | None = None) -> list[str]:
+    names = [n for n in os.listdir("/dev/shm") if n.startswith("farm-")]
+    return [n for n in names if pid is None or n.startswith(f"farm-{pid}-")]
+
+
+@dataclass
+class Node:
+    """A running ``farm up``: its ports, its log, its processes."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    events: str
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self, role: str) -> list[int]:
+        """Pids of one role, read from the node's own log lines."""
+        import re
+
+        if role == "worker":
+            found = re.findall(r"worker \d+ \(pid (\d+)\) started", self.log())
+        else:
+            found = re.findall(rf"started {role} \(pid (\d+)\)", self.log())
+        return [int(p) for p in found if _alive(int(p))]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40_000 * MS) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True) -> Node:
+    port, events_port = free_port(), free_port()
+    log_path = tmp_path / f"farm-{port}.log"
+    args = [
+        sys.executable,
+        "-m",
+        "farm.cli",
+        "up",
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--events",
+        f"tcp://127.0.0.1:{events_port}",
+        *extra,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node = Node(proc, port, f"tcp://127.0.0.1:{events_port}", log_path, args)
+    if wait:
+        deadline = time.monotonic() + 60_000 * MS
+        while "farm up (pid" not in node.log():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                node.stop(signal.SIGKILL)
+                raise RuntimeError(f"farm did not start:\n{node.log()[-3000:]}")
+            time.sleep(0.1)
+        # Workers register with the broker right after they start.
+        while node.log().count(") ready") < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One default farm node shared by a test module."""
+    n = start_node(tmp_path_factory.mktemp("farm"))
+    yield n
+    n.stop()
+
+
+@dataclass
+class CallRun:
+    call_id: str
+    events: list[Event]
+    sent: SendResult | None
+
+    def of(self, type: str) -> list[Event]:
+        return [e for e in self.events if e.type == type]
+
+    @property
+    def finals(self) -> list[str]:
+        return [e["text"] for e in self.of("final") if e["text"]]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.finals)
+
+
+async def run_call(
+    node: Node,
+    wav: str | Path,
+    *,
+    call_id: str | None = None,
+    realtime: bool = True,
+    path_suffix: str = "",
+    timeout: float = 60_000 * MS,
+    **send_kw: Any,
+) -> CallRun:
+    """Stream a WAV file like mod_audio_stream; collect the call's events until call_end."""
+    pcm, rate, channels = read_wav(str(wav))
+    call_id = call_id or f"t-{uuid.uuid4()}"
+    send_kw.setdefault("metadata", metadata_for(call_id, rate, channels))
+    async with Subscription(node.events, call_id) as sub:
+        sending = asyncio.create_task(
+            send_pcm(f"{node.url}/{call_id}{path_suffix}", pcm, rate=rate, channels=channels, realtime=realtime, **send_kw)
+        )
+        events: list[Event] = []
+        deadline = time.monotonic() + timeout
+        while not events or events[-1].type != "call_end":
+            events.append(await sub.next(timeout=max(0.01, deadline - time.monotonic())))
+        sent = await sending
+    return CallRun(call_id, events, sent)
+
+
+_MODEL: Any = None
+
+
+def direct_decode(wav: str | Path, *, chunk_ms: int = 20, rate: int | None = None) -> list[str]:
+    """Decode a file straight with Vosk (no farm): the reference transcript.
+
+    Audio at another rate than the model's is resampled with soxr first, as the
+    workers do.
+    """
+    import numpy as np
+    import soxr
+    import vosk
+
+    global _MODEL
+    if _MODEL is None:
+        vosk.SetLogLevel(-1)
+        _MODEL = vosk.Model(default_model_dir())
+    with wave.open(str(wav), "rb") as w:
+        pcm = w.readframes(w.getnframes())
+        src, channels = w.getframerate(), w.getnchannels()
+    samples = np.frombuffer(pcm, dtype="<i2").reshape(-1, channels)[:, 0]
+    target = rate or 16000
+    if src != target:
+        samples = soxr.resample(samples, src, target, quality="QQ").astype("<i2")
+    data = samples.tobytes()
+    rec = vosk.KaldiRecognizer(_MODEL, target)
+    out = []
+    step = target * chunk_ms // 1000 * 2
+    for i in range(0, len(data), step):
+        if rec.AcceptWaveform(data[i : i + step]):
+            out.append(json.loads(rec.Result())["text"])
+    out.append(json.loads(rec.FinalResult())["text"])
+    return [t for t in out if t]
+
+
+def similarity(a: str, b: str) -> float:
+    """Word-level similarity 0..1 (difflib ratio over word sequences)."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, a.split(), b.split()).ratio()
