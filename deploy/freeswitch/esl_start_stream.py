@@ -1,19 +1,18 @@
 #!/usr/bin/env python3
 """Example dialer controller: start a farm stream on a FreeSWITCH call, print the farm's events.
 
-``esl`` mode (standard library only): log in to FreeSWITCH's inbound Event Socket, subscribe to
-mod_audio_stream's events, start the stream with ``uuid_audio_stream`` and print the farm's events
-as FreeSWITCH relays them (``mod_audio_stream::json``) until the call hangs up. Without --uuid it
-starts nothing and prints the events of every call. ``zmq`` mode (needs farm installed, for
-``farm.client``): read the farm's own event stream, which also has what comes after the stream
-closed (the last ``final``, ``call_end``); ``--start`` first starts the stream through ESL::
+esl mode (standard library only): log in to FreeSWITCH's inbound Event Socket, subscribe to
+mod_audio_stream's events, start the stream (``uuid_audio_stream``) and print the farm's events as
+FreeSWITCH relays them (``mod_audio_stream::json``) until the call hangs up; without --uuid, print
+every call's events. zmq mode (needs farm installed): read the farm's own event stream, which also
+has what follows the stream's close (the last ``final``, ``call_end``)::
 
     python3 esl_start_stream.py esl --uuid <channel-uuid> --farm ws://farm.example.net:8080
     python3 esl_start_stream.py zmq --events tcp://farm.example.net:5556 [--uuid <uuid> --start]
 
-Defaults: ESL on 127.0.0.1:8021, password ClueCon; ``--rate 16000 --mix mono``; with the sptmru
-build pass the call's codec rate instead (8000 for PCMU/PCMA). Hanging up ends the stream, or
-send ``api uuid_audio_stream <uuid> stop``. See ``--help`` and README.md.
+ESL defaults to 127.0.0.1:8021, password ClueCon; the stream to ``--rate 16000 --mix mono`` (for
+sptmru builds give the codec's rate: 8000 for PCMU/PCMA). To stop: hang up, or
+``uuid_audio_stream <uuid> stop``. See --help and README.md.
 """
 
 from __future__ import annotations
@@ -27,10 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 
 
-SUBSCRIBE = (
-    "event json CHANNEL_HANGUP_COMPLETE CUSTOM mod_audio_stream::json mod_audio_stream::connect "
-    "mod_audio_stream::disconnect mod_audio_stream::error"
-)
+SUBSCRIBE = ("event json CHANNEL_HANGUP_COMPLETE CUSTOM mod_audio_stream::json mod_audio_stream::connect "
+             "mod_audio_stream::disconnect mod_audio_stream::error")
 _COMMON = ("v", "type", "call_id", "seq", "offset_ms", "channel", "t", "metadata")
 
 
@@ -101,8 +98,7 @@ def start_command(args: argparse.Namespace) -> str:
     some builds). Metadata is the 6th token: spaces are fine, single quotes and backslashes not.
     """
     url = f"{args.farm.rstrip('/')}/{args.uuid}?rate={args.rate}"
-    if args.mix == "stereo":
-        url += "&channels=2"
+    url += "&channels=2" if args.mix == "stereo" else ""
     meta = json.dumps(json.loads(args.metadata), ensure_ascii=False, separators=(",", ":"))
     if "'" in meta or "\\" in meta:  # ensure_ascii=False keeps non-ASCII free of \u escapes
         raise SystemExit(f"metadata {meta} would be altered by FreeSWITCH: no ' or \\ (nor \" inside strings)")
@@ -111,24 +107,17 @@ def start_command(args: argparse.Namespace) -> str:
 
 def describe(event: dict[str, Any]) -> str:
     """One line for one farm event (schema: farm/protocol/events.py)."""
-    kind = event.get("type", "?")
-    if kind in ("partial", "final"):
-        detail = repr(event.get("text", ""))
-    elif kind == "speech_end":
-        detail = f"{event.get('duration_ms')} ms of speech"
-    else:
-        detail = json.dumps({k: v for k, v in event.items() if k not in _COMMON}, ensure_ascii=False)
+    kind, rest = event.get("type", "?"), {k: v for k, v in event.items() if k not in _COMMON}
+    detail = repr(event.get("text", "")) if kind in ("partial", "final") else json.dumps(rest, ensure_ascii=False)
     at = event.get("offset_ms", 0) / 1000
     return f"{str(event.get('call_id', '?'))[:8]} {at:7.2f}s ch{event.get('channel', 0)} {kind:<12} {detail}"
 
 
 def run_esl(args: argparse.Namespace) -> int:
     esl = ESL(args.esl_host, args.esl_port, args.password)
-    if args.uuid:
-        # Only this call's events (mod_audio_stream events carry the channel's Unique-ID).
-        print("filter:", esl.command(f"filter Unique-ID {args.uuid}"), file=sys.stderr)
     print("subscribe:", esl.command(SUBSCRIBE), file=sys.stderr)
     if args.uuid:
+        esl.command(f"filter Unique-ID {args.uuid}")  # only this call (its events carry its Unique-ID)
         reply = esl.command(start_command(args))  # +OK before the WebSocket is even open
         print("uuid_audio_stream start:", reply, file=sys.stderr)
         if not reply.startswith("+OK"):
@@ -153,11 +142,7 @@ def run_esl(args: argparse.Namespace) -> int:
 
 
 def run_zmq(args: argparse.Namespace) -> int:
-    try:
-        from farm.client import Subscription
-    except ImportError:
-        print("the zmq mode needs farm installed: it uses farm.client", file=sys.stderr)
-        return 2
+    from farm.client import Subscription  # the zmq mode needs farm (and pyzmq) installed
 
     def start() -> str:
         esl = ESL(args.esl_host, args.esl_port, args.password)
@@ -167,8 +152,7 @@ def run_zmq(args: argparse.Namespace) -> int:
             esl.sock.close()
 
     async def follow() -> int:
-        # Subscribe before the stream starts: ZeroMQ drops what was published before.
-        async with Subscription(args.events, args.uuid or None) as sub:
+        async with Subscription(args.events, args.uuid or None) as sub:  # before start: ZeroMQ drops the past
             if args.start:
                 reply = await asyncio.to_thread(start)
                 print("uuid_audio_stream start:", reply, file=sys.stderr)
