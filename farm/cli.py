@@ -68,6 +68,15 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--idle-timeout", type=float, default=d.idle_timeout, help="close a call silent on the wire this long (s)"
     )
     p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument(
+        "--max-message-bytes", type=int, default=d.max_message_bytes, help="larger WebSocket messages close 1009"
+    )
+    p.add_argument(
+        "--partial-interval-ms", type=int, default=d.partial_interval_ms, help="partials every this much audio; 0: none"
+    )
+    p.add_argument(
+        "--dither", type=float, default=d.dither, help="MFCC dither (0: repeatable results; -1: the model's own)"
+    )
     p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="recognition threads per worker")
     p.add_argument("--ring-seconds", type=float, default=d.ring_seconds)
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
@@ -91,12 +100,15 @@ def _config(args: argparse.Namespace) -> Config:
         vad_onset_ms=args.vad_onset_ms,
         vad_hangover_ms=args.vad_hangover_ms,
         asr_threads=args.asr_threads,
+        partial_interval_ms=args.partial_interval_ms,
+        dither=args.dither,
         recognizer_reuse=not args.no_recognizer_reuse,
         ring_seconds=args.ring_seconds,
         drain_timeout=args.drain_timeout,
         metadata_wait_ms=args.metadata_wait_ms,
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,
+        max_message_bytes=args.max_message_bytes,
     )
 
 

@@ -71,8 +71,10 @@ class Config:
     vad_onset_ms: int = 60
     vad_hangover_ms: int = 300
     vad_preroll_ms: int = 300
-    partial_interval_ms: int = 200
-    recognizer_max_audio_s: float = 60.0  # retire a recognizer after this much audio
+    partial_interval_ms: int = 200  # of audio heard; 0 = no partials
+    recognizer_max_audio_s: float = 90.0  # retire a recogniser after this much audio (memory)
+    recognizer_warm: int = 2  # recognisers per worker warmed at start
+    dither: float = 0.0  # Kaldi MFCC dither; 0 makes recognition repeatable, -1 keeps the model's
     recognizer_pool: int = 8  # idle recognisers a worker keeps for reuse
     recognizer_reuse: bool = True  # False: a fresh recogniser per utterance (repeatable, slower)
     # Supervisor

@@ -85,7 +85,7 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
 
     def start(self) -> None:
-        from workers.engines.vosk import ModelError, load_model, model_rate
+        from workers.engines.vosk import ModelError, load_model, model_rate, model_view
         from workers.worker import HeartbeatTable
 
         removed = sweep_stale()
@@ -93,7 +93,10 @@ class Supervisor:
             log.info("removed %d shared-memory rings left by a crashed farm: %s", len(removed), " ".join(removed[:5]))
         t0 = time.monotonic()
         try:
-            self.model = load_model(self.config.model)
+            model_dir = self.config.model
+            if os.path.isdir(model_dir) and self.config.dither >= 0:
+                model_dir = model_view(model_dir, self.config.run_dir, dither=self.config.dither)
+            self.model = load_model(model_dir)
         except ModelError as exc:
             raise HaltServer(f"cannot load the model: {exc}", MODEL_LOAD_ERROR) from None
         self.model_rate = model_rate(self.config.model)

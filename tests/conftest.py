@@ -170,7 +170,9 @@ async def run_call(
     send_kw.setdefault("metadata", metadata_for(call_id, rate, channels))
     async with Subscription(node.events, call_id) as sub:
         sending = asyncio.create_task(
-            send_pcm(f"{node.url}/{call_id}{path_suffix}", pcm, rate=rate, channels=channels, realtime=realtime, **send_kw)
+            send_pcm(
+                f"{node.url}/{call_id}{path_suffix}", pcm, rate=rate, channels=channels, realtime=realtime, **send_kw
+            )
         )
         events: list[Event] = []
         deadline = time.monotonic() + timeout
@@ -183,36 +185,96 @@ async def run_call(
 _MODEL: Any = None
 
 
-def direct_decode(wav: str | Path, *, chunk_ms: int = 20, rate: int | None = None) -> list[str]:
-    """Decode a file straight with Vosk (no farm): the reference transcript.
+def model() -> Any:
+    """The default model as the farm loads it (dither 0: see workers/engines/vosk.py)."""
+    import tempfile
 
-    Audio at another rate than the model's is resampled with soxr first, as the
-    workers do.
-    """
-    import numpy as np
-    import soxr
     import vosk
+
+    from workers.engines.vosk import model_view
 
     global _MODEL
     if _MODEL is None:
         vosk.SetLogLevel(-1)
-        _MODEL = vosk.Model(default_model_dir())
+        _MODEL = vosk.Model(model_view(default_model_dir() or "", tempfile.mkdtemp(prefix="farm-test-model-")))
+    return _MODEL
+
+
+def _samples16k(wav: str | Path) -> Any:
+    """Channel 0 of a WAV file at 16 kHz, resampled with soxr as the workers do."""
+    import numpy as np
+    import soxr
+
     with wave.open(str(wav), "rb") as w:
         pcm = w.readframes(w.getnframes())
         src, channels = w.getframerate(), w.getnchannels()
     samples = np.frombuffer(pcm, dtype="<i2").reshape(-1, channels)[:, 0]
-    target = rate or 16000
-    if src != target:
-        samples = soxr.resample(samples, src, target, quality="QQ").astype("<i2")
-    data = samples.tobytes()
-    rec = vosk.KaldiRecognizer(_MODEL, target)
+    if src != 16000:
+        samples = soxr.resample(samples, src, 16000, quality="QQ").astype("<i2")
+    return samples
+
+
+def decode_pcm(pcm: bytes, *, partial_every: int = 0) -> list[str]:
+    """Vosk on 16 kHz audio in 20 ms frames, whole frames only, as a worker feeds it.
+
+    Vosk's output depends on where partials are asked for, so ``partial_every`` asks
+    for one after every N frames (counting again after each endpoint), as a worker
+    does. Returns the non-empty finals (endpoint results, then the last one).
+    """
+    import vosk
+
+    step = 640
+    rec = vosk.KaldiRecognizer(model(), 16000)
     out = []
-    step = target * chunk_ms // 1000 * 2
-    for i in range(0, len(data), step):
-        if rec.AcceptWaveform(data[i : i + step]):
+    since = 0
+    for i in range(0, len(pcm) - len(pcm) % step, step):
+        if rec.AcceptWaveform(pcm[i : i + step]):
             out.append(json.loads(rec.Result())["text"])
+            since = 0
+            continue
+        since += 1
+        if partial_every and since >= partial_every:
+            since = 0
+            rec.PartialResult()
     out.append(json.loads(rec.FinalResult())["text"])
     return [t for t in out if t]
+
+
+def direct_decode(wav: str | Path, *, partial_every: int = 0) -> list[str]:
+    """Decode a whole file straight with Vosk (no farm): the reference transcript."""
+    return decode_pcm(_samples16k(wav).tobytes(), partial_every=partial_every)
+
+
+def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, channel: int = 0) -> list[str]:
+    """The reference for a VAD-gated call: each utterance decoded straight with Vosk
+    from exactly the audio the farm says its recogniser heard (``audio_ms`` of the
+    finals: the preroll, the speech and the hangover)."""
+    samples = _samples16k(wav)
+    out: list[str] = []
+    span: list[int] = []
+    for e in run.of("final"):
+        if e.channel != channel:
+            continue
+        a, b = e["audio_ms"]
+        span = [span[0] if span else a, b]
+        if e["reason"] != "endpoint":  # the utterance is closed: decode it whole
+            out += decode_pcm(samples[span[0] * 16 : span[1] * 16].tobytes(), partial_every=partial_every)
+            span = []
+    return out
+
+
+def same_transcript(got: list[str], want: list[str]) -> bool:
+    """Utterance by utterance, the texts Vosk could have given (see test_transcripts).
+
+    Same number of finals, each sharing at least half its words with the reference
+    utterance in order, and 80% of the words overall: one or two words that Vosk
+    itself flips between runs pass; a lost, added or swapped utterance does not.
+    """
+    return (
+        len(got) == len(want)
+        and all(similarity(g, w) >= 0.5 for g, w in zip(got, want))
+        and similarity(" ".join(got), " ".join(want)) >= 0.8
+    )
 
 
 def similarity(a: str, b: str) -> float:

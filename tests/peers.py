@@ -42,12 +42,14 @@ from websockets.frames import Frame, Opcode
 from websockets.headers import parse_extension
 
 
-__all__ = ["AudioStreamPeer", "Capture", "Step", "HandshakeRefused", "DEFLATE_OFFER", "IX_USER_AGENT"]
+__all__ = ["AudioStreamPeer", "Capture", "Step", "HandshakeRefused", "DEFLATE_OFFER", "IX_USER_AGENT", "HEARTBEAT"]
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # libwsc's offer, as in TV-MAS-2 (absent when STREAM_MESSAGE_DEFLATE=true).
 DEFLATE_OFFER = "permessage-deflate; client_no_context_takeover; server_no_context_takeover; client_max_window_bits=9"
 IX_USER_AGENT = "ixwebsocket/11.4.3 linux ssl/OpenSSL OpenSSL 3.0.22 25 Aug 2026 zlib 1.2.13"
+# Heart-beat ping payloads with STREAM_HEART_BEAT set (§1.6): libwsc, IXWebSocket (N s, count).
+HEARTBEAT = {"amigniter": b"ping", "sptmru": b"ixwebsocket::heartbeat::30s::0"}
 
 
 class HandshakeRefused(Exception):
@@ -224,7 +226,9 @@ class Capture:
         steps.extend(tail)
         n_bin = sum(1 for s in steps if s.kind == "binary")
         if n_bin != count or n_bin * size != len(self.raw):
-            raise ValueError(f"{self.jsonl}: rebuilt {n_bin} frames of {size} B, summary says {count}, raw has {len(self.raw)} B")
+            raise ValueError(
+                f"{self.jsonl}: rebuilt {n_bin} frames of {size} B, summary says {count}, raw has {len(self.raw)} B"
+            )
         return sorted(steps, key=lambda s: s.at)  # stable: recorded order kept on ties
 
 
@@ -248,6 +252,7 @@ class AudioStreamPeer:
     texts: list[str] = field(default_factory=list)  # text messages from the server
     binaries: list[bytes] = field(default_factory=list)
     pings: int = 0
+    pongs: list[bytes] = field(default_factory=list)
     close_code: int | None = None  # the server's Close frame (its own or its echo of ours)
     close_reason: str = ""
     sent_frames: int = 0
@@ -263,16 +268,18 @@ class AudioStreamPeer:
         self.closed = asyncio.Event()  # the server sent Close or the TCP connection ended
         self.eof = asyncio.Event()
         self._close_sent = False
+        self._pong_waiters: list[asyncio.Future[bytes]] = []
 
     # -- connection ----------------------------------------------------------------
 
     async def connect(self, timeout: float = 10.0) -> AudioStreamPeer:
         """TCP connect, upgrade, check the answer as the module does; raises HandshakeRefused."""
-        self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+        self.reader, self.writer = reader, writer
         self.request = upgrade_request(self.flavor, self.host, self.port, self.path, self.key, deflate=self.deflate)
-        self.writer.write(self.request)
-        await self.writer.drain()
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        writer.write(self.request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         parts = status_line.split(" ", 2)
         self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
@@ -282,16 +289,16 @@ class AudioStreamPeer:
                 self.response_headers[name.strip().lower()] = value.strip()
         if self.status != 101 or not status_line.startswith("HTTP/1.1 101"):
             length = int(self.response_headers.get("content-length", "0") or 0)
-            body = await asyncio.wait_for(self.reader.readexactly(length), timeout) if length else b""
-            self.writer.close()
+            body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+            writer.close()
             raise HandshakeRefused(self.status, self.response_headers, body, "upgrade refused")
         if self.response_headers.get("sec-websocket-accept") != accept_for(self.key):
-            self.writer.close()
+            writer.close()
             raise HandshakeRefused(self.status, self.response_headers, b"", "wrong Sec-WebSocket-Accept")
         offered = self.response_headers.get("sec-websocket-extensions")
         if offered:
             if not self.deflate:
-                self.writer.close()
+                writer.close()
                 raise HandshakeRefused(self.status, self.response_headers, b"", f"extension {offered!r} not offered")
             factory = ClientPerMessageDeflateFactory(
                 server_no_context_takeover=True, client_no_context_takeover=True, client_max_window_bits=9
@@ -342,6 +349,14 @@ class AudioStreamPeer:
             pos += n
             i += 1
 
+    async def ping(self, payload: bytes | None = None, timeout: float = 5.0) -> bytes:
+        """Send a heart-beat Ping (§1.6); return the payload of the Pong that answers it."""
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pong_waiters.append(waiter)
+        self._send_frame(Opcode.PING, HEARTBEAT[self.flavor] if payload is None else payload)
+        await self._drain()
+        return await asyncio.wait_for(waiter, timeout)
+
     async def close(self, code: int = 1000, reason: str = "Normal closure", timeout: float = 10.0) -> None:
         """Close as FreeSWITCH does (stop, hang-up): Close frame, then wait for the server's."""
         if not self._close_sent and not self.eof.is_set():
@@ -377,7 +392,9 @@ class AudioStreamPeer:
         data = await self.reader.readexactly(length)
         if mask:
             data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        return Frame(Opcode(head1 & 0x0F), data, bool(head1 & 0x80), bool(head1 & 0x40), bool(head1 & 0x20), bool(head1 & 0x10))
+        return Frame(
+            Opcode(head1 & 0x0F), data, bool(head1 & 0x80), bool(head1 & 0x40), bool(head1 & 0x20), bool(head1 & 0x10)
+        )
 
     async def _receive(self) -> None:
         message: list[bytes] = []
@@ -392,7 +409,9 @@ class AudioStreamPeer:
                     if not self._close_sent:
                         self._send_frame(Opcode.PONG, bytes(frame.data))
                 elif frame.opcode is Opcode.PONG:
-                    pass
+                    self.pongs.append(bytes(frame.data))
+                    if self._pong_waiters:
+                        self._pong_waiters.pop(0).set_result(bytes(frame.data))
                 elif frame.opcode is Opcode.CLOSE:
                     data = bytes(frame.data)
                     self.close_code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005

@@ -63,7 +63,16 @@ def test_the_last_of_repeated_query_values_counts() -> None:
 
 @pytest.mark.parametrize(
     ("spelling", "rate"),
-    [("16k", 16000), ("8k", 8000), ("8K", 8000), ("8000", 8000), ("16000", 16000), ("48000", 48000), (" 24000 ", 24000), ("32000.0", 32000)],
+    [
+        ("16k", 16000),
+        ("8k", 8000),
+        ("8K", 8000),
+        ("8000", 8000),
+        ("16000", 16000),
+        ("48000", 48000),
+        (" 24000 ", 24000),
+        ("32000.0", 32000),
+    ],
 )
 def test_rates_are_read_in_the_spellings_uuid_audio_stream_uses(spelling: str, rate: int) -> None:
     assert params_from_path(f"/c?rate={spelling}").rate == rate
@@ -74,7 +83,9 @@ def test_every_rate_key_is_understood(key: str) -> None:
     assert params_from_path(f"/c?{key}=16000").rate == 16000
 
 
-@pytest.mark.parametrize(("spelling", "named"), [("44100", "44100"), ("24k", "24"), ("11025", "11025"), ("0", "0"), ("-16000", "-16000")])
+@pytest.mark.parametrize(
+    ("spelling", "named"), [("44100", "44100"), ("24k", "24"), ("11025", "11025"), ("0", "0"), ("-16000", "-16000")]
+)
 def test_an_unsupported_rate_is_refused_with_1003_naming_the_rate(spelling: str, named: str) -> None:
     """44100 and 24k are refused by the module itself (§1.2: "24k" parses as 24)."""
     with pytest.raises(AudioStreamError) as err:
@@ -107,7 +118,10 @@ def test_an_explicit_channel_count_wins_over_the_mix_type() -> None:
     assert params_from_path("/c?mix=mono&channels=2").channels == 2
 
 
-@pytest.mark.parametrize(("spelling", "message"), [("3", "unsupported channel count 3"), ("0", "unsupported channel count 0"), ("quad", "'quad' is not a number")])
+@pytest.mark.parametrize(
+    ("spelling", "message"),
+    [("3", "unsupported channel count 3"), ("0", "unsupported channel count 0"), ("quad", "'quad' is not a number")],
+)
 def test_an_unsupported_channel_count_is_refused_with_1003(spelling: str, message: str) -> None:
     with pytest.raises(AudioStreamError) as err:
         params_from_path(f"/c?channels={spelling}")
@@ -224,7 +238,13 @@ def test_the_url_wins_over_metadata_and_metadata_over_defaults() -> None:
     url = params_from_path("/stream/from-url?rate=16000&channels=2&transcribe=both")
     meta, _ = parse_metadata('{"uuid": "from-meta", "rate": 8000, "channels": 1, "transcribe": "caller", "x": 1}')
     p = resolve(url, meta, default_rate=48000, default_channels=1)
-    assert p == StreamParams(call_id="from-url", rate=16000, channels=2, transcribe="both", metadata={"uuid": "from-meta", "rate": 8000, "channels": 1, "transcribe": "caller", "x": 1})
+    assert p == StreamParams(
+        call_id="from-url",
+        rate=16000,
+        channels=2,
+        transcribe="both",
+        metadata={"uuid": "from-meta", "rate": 8000, "channels": 1, "transcribe": "caller", "x": 1},
+    )
 
 
 def test_metadata_fills_in_what_the_url_does_not_say() -> None:
@@ -238,7 +258,9 @@ def test_defaults_apply_when_neither_url_nor_metadata_says() -> None:
     """sptmru sends no rate anywhere: the node's --default-rate applies (§1.11)."""
     url = params_from_path("/stream/85d95002-6fa1-4047-b46d-cfbefc684169")
     p = resolve(url, StreamParams(), default_rate=8000, default_channels=1)
-    assert p == StreamParams(call_id="85d95002-6fa1-4047-b46d-cfbefc684169", rate=8000, channels=1, transcribe=None, metadata={})
+    assert p == StreamParams(
+        call_id="85d95002-6fa1-4047-b46d-cfbefc684169", rate=8000, channels=1, transcribe=None, metadata={}
+    )
 
 
 def test_a_fresh_uuid_is_made_up_when_no_call_id_is_known() -> None:

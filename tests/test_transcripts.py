@@ -3,6 +3,11 @@
 Every test streams committed speech (tests/data, made with espeak-ng) through a real
 ``farm up`` over WebSocket as mod_audio_stream would, and compares the finals with
 decoding the same audio directly with Vosk in this process.
+
+Vosk is repeatable only without MFCC dither (Kaldi adds random dither unless told
+not to; the farm runs its model with --dither=0, see workers/engines/vosk.py), and
+its output depends on the chunking and on where partials are asked for. So the
+references below feed Vosk exactly as a worker does, and the finals must be equal.
 """
 
 from __future__ import annotations
@@ -17,15 +22,30 @@ import pytest
 
 from farm.client import Subscription
 
-from .conftest import DATA, MS, CallRun, Node, direct_decode, run_call, similarity, start_node
+from .conftest import (
+    DATA,
+    MS,
+    CallRun,
+    Node,
+    decode_heard,
+    direct_decode,
+    run_call,
+    same_transcript,
+    similarity,
+    start_node,
+)
+
 
 SPEECH = sorted(p.name for p in DATA.glob("ko_[0-9][0-9].wav"))
 
 
+PARTIAL_FRAMES = 10  # the default --partial-interval-ms 200, in 20 ms frames
+
+
 @pytest.fixture(scope="module")
 def exact_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """No VAD gating and fresh recognisers: Vosk hears exactly what a direct decode hears."""
-    n = start_node(tmp_path_factory.mktemp("exact"), "--no-gating", "--no-recognizer-reuse")
+    """No VAD gating: Vosk hears the whole call, as a direct decode of the file does."""
+    n = start_node(tmp_path_factory.mktemp("exact"), "--no-gating")
     yield n
     assert n.stop() == 0
 
@@ -33,21 +53,37 @@ def exact_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 def test_a_call_without_gating_gives_exactly_vosks_own_finals(exact_node: Node) -> None:
     wav = DATA / "ko_dialog_16k.wav"
     run = asyncio.run(run_call(exact_node, wav, realtime=False, chunk_ms=20))
-    assert run.finals == direct_decode(wav)
+    assert run.finals == direct_decode(wav, partial_every=PARTIAL_FRAMES)
     assert run.of("call_start")[0]["rate"] == 16000
+    assert run.of("partial"), "partials were asked for"
+
+
+def test_finals_do_not_depend_on_how_the_audio_was_chunked_or_paced(exact_node: Node) -> None:
+    wav = DATA / "ko_dialog_16k.wav"
+    paced = asyncio.run(run_call(exact_node, wav, realtime=True, chunk_ms=20))
+    bursty = asyncio.run(run_call(exact_node, wav, realtime=False, chunk_bytes=3202))
+    assert paced.finals == bursty.finals == direct_decode(wav, partial_every=PARTIAL_FRAMES)
 
 
 def test_an_8khz_call_without_gating_gives_vosks_finals_on_the_resampled_audio(exact_node: Node) -> None:
     wav = DATA / "ko_dialog_8k.wav"
     run = asyncio.run(run_call(exact_node, wav, realtime=False))
-    assert run.finals == direct_decode(wav)
+    # The worker resamples as a stream, the reference the whole file at once.
+    reference = direct_decode(wav, partial_every=PARTIAL_FRAMES)
+    assert same_transcript(run.finals, reference), (run.finals, reference)
 
 
 def test_a_gated_call_in_real_time_gives_close_finals_and_paired_vad_events(node: Node) -> None:
     wav = DATA / "ko_dialog_16k.wav"
     run = asyncio.run(run_call(node, wav))
-    reference = " ".join(direct_decode(wav))
-    assert similarity(run.text, reference) >= 0.8, (run.text, reference)
+    assert run.finals == decode_heard(wav, run)
+    # Gating leaves out only silence: every stretch of speech was heard, with the
+    # preroll before it and the hangover after it.
+    heard = [e["audio_ms"] for e in run.of("final") if e["reason"] != "endpoint"]
+    spans = list(zip([e.offset_ms for e in run.of("speech_start")], [e.offset_ms for e in run.of("speech_end")]))
+    assert len(heard) == len(spans)
+    for (a, b), (start, end) in zip(heard, spans):
+        assert a <= start - 200 and b >= end + 200, (heard, spans)
     starts, ends = run.of("speech_start"), run.of("speech_end")
     # Three sentences separated by 1.2 s pauses: three utterances, each closed.
     assert len(starts) == len(ends) == 3
@@ -71,13 +107,12 @@ def test_eight_simultaneous_calls_each_get_their_own_transcript(node: Node) -> N
 
     runs = asyncio.run(all_calls())
     for f, run in zip(files, runs):
-        reference = " ".join(direct_decode(DATA / f))
-        assert similarity(run.text, reference) >= 0.8, (f, run.text, reference)
+        assert run.finals == decode_heard(DATA / f, run), f
     # No cross-talk: a call's text is closer to its own file than to any other.
     for f, run in zip(files, runs):
         own = similarity(run.text, " ".join(direct_decode(DATA / f)))
         for other in set(files) - {f}:
-            assert own > similarity(run.text, " ".join(direct_decode(DATA / other)))
+            assert own > similarity(run.text, " ".join(direct_decode(DATA / other))), (f, other, run.text)
 
 
 def test_one_worker_keeps_vad_decisions_timely_while_vosk_stalls(tmp_path: Path) -> None:
@@ -99,7 +134,7 @@ def test_one_worker_keeps_vad_decisions_timely_while_vosk_stalls(tmp_path: Path)
         vad_hysteresis_ms = 100  # the onset window: speech_start cannot be decided sooner
         assert max(delays) < vad_hysteresis_ms + 400 * MS * 1000, delays
         for f, run in zip(files, runs):
-            assert similarity(run.text, " ".join(direct_decode(DATA / f))) >= 0.8
+            assert run.finals == decode_heard(DATA / f, run), f
     finally:
         assert n.stop() == 0
 
@@ -109,7 +144,7 @@ def test_stereo_call_transcribes_the_caller_channel_by_default(node: Node) -> No
     run = asyncio.run(run_call(node, wav, realtime=False))
     assert run.of("call_start")[0]["channels"] == 2
     assert {e.channel for e in run.of("final")} == {0}
-    assert similarity(run.text, " ".join(direct_decode(wav))) >= 0.8
+    assert run.finals == decode_heard(wav, run)
 
 
 def test_stereo_call_can_transcribe_both_channels(node: Node) -> None:
@@ -121,7 +156,7 @@ def test_stereo_call_can_transcribe_both_channels(node: Node) -> None:
 def test_a_worker_killed_mid_utterance_loses_no_words(tmp_path: Path) -> None:
     """kill -9 the worker serving a call in the middle of an utterance: the call moves
     to the other worker, which replays from the ring's committed cursor."""
-    n = start_node(tmp_path, "--no-recognizer-reuse", workers=2)
+    n = start_node(tmp_path, workers=2)
     try:
         wav = DATA / "ko_dialog_16k.wav"
         undisturbed = asyncio.run(run_call(n, wav, realtime=True))

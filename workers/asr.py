@@ -41,6 +41,7 @@ class AsrOutput:
     utterance: int = -1  # ring cursor that opened the utterance (for the committed cursor)
     fed_until: int = 0  # ring cursor of the end of the audio heard
     asr_ns: int = 0
+    heard_ms: tuple[int, int] = (0, 0)  # finals: call time span of the audio this final decoded
 
 
 class ResultQueue:
@@ -80,11 +81,6 @@ class _Item:
     end_cursor: int  # ring cursor just after this audio
 
 
-# Coalesce queued frames into one AcceptWaveform call up to this much audio: bigger
-# calls are cheaper, smaller ones keep partials timely during a catch-up.
-_MAX_FEED_BYTES = 16000 * 2 // 5  # 200 ms at 16 kHz
-
-
 class AsrStream:
     """Serial recognition work for one channel of one call.
 
@@ -99,14 +95,14 @@ class AsrStream:
         executor: ThreadPoolExecutor,
         results: ResultQueue,
         *,
-        partial_interval_s: float,
+        partial_frames: int,
         hold: bool,
         tag: Any = None,
     ) -> None:
         self.pool = pool
         self.executor = executor
         self.results = results
-        self.partial_interval_s = partial_interval_s
+        self.partial_frames = partial_frames  # ask for a partial every N frames; 0 = never
         self.hold = hold
         self.tag = tag
         self._items: deque[_Item] = deque()
@@ -117,8 +113,10 @@ class AsrStream:
         self._first_ms = 0  # call offset of the first audio of the utterance
         self._utterance = -1
         self._last_partial = ""
-        self._last_partial_t = 0.0
+        self._since_partial = 0
         self._fed_until = 0
+        self._heard_from = -1  # call time of the first audio since the last final
+        self._heard_to = 0
         self.closed = False
         self.busy_s = 0.0  # CPU-side time spent in Vosk calls (wall clock in the thread)
 
@@ -167,36 +165,33 @@ class AsrStream:
                 self._finish(item.reason, item.utterance, item.end_cursor)
             self.busy_s += time.perf_counter() - t0
 
-    def _accept(self, first: _Item) -> None:
-        utterance, end_cursor = first.utterance, first.end_cursor
-        chunks = [first.pcm]
-        size = len(first.pcm)
-        # Coalesce what else is queued for the same utterance.
-        while self._items and size < _MAX_FEED_BYTES:
-            nxt = self._items[0]
-            if nxt.kind != "audio" or nxt.utterance != utterance:
-                break
-            self._items.popleft()
-            chunks.append(nxt.pcm)
-            size += len(nxt.pcm)
-            end_cursor = nxt.end_cursor
+    def _accept(self, item: _Item) -> None:
+        # One AcceptWaveform per 20 ms frame and partials every `partial_frames`
+        # frames of audio, never by wall clock: Vosk's output depends on where the
+        # chunks end and where partials are asked for, so a schedule tied to the
+        # audio keeps a call's transcript independent of how busy the worker was.
         if self._rec is None:
             self._rec = self.pool.lease()
             # Word times count from the recogniser's creation: map them to the call.
-            self._origin_ms = first.offset_ms - self._rec.heard_ms
-            self._first_ms = first.offset_ms
+            self._origin_ms = item.offset_ms - self._rec.heard_ms
+            self._first_ms = item.offset_ms
             self._last_partial = ""
-        self._utterance = utterance
-        self._fed_until = end_cursor
-        if self._rec.accept(b"".join(chunks)):
+            self._since_partial = 0
+        self._utterance = item.utterance
+        self._fed_until = item.end_cursor
+        if self._heard_from < 0:
+            self._heard_from = item.offset_ms
+        self._heard_to = item.offset_ms + len(item.pcm) * 1000 // (2 * self.pool.rate)
+        if self._rec.accept(item.pcm):
             result = self._rec.result()
             if result.text:
                 self._emit_final(result, "endpoint")
             self._last_partial = ""
+            self._since_partial = 0
             return
-        now = time.monotonic()
-        if now - self._last_partial_t >= self.partial_interval_s:
-            self._last_partial_t = now
+        self._since_partial += 1
+        if self.partial_frames and self._since_partial >= self.partial_frames:
+            self._since_partial = 0
             text = self._rec.partial()
             if text and text != self._last_partial:
                 self._last_partial = text
@@ -206,8 +201,8 @@ class AsrStream:
                         "partial",
                         self._first_ms,
                         text,
-                        utterance=utterance,
-                        fed_until=end_cursor,
+                        utterance=item.utterance,
+                        fed_until=item.end_cursor,
                         asr_ns=time.monotonic_ns(),
                     )
                 )
@@ -242,5 +237,7 @@ class AsrStream:
                 self._utterance,
                 self._fed_until,
                 time.monotonic_ns(),
+                (max(self._heard_from, 0), self._heard_to),
             )
         )
+        self._heard_from = -1

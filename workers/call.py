@@ -76,9 +76,10 @@ class _Channel:
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
         self.speech_start_frame = 0
-        # Frames a resumed worker knows to be silence (its predecessor decided so):
-        # a fresh webrtcvad flags ~100 ms of any noise at its start as speech.
-        self.quiet_frames = 0
+        # A fresh webrtcvad flags ~100 ms of any noise at its start as speech: let it
+        # hear one onset window before it may start an utterance. A resumed worker
+        # also knows the preroll before its start was silence (its predecessor said so).
+        self.quiet_frames = self.vad_config.onset_window_ms // FRAME_MS + 1
         if session.resumed and cfg.gating:
             if session.ring.in_speech:
                 # The predecessor published this utterance's speech_start; it began at
@@ -87,7 +88,7 @@ class _Channel:
                 self.open_utterances.append(self.utterance)
                 self.vad.resume_speech(self.vad.preroll_frames)
             else:
-                self.quiet_frames = self.vad.preroll_frames + self.vad_config.onset_window_ms // FRAME_MS + 1
+                self.quiet_frames += self.vad.preroll_frames
 
     def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[_Draft]:
         if self.resampler is not None:
@@ -219,7 +220,7 @@ class CallSession:
                     pool,
                     executor,
                     results,
-                    partial_interval_s=config.partial_interval_ms / 1000,
+                    partial_frames=config.partial_interval_ms // FRAME_MS,
                     hold=not config.gating,
                     tag=(call_id, c),
                 ),
@@ -311,6 +312,7 @@ class CallSession:
         if out.kind == "final":
             data["words"] = out.words
             data["reason"] = out.reason
+            data["audio_ms"] = list(out.heard_ms)  # what the recogniser heard for this final
             eos = self.end_of_speech.pop(ch, 0) if out.reason in ("vad", "end") else 0
             if eos:
                 stamps["recv"] = eos  # end of speech -> final is what a dialer waits on

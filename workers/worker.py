@@ -190,6 +190,8 @@ class Worker:
         self.poller = zmq.Poller()
         self.poller.register(self.results.fd, zmq.POLLIN)
         self.connect()
+        if self.config.recognizer_reuse and self.config.recognizer_warm:
+            self.executor.submit(self.pool.warm, self.config.recognizer_warm)
         next_tick = time.monotonic()
         while self.running:
             timeout = max(0.0, next_tick - time.monotonic())

@@ -12,6 +12,7 @@ import asyncio
 import http
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -32,6 +33,9 @@ log = logging.getLogger("farm.ingress.ws")
 # A connection that completes the handshake and then sends nothing at all is dropped
 # after this; a call that goes quiet later (uuid_audio_stream pause) gets idle_timeout.
 FIRST_MESSAGE_TIMEOUT_S = 10.0
+
+_LABEL_DETAILS = re.compile(r"\(.*|'.*'|\".*\"")  # client text, lists of what is allowed
+_LABEL_NUMBERS = re.compile(r"\d+")
 
 
 class _Connection:
@@ -65,8 +69,11 @@ class _Connection:
         except proto.AudioStreamError as exc:
             await self.refuse(exc)
         except ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            if rcvd is None or rcvd.code not in (1000, 1001):
+            rcvd, sent = exc.rcvd, exc.sent
+            if sent is not None and sent.code not in (1000, 1001) and not exc.rcvd_then_sent:
+                # We failed the connection (1009 message too big, 1002, 1007): say why.
+                self.log.warning("%s: closed with %d %s", self.name, sent.code, sent.reason)
+            elif rcvd is None or rcvd.code not in (1000, 1001):
                 self.log.warning(
                     "%s: connection lost (%s)",
                     self.name,
@@ -84,7 +91,11 @@ class _Connection:
 
     async def refuse(self, exc: proto.AudioStreamError) -> None:
         self.log.warning("%s: closing: %s", self.name, exc)
-        self.site.metrics.reject(str(exc).split(" (")[0][:40])
+        # The metrics label: what kind of refusal, without the client's own text (it may
+        # hold quotes or newlines, which break the exposition format) or numbers (one
+        # label per rate tried).
+        reason = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", str(exc)))
+        self.site.metrics.reject(" ".join(reason.split())[:40])
         if self.call is not None:
             self.site.registry.error(self.call.call_id, str(exc))
         await self.ws.close(exc.code, str(exc)[:120])

@@ -137,7 +137,8 @@ def parse_metadata(text: str) -> tuple[StreamParams, str | None]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return StreamParams(), f"metadata is not JSON ({exc.msg} at char {exc.pos}), ignored"
+        # Some messages end in "at" already ("Invalid control character at").
+        return StreamParams(), f"metadata is not JSON ({exc.msg.removesuffix(' at')} at char {exc.pos}), ignored"
     except (ValueError, RecursionError) as exc:  # a 5000-digit number, "[[[[…" nested too deep
         return StreamParams(), f"metadata is not usable JSON ({str(exc)[:80]}), ignored"
     if not isinstance(obj, dict):

@@ -25,7 +25,7 @@ from typing import Any
 import vosk
 
 
-__all__ = ["ModelError", "load_model", "model_rate", "Recognizer", "RecognizerPool", "Result"]
+__all__ = ["ModelError", "load_model", "model_rate", "model_view", "Recognizer", "RecognizerPool", "Result"]
 
 log = logging.getLogger("farm.worker.vosk")
 
@@ -45,6 +45,34 @@ def model_rate(path: str) -> int:
     except OSError:
         pass
     return 16000
+
+
+def model_view(path: str, into: str, *, dither: float = 0.0) -> str:
+    """A view of model ``path`` whose feature extraction uses ``dither``; returns its dir.
+
+    Kaldi's MFCC code adds random dither (1.0 unless mfcc.conf says otherwise, and
+    Vosk's small models do not), which made the same audio give "… 저 입니다" in
+    some runs and "… 더 입니다" in others here. With dither 0 a recogniser is
+    repeatable, so a worker that takes over a call rebuilds the same words. The view
+    is symlinks to the model's files plus an edited conf/mfcc.conf; the model itself
+    is not touched. A model without conf/mfcc.conf is used as it is.
+    """
+    conf = os.path.join(path, "conf", "mfcc.conf")
+    if not os.path.isfile(conf):
+        return path
+    with open(conf, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if not line.strip().startswith("--dither")]
+    view = os.path.join(into, "model")
+    os.makedirs(os.path.join(view, "conf"), exist_ok=True)
+    for name in os.listdir(path):
+        if name != "conf" and not os.path.lexists(os.path.join(view, name)):
+            os.symlink(os.path.join(os.path.abspath(path), name), os.path.join(view, name))
+    for name in os.listdir(os.path.join(path, "conf")):
+        if name != "mfcc.conf" and not os.path.lexists(os.path.join(view, "conf", name)):
+            os.symlink(os.path.join(os.path.abspath(path), "conf", name), os.path.join(view, "conf", name))
+    with open(os.path.join(view, "conf", "mfcc.conf"), "w", encoding="utf-8") as f:
+        f.write("\n".join([*lines, f"--dither={dither:g}"]) + "\n")
+    return view
 
 
 def load_model(path: str) -> vosk.Model:
@@ -152,6 +180,24 @@ class RecognizerPool:
         rec.reset()
         with self._lock:
             self._idle.append(rec)
+
+    def warm(self, count: int, seconds: float = 1.0) -> None:
+        """Create ``count`` recognisers and pay their first-audio stall now, not on a call.
+
+        A new recogniser spent 1.45 s CPU on its first 2 s of speech here, one warmed
+        with 1 s of noise 0.99 s, a reused one 0.17 s (MEASUREMENTS.md; workers/asr.py).
+        """
+        import numpy as np
+
+        noise = (np.random.default_rng(0).standard_normal(int(self.rate * seconds)) * 300).astype("<i2").tobytes()
+        warmed = []
+        for _ in range(count):
+            rec = self.lease()
+            rec.accept(noise)
+            rec.final()
+            warmed.append(rec)
+        for rec in warmed:
+            self.give_back(rec)
 
     @property
     def idle(self) -> int:
