@@ -280,7 +280,8 @@ class Supervisor:
             if child.role == "worker":
                 self.heartbeats.clear(child.index)  # type: ignore[attr-defined]
             elif early:
-                raise HaltServer(f"the {child.role} died {cause} right after its start", START_ERROR)
+                hint = f": is port {self.config.ws_port} in use?" if child.role == "ingress" else ""
+                raise HaltServer(f"the {child.role} {cause} right after its start{hint}", START_ERROR)
             else:
                 if child.role == "ingress":
                     # Its calls are gone with it; free their rings before the new one starts.

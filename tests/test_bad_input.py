@@ -9,9 +9,9 @@ ingress process — must still be alive afterwards. Bad connections that stand i
 FreeSWITCH use :class:`tests.peers.AudioStreamPeer`, a byte-exact peer of
 mod_audio_stream (not FreeSWITCH itself).
 
-The node runs like the capture tests' (test_captures.py explains why): the model
-with ``--dither=0``, ``--no-gating --no-recognizer-reuse``, and the reference is the
-direct decode fed 20, 100 or 200 ms at a time, the sizes the farm feeds Vosk.
+The node runs like the capture tests' (test_captures.py says why): ``--no-gating
+--no-recognizer-reuse``, and the reference is conftest's ``direct_decode`` with the
+worker's partial schedule, so an undisturbed call gives exactly its finals.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from farm.client import Subscription
 from farm.protocol.events import Event
 from farm.sender import metadata_for, read_wav
 
-from .conftest import DATA, MS, CallRun, Node, farm_segments, run_call, similarity, start_node
+from .conftest import DATA, MS, CallRun, Node, direct_decode, farm_segments, run_call, similarity, start_node
 from .peers import AudioStreamPeer
-from .test_captures import EXACT, FEEDS_MS, direct_decode_raw, make_nodither_model
+from .test_captures import EXACT, PARTIAL_FRAMES
 
 
 GOOD = DATA / "ko_01.wav"  # the good call beside every bad input
@@ -44,7 +44,6 @@ OTHER = DATA / "ko_02.wav"  # audio for bad connections that must still be trans
 @dataclass
 class Farm:
     node: Node
-    model: Path
     ingress: int  # the ingress pid at start: it must never change
 
 
@@ -52,51 +51,42 @@ class Farm:
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     for wav in (GOOD, OTHER):
         assert wav.is_file(), f"{wav} is missing (tests/data is populated with the speech files)"
-    model = make_nodither_model(tmp_path_factory.mktemp("model-nodither"))
     # The reference decodes run while the node starts.
-    refs = threading.Thread(target=lambda: [reference(model, wav, FEEDS_MS[0]) for wav in (GOOD, OTHER)])
+    refs = threading.Thread(target=lambda: [reference(wav) for wav in (GOOD, OTHER)])
     refs.start()
-    node = start_node(tmp_path_factory.mktemp("farm-bad"), "--model", str(model), *EXACT)
+    node = start_node(tmp_path_factory.mktemp("farm-bad"), *EXACT)
     refs.join()
     (ingress,) = node.pids("ingress")
-    yield Farm(node, model, ingress)
+    yield Farm(node, ingress)
     assert node.stop() == 0
 
 
 # -- helpers ----------------------------------------------------------------------
 
-_refs: dict[tuple[Path, int], list[str]] = {}
+_refs: dict[Path, list[str]] = {}
 
 
-def reference(model: Path, wav: Path, feed_ms: int) -> list[str]:
-    """Direct decode of ``wav`` fed ``feed_ms`` at a time (cached)."""
-    if (wav, feed_ms) not in _refs:
-        pcm, rate, channels = read_wav(str(wav))
-        _refs[wav, feed_ms] = direct_decode_raw(model, pcm, rate, channels, feed_ms)
-    return _refs[wav, feed_ms]
+def reference(wav: Path) -> list[str]:
+    """The undisturbed direct decode of ``wav``, fed as a worker feeds Vosk (cached)."""
+    if wav not in _refs:
+        _refs[wav] = direct_decode(wav, partial_every=PARTIAL_FRAMES)
+    return _refs[wav]
 
 
-def assert_transcribed(farm: Farm, events: list[Event], wav: Path) -> None:
-    """The call began, ended with call_end, and its finals are those of a direct decode
-    (at one of the feed sizes the farm uses; the others are decoded only if needed)."""
+def assert_transcribed(events: list[Event], wav: Path) -> None:
+    """The call began, ended with call_end, and its finals are those of a direct decode."""
     assert events and events[0].type == "call_start", [e.type for e in events[:3]]
     assert events[-1].type == "call_end"
     finals = [e["text"] for e in events if e.type == "final" and e["text"]]
-    text = " ".join(finals)
-    tried = []
-    for ms in FEEDS_MS:
-        ref = reference(farm.model, wav, ms)
-        assert ref, f"no speech in the direct decode of {wav}: the comparison would prove nothing"
-        if finals == ref or similarity(text, " ".join(ref)) >= 0.9:
-            return
-        tried.append(" ".join(ref))
-    raise AssertionError(f"farm {text!r}\nrefs {tried!r}")
+    ref = reference(wav)
+    assert ref, f"no speech in the direct decode of {wav}: the comparison would prove nothing"
+    assert finals == ref or similarity(" ".join(finals), " ".join(ref)) >= 0.9, (finals, ref)
 
 
 def assert_good(farm: Farm, run: CallRun) -> None:
     assert not run.of("error"), run.of("error")
     assert not run.of("overrun"), run.of("overrun")
-    assert_transcribed(farm, run.events, GOOD)
+    assert_transcribed(run.events, GOOD)
     assert run.sent is not None and run.sent.close_code == 1000
 
 
@@ -203,7 +193,7 @@ def test_binary_messages_with_odd_byte_counts_are_carried_and_transcribe_correct
     good, odd = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
     assert not [e for e in odd if e.type == "error"]
     assert odd[-1]["duration_ms"] == len(wav_pcm(OTHER)) // 32
-    assert_transcribed(farm, odd, OTHER)
+    assert_transcribed(odd, OTHER)
     assert_good(farm, good)
     assert_alive(farm)
 
@@ -268,7 +258,7 @@ def test_invalid_json_metadata_is_reported_and_the_call_goes_on(farm: Farm) -> N
         assert (start.type, start["rate"], start["channels"], start["metadata"]) == ("call_start", 16000, 1, {})
         assert events[-1].type == "call_end"
     transcribed = runs[0]
-    assert_transcribed(farm, [e for e in transcribed if e.type != "error"], OTHER)
+    assert_transcribed([e for e in transcribed if e.type != "error"], OTHER)
     assert "metadata is not JSON" in farm.node.log()
     assert_good(farm, good)
     assert_alive(farm)

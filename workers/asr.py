@@ -143,8 +143,16 @@ class AsrStream:
         return bool(self._items) or self._scheduled
 
     def release(self) -> None:
-        """Give the recogniser back; call once the stream has nothing pending."""
-        self.closed = True
+        """Drop what is queued and give the recogniser back, now or when the job
+        running on the pool ends: never while Vosk is still using it."""
+        with self._lock:
+            self.closed = True
+            self._items.clear()
+            if self._scheduled:
+                return  # _run gives it back
+        self._give_back()
+
+    def _give_back(self) -> None:
         rec, self._rec = self._rec, None
         if rec is not None:
             self.pool.give_back(rec)
@@ -154,8 +162,10 @@ class AsrStream:
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._items:
+                if not self._items or self.closed:
                     self._scheduled = False
+                    if self.closed:
+                        self._give_back()
                     return
             item = self._items.popleft()
             t0 = time.perf_counter()

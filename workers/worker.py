@@ -189,9 +189,15 @@ class Worker:
     def run(self) -> int:
         self.poller = zmq.Poller()
         self.poller.register(self.results.fd, zmq.POLLIN)
-        self.connect()
         if self.config.recognizer_reuse and self.config.recognizer_warm:
-            self.executor.submit(self.pool.warm, self.config.recognizer_warm)
+            # Before W_READY: the broker sends calls only to a worker that is warm.
+            t0 = time.monotonic()
+            self.pool.warm(self.config.recognizer_warm)
+            self.log.info(
+                "worker %d: %d recognisers warmed in %.1f s", self.index, self.pool.idle, time.monotonic() - t0
+            )
+        self.heartbeats.beat(self.index)
+        self.connect()
         next_tick = time.monotonic()
         while self.running:
             timeout = max(0.0, next_tick - time.monotonic())
@@ -222,9 +228,11 @@ class Worker:
         return 0
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
         for session in self.sessions.values():
             session.close()
+        # Jobs stop at their next frame once their stream is closed; wait for them so
+        # no Vosk call is still running while the interpreter tears down.
+        self.executor.shutdown(wait=True, cancel_futures=True)
         self.ctx.destroy(linger=500)
 
 
