@@ -27,7 +27,10 @@
 # Texts are given to espeak in *pronunciation spelling* (e.g. 감사함니다 for
 # 감사합니다, 맏씀니다 for 맞습니다) because espeak-ng's Korean rules do not apply
 # nasalisation/tensing; this lowered the error rate noticeably.  The normal
-# spelling is kept in texts.json as "orthographic".
+# spelling is kept in texts.json as "orthographic".  The ten sentences were picked
+# from ~70 call-centre candidates as the ones the model decodes best with these
+# settings.  Expect a rough decode (character error rate ~0.5 on average): espeak's
+# Korean is far from natural speech; only ko_02 decodes (almost) perfectly.
 set -euo pipefail
 
 AUDIO_ONLY=0
@@ -64,13 +67,16 @@ SENTENCES=(
   "10|오늘 저녁 일곱 씨에 전화 드리겓씀니다|오늘 저녁 일곱 시에 전화 드리겠습니다"
 )
 EIGHT_K=(01 02 05 06)          # also written as ko_NN_8k.wav
-DIALOG=(01 04 07)              # ko_dialog_*: three utterances separated by 1.2 s noise
+DIALOG=(01 10 07)              # ko_dialog_*: three utterances separated by 1.2 s noise
+                               # (with 02, 04, 05 or 08 in the middle Vosk sometimes
+                               # merged two utterances, with or without MFCC dither;
+                               # 01 10 07 gave 3 results at 16 and 8 kHz in every try)
 STEREO_LEFT=02                 # ko_stereo_16k.wav channel 0 (caller)
 STEREO_RIGHT=01                # ko_stereo_16k.wav channel 1 (prompt side)
 
 nsamples() { soxi -s "$1"; }
-# noise <samples> <vol> <out> [skip]: 16 kHz white noise; with -R every call produces
-# the same sequence, so `skip` samples are generated and dropped to get different noise.
+# noise <samples> <vol> <out> [skip]: 16 kHz white noise; with -R every call is seeded
+# the same way, so `skip` extra samples are generated and dropped to get other noise.
 noise() {
   local skip="${4:-0}"
   "${SOX[@]}" -n -r 16000 "${S16[@]}" "$3" synth "$(( $1 + skip ))s" whitenoise vol "$2" trim "${skip}s"

@@ -23,6 +23,7 @@ dropped, repeated, swapped or misaligned 20 ms frame changes them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import tempfile
 import time
@@ -38,7 +39,16 @@ from farm.client import Subscription
 from farm.protocol.events import Event
 
 from .conftest import MS, Node, direct_decode, farm_segments, same_transcript, start_node
-from .peers import DEFLATE_OFFER, HEARTBEAT, IX_USER_AGENT, AudioStreamPeer, Capture, upgrade_request
+from .peers import (
+    DEFLATE_OFFER,
+    HEARTBEAT,
+    IX_USER_AGENT,
+    AudioStreamPeer,
+    Capture,
+    accept_for,
+    new_key,
+    upgrade_request,
+)
 
 
 CAPTURES = Path(__file__).parent / "captures" / "freeswitch-1.10.12"
@@ -225,6 +235,15 @@ def test_the_peer_writes_the_upgrade_request_with_the_captured_headers_in_order(
     assert lines[1:-2] == [f"{k}{sep}{v}" for k, v in capture.headers.items()]
     if capture.flavor == "sptmru":
         assert capture.headers["User-Agent"] == IX_USER_AGENT
+
+
+def test_the_peer_makes_keys_like_each_generation_and_checks_the_accept_header() -> None:
+    ix = base64.b64decode(new_key("sptmru"), validate=True)
+    assert len(ix) == 16 and ix.isalnum()  # IXWebSocket: 16 alphanumerics, like the capture's
+    assert base64.b64decode(Capture.load(SPTMRU).headers["Sec-WebSocket-Key"]).isalnum()
+    assert len(base64.b64decode(new_key("amigniter"), validate=True)) == 16
+    assert new_key("amigniter") != new_key("amigniter")
+    assert accept_for("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3
 
 
 def test_the_amigniter_deflate_offer_is_the_one_of_tv_mas_2() -> None:

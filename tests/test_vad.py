@@ -21,6 +21,7 @@ from workers.vad import (
     VadState,
 )
 
+
 Audio = npt.NDArray[np.int16]
 Say = Callable[[str, int], Audio]
 

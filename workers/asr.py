@@ -118,7 +118,6 @@ class AsrStream:
         self._heard_from = -1  # call time of the first audio since the last final
         self._heard_to = 0
         self.closed = False
-        self.busy_s = 0.0  # CPU-side time spent in Vosk calls (wall clock in the thread)
 
     # -- main loop side --------------------------------------------------------
 
@@ -168,12 +167,10 @@ class AsrStream:
                         self._give_back()
                     return
             item = self._items.popleft()
-            t0 = time.perf_counter()
             if item.kind == "audio":
                 self._accept(item)
             else:
                 self._finish(item.reason, item.utterance, item.end_cursor)
-            self.busy_s += time.perf_counter() - t0
 
     def _accept(self, item: _Item) -> None:
         # One AcceptWaveform per 20 ms frame and partials every `partial_frames`

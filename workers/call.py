@@ -71,11 +71,12 @@ class _Channel:
         )
         self.vad = Vad(session.model_rate, self.vad_config)
         self.frame_bytes = self.vad.frame_bytes
+        self.in_block = rate * FRAME_MS // 1000  # input samples per 20 ms
+        self.unresampled = np.zeros(0, dtype="<i2")
         self.pending = bytearray()  # model-rate audio not yet a whole frame
         self.preroll: list[bytes] = []  # recent silent frames, fed when speech starts
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
-        self.speech_start_frame = 0
         # A fresh webrtcvad flags ~100 ms of any noise at its start as speech: let it
         # hear one onset window before it may start an utterance. A resumed worker
         # also knows the preroll before its start was silence (its predecessor said so).
@@ -92,8 +93,19 @@ class _Channel:
 
     def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[_Draft]:
         if self.resampler is not None:
-            samples = self.resampler.resample_chunk(samples, last=last)
-        self.pending += samples.astype("<i2", copy=False).tobytes()
+            # Resample whole 20 ms input blocks only: soxr's output moves by an LSB or
+            # two with the chunking, and what the ring holds at each look is timing.
+            # One call per block, so the blocks seen are the same whatever arrives together.
+            buf = np.concatenate((self.unresampled, samples)) if len(self.unresampled) else samples
+            whole = len(buf) - len(buf) % self.in_block
+            for i in range(0, whole, self.in_block):
+                self.pending += self.resampler.resample_chunk(buf[i : i + self.in_block]).tobytes()
+            self.unresampled = buf[whole:]
+            if last:
+                self.pending += self.resampler.resample_chunk(self.unresampled, last=True).tobytes()
+                self.unresampled = self.unresampled[:0]
+        else:
+            self.pending += samples.tobytes()
         drafts: list[_Draft] = []
         fb = self.frame_bytes
         n = len(self.pending) // fb
@@ -145,7 +157,6 @@ class _Channel:
 
     def _speech_start(self, d: SpeechStart, read_ns: int) -> _Draft:
         s = self.session
-        self.speech_start_frame = d.frame
         s.ring.in_speech = True
         stamps = s.stamps_at(s.cursor_of(d.frame), read_ns)
         stamps["vad"] = time.monotonic_ns()

@@ -225,6 +225,13 @@ class Worker:
                 next_tick = now + TICK_S
         if self.dealer is not None:
             self.send(wire.W_DISCONNECT)
+        self.log.info(
+            "worker %d stopping: %d recognisers created, %d retired, %d idle",
+            self.index,
+            self.pool.created,
+            self.pool.retired,
+            self.pool.idle,
+        )
         return 0
 
     def close(self) -> None:

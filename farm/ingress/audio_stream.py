@@ -30,9 +30,6 @@ __all__ = ["AudioStreamSite"]
 
 log = logging.getLogger("farm.ingress.ws")
 
-# A connection that completes the handshake and then sends nothing at all is dropped
-# after this; a call that goes quiet later (uuid_audio_stream pause) gets idle_timeout.
-FIRST_MESSAGE_TIMEOUT_S = 10.0
 
 _LABEL_DETAILS = re.compile(r"\(.*|'.*'|\".*\"")  # client text, lists of what is allowed
 _LABEL_NUMBERS = re.compile(r"\d+")
@@ -109,7 +106,12 @@ class _Connection:
                 if self.held and wait <= 0:
                     await self._open()
                     continue
-                timeout = wait if self.held else FIRST_MESSAGE_TIMEOUT_S if first else self.config.idle_timeout
+                # A connection that completes the handshake and never sends anything is
+                # dropped soon; a call that goes quiet later (uuid_audio_stream pause)
+                # gets the long idle_timeout.
+                timeout = (
+                    wait if self.held else self.config.first_message_timeout if first else self.config.idle_timeout
+                )
             else:
                 timeout = self.config.idle_timeout
             try:
@@ -227,7 +229,7 @@ class AudioStreamSite:
             max_queue=64,
             compression="deflate",
             ping_interval=None,  # FreeSWITCH does not expect our pings; we answer its own
-            open_timeout=FIRST_MESSAGE_TIMEOUT_S,
+            open_timeout=self.config.first_message_timeout,
             close_timeout=2,
             server_header="farm",
         )
@@ -292,9 +294,9 @@ class AudioStreamSite:
 
     async def drain(self, timeout: float) -> None:
         """Stop taking calls; let utterances in flight finish, then close the rest."""
+        # Keep listening meanwhile: new upgrades get 503 and /readyz says draining, so
+        # a load balancer moves new calls elsewhere and health checks keep answering.
         self.draining = True
-        if self.server is not None:
-            self.server.close(close_connections=False)
         deadline = time.monotonic() + timeout
         while self.live:
             # A caller in mid-utterance keeps the call until the VAD ends it.
@@ -303,11 +305,14 @@ class AudioStreamSite:
                 self.live.discard(conn)
                 await conn.ws.close(1001, "farm is shutting down")
             await asyncio.sleep(0.05)
+        if self.server is not None:
+            self.server.close()
 
 
 def _text(
     conn: ServerConnection, status: http.HTTPStatus, body: str, ctype: str = "text/plain; charset=utf-8"
 ) -> Response:
     response = conn.respond(status, body)
+    del response.headers["Content-Type"]  # respond() set text/plain; one header only
     response.headers["Content-Type"] = ctype
     return response
