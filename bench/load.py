@@ -36,6 +36,7 @@ from typing import Any
 from farm.client import Subscription
 from farm.sender import read_wav, send_pcm
 
+
 __all__ = ["run_load", "main"]
 
 

@@ -9,6 +9,7 @@ loopback sockets. Timeouts are in units of ``MS`` scaled by
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -246,8 +247,11 @@ def decode_pcm(pcm: bytes, *, partial_every: int = 0) -> list[str]:
     return [t for t in out if t]
 
 
+@functools.lru_cache(maxsize=None)
 def direct_decode(wav: str | Path, *, partial_every: int = 0) -> list[str]:
-    """Decode a whole file straight with Vosk (no farm): the reference transcript."""
+    """Decode a whole file straight with Vosk (no farm): the reference transcript.
+
+    Repeatable (dither 0), so each file is decoded once per test session."""
     return decode_pcm(_samples16k(wav).tobytes(), partial_every=partial_every)
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
+import wave
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -25,30 +26,29 @@ from workers.vad import (
 Audio = npt.NDArray[np.int16]
 Say = Callable[[str, int], Audio]
 
+DATA = Path(__file__).parent / "data"
 SENTENCE = "Hello, I would like to check the balance of my account please."
 WORD = "Yes."
 SPEECH_THRESHOLD = 300  # |sample| above this counts as speech when locating ground truth
 
 
+# Committed recordings (tests/make_fixtures.sh makes them with espeak-ng and sox).
+_RECORDINGS = {SENTENCE: "en_sentence", WORD: "en_yes"}
+
+
 @pytest.fixture(scope="session")
 def say() -> Say:
-    """espeak-ng text -> int16 mono at `rate`, trimmed so speech starts at sample 0."""
+    """Text -> int16 mono at `rate` from tests/data, trimmed so speech starts at sample 0."""
     cache: dict[tuple[str, int], Audio] = {}
 
     def _say(text: str, rate: int) -> Audio:
         if (text, rate) not in cache:
-            wav = subprocess.run(
-                ["espeak-ng", "-v", "en", text, "--stdout"], check=True, capture_output=True
-            ).stdout
-            raw = subprocess.run(
-                ["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", "-t", "raw", "-"],
-                input=wav,
-                check=True,
-                capture_output=True,
-            ).stdout
-            audio = np.frombuffer(raw, dtype="<i2")
+            path = DATA / f"{_RECORDINGS[text]}_{rate // 1000}k.wav"
+            with wave.open(str(path), "rb") as w:
+                assert w.getframerate() == rate and w.getnchannels() == 1
+                audio = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
             loud = np.flatnonzero(np.abs(audio.astype(np.int32)) > SPEECH_THRESHOLD)
-            assert loud.size, f"espeak-ng produced no speech for {text!r}"
+            assert loud.size, f"{path} holds no speech"
             cache[text, rate] = audio[loud[0] : loud[-1] + 1]
         return cache[text, rate]
 
