@@ -59,23 +59,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def pss_kb(pid: int) -> int:
-    """Proportional set size of a process (shared pages split among sharers)."""
+def _proc_kb(path: str, field: str) -> int:
     try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        text = Path(path).read_text()
     except OSError:
         return 0
-    m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
     return int(m.group(1)) if m else 0
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of a process (shared pages split among sharers)."""
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def rss_kb(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else 0
+    return _proc_kb(f"/proc/{pid}/status", "VmRSS")
 
 
 def farm_pids(log_text: str) -> dict[str, list[int]]:

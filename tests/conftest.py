@@ -247,7 +247,7 @@ def decode_pcm(pcm: bytes, *, partial_every: int = 0) -> list[str]:
     return [t for t in out if t]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def direct_decode(wav: str | Path, *, partial_every: int = 0) -> list[str]:
     """Decode a whole file straight with Vosk (no farm): the reference transcript.
 

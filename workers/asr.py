@@ -195,6 +195,10 @@ class AsrStream:
                 self._emit_final(result, "endpoint")
             self._last_partial = ""
             self._since_partial = 0
+            if self.hold and self._rec.heard_s >= self.pool.max_audio_s:
+                # Without gating one recogniser hears the whole call and its memory
+                # grows with it: swap it at an endpoint so a long call stays bounded.
+                self._give_back()
             return
         self._since_partial += 1
         if self.partial_frames and self._since_partial >= self.partial_frames:

@@ -138,13 +138,19 @@ class Broker:
 
     # -- message handlers ------------------------------------------------------
 
-    def handle_worker(self, frames: list[bytes]) -> None:
-        identity, rest = frames[0], frames[1:]
+    @staticmethod
+    def _parse(frames: list[bytes], sender: str) -> tuple[bytes, list[str]] | None:
         try:
-            command, body = wire.parse(rest)
+            return wire.parse(frames[1:])
         except wire.WireError as exc:
-            log.warning("dropped a message from a worker: %s", exc)
+            log.warning("dropped a message from %s: %s", sender, exc)
+            return None
+
+    def handle_worker(self, frames: list[bytes]) -> None:
+        identity, parsed = frames[0], self._parse(frames, "a worker")
+        if parsed is None:
             return
+        command, body = parsed
         now = time.monotonic()
         expiry = now + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
         worker = self.workers.get(identity)
@@ -170,12 +176,10 @@ class Broker:
             log.warning("worker %d sent unexpected %s", worker.index, wire.name(command))
 
     def handle_ingress(self, frames: list[bytes]) -> None:
-        identity, rest = frames[0], frames[1:]
-        try:
-            command, body = wire.parse(rest)
-        except wire.WireError as exc:
-            log.warning("dropped a message from the ingress: %s", exc)
+        identity, parsed = frames[0], self._parse(frames, "the ingress")
+        if parsed is None:
             return
+        command, body = parsed
         self.ingress_identity = identity
         if command == wire.I_OPEN:
             call_id, ring, info = body
