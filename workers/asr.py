@@ -81,6 +81,9 @@ class _Item:
     end_cursor: int  # ring cursor just after this audio
 
 
+_SLICE = 10  # frames (200 ms of audio) per turn on a pool thread
+
+
 class AsrStream:
     """Serial recognition work for one channel of one call.
 
@@ -159,7 +162,7 @@ class AsrStream:
     # -- thread pool side ------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        for _ in range(_SLICE):
             with self._lock:
                 if not self._items or self.closed:
                     self._scheduled = False
@@ -171,6 +174,14 @@ class AsrStream:
                 self._accept(item)
             else:
                 self._finish(item.reason, item.utterance, item.end_cursor)
+        # Time slice over: go to the back of the pool's queue, so a call with a
+        # backlog (a catch-up, a Vosk stall) does not hold a thread other calls'
+        # finals are waiting for.
+        try:
+            self.executor.submit(self._run)
+        except RuntimeError:  # the worker is shutting down: nothing more to decode
+            with self._lock:
+                self._scheduled = False
 
     def _accept(self, item: _Item) -> None:
         # One AcceptWaveform per 20 ms frame and partials every `partial_frames`

@@ -118,6 +118,8 @@ class CallRegistry:
             while f"{call_id}-{n}" in self.calls:
                 n += 1
             log.warning("call id %s is in use by a live connection: serving this one as %s-%d", call_id, call_id, n)
+            # Say it on the original id too: its subscribers would miss the new one.
+            self.error(call_id, f"a second live connection used this call id; it is served as {call_id}-{n}")
             call_id = f"{call_id}-{n}"
         next_seq, leg = self._next_seq.pop(call_id, (0, 0))
         self._seq += 1
