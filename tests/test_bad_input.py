@@ -164,7 +164,7 @@ def test_a_plain_http_get_is_answered_426_and_health_and_metrics_answer_while_a_
     assert headers["content-type"].startswith("text/plain")
     assert b"WebSocket" in body and b"mod_audio_stream" in body and b"/healthz" in body
     assert (health[0], health[2]) == (200, b"ok\n")
-    assert (ready[0], ready[2]) == (200, b"ready\n")
+    assert (ready[0], ready[2]) == (200, b"ready: 2 workers\n")
     assert metrics[0] == 200 and metrics[1]["content-type"].startswith("text/plain; version=0.0.4")
     text = metrics[2].decode()
     total = int(re.search(r"^farm_calls_total (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]

@@ -175,3 +175,16 @@ def test_garbage_does_not_stop_the_broker(broker: Config, ctx: zmq.Context[zmq.S
     ingress.send(wire.I_OPEN, "ok", "r", "{}")
     assert w.expect(wire.B_ASSIGN)[0] == "ok"
     junk.close(0)
+
+
+def test_the_ingress_heartbeat_is_answered_with_the_number_of_live_workers(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    ingress.send(wire.I_HEARTBEAT)
+    assert ingress.expect(wire.I_STATUS) == ["0"]
+    w = Peer(ctx, broker.endpoint("workers"))
+    w.send(wire.W_READY, "0", "100")
+    time.sleep(0.1)
+    ingress.send(wire.I_HEARTBEAT)
+    assert ingress.expect(wire.I_STATUS) == ["1"]

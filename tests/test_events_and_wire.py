@@ -65,7 +65,7 @@ class TestBrokerWire:
 
     def test_every_command_has_a_name(self) -> None:
         for cmd in (wire.W_READY, wire.W_HEARTBEAT, wire.W_DONE, wire.W_DISCONNECT, wire.B_ASSIGN,
-                    wire.B_HEARTBEAT, wire.B_DISCONNECT, wire.I_OPEN, wire.I_HEARTBEAT, wire.I_DONE):
+                    wire.B_HEARTBEAT, wire.B_DISCONNECT, wire.I_OPEN, wire.I_HEARTBEAT, wire.I_DONE, wire.I_STATUS):
             assert not wire.name(cmd).startswith("b'")
 
     @pytest.mark.parametrize(

@@ -158,3 +158,26 @@ def test_new_connections_are_refused_while_draining(tmp_path: Path) -> None:
     status = asyncio.run(scenario())
     assert status in (503, None)  # draining answers 503, or the listener is already closed
     assert n.proc.wait(60) == 0
+
+
+def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_path: Path) -> None:
+    import urllib.request
+
+    n = start_node(tmp_path, workers=2)
+    try:
+        deadline = time.monotonic() + 10_000 * MS
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/readyz", timeout=2) as r:
+                    body = r.read().decode()
+                break
+            except OSError:  # 503 until the ingress has heard from the broker
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert body == "ready: 2 workers\n"
+        with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/metrics", timeout=2) as r:
+            metrics = r.read().decode()
+        assert "farm_workers_live 2" in metrics
+        assert r.headers.get_all("Content-Type") == ["text/plain; version=0.0.4"]
+    finally:
+        assert n.stop() == 0

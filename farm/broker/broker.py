@@ -191,7 +191,9 @@ class Broker:
             if not self._assign(call):
                 log.info("call %s queued: no worker ready", call_id)
                 self.pending.append(call_id)
-        elif command != wire.I_HEARTBEAT:
+        elif command == wire.I_HEARTBEAT:
+            self._send_ingress(wire.I_STATUS, str(len(self.workers)))
+        else:
             log.warning("ingress sent unexpected %s", wire.name(command))
 
     def tick(self) -> None:

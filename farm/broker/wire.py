@@ -45,6 +45,8 @@ Ingress -> broker:
 Broker -> ingress:
 
 * ``I_DONE call_id``             relayed ``W_DONE``: the ingress may unlink the ring.
+* ``I_STATUS workers``           answer to ``I_HEARTBEAT``: how many workers are live
+  (the ingress is ready for calls only while some are, and the broker answers).
 
 Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 ``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS`` seconds is dead: the broker forgets
@@ -74,6 +76,7 @@ __all__ = [
     "I_OPEN",
     "I_HEARTBEAT",
     "I_DONE",
+    "I_STATUS",
     "WireError",
     "message",
     "parse",
@@ -98,6 +101,7 @@ B_DISCONNECT = b"\x13"
 I_OPEN = b"\x21"
 I_HEARTBEAT = b"\x22"
 I_DONE = b"\x23"
+I_STATUS = b"\x24"
 
 _NAMES = {
     W_READY: "W_READY",
@@ -110,6 +114,7 @@ _NAMES = {
     I_OPEN: "I_OPEN",
     I_HEARTBEAT: "I_HEARTBEAT",
     I_DONE: "I_DONE",
+    I_STATUS: "I_STATUS",
 }
 
 # Number of body frames each command carries.
@@ -124,6 +129,7 @@ _ARITY = {
     I_OPEN: 3,
     I_HEARTBEAT: 0,
     I_DONE: 1,
+    I_STATUS: 1,
 }
 
 

@@ -252,7 +252,10 @@ class AudioStreamSite:
             if path == "/readyz":
                 if self.draining:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-                return _text(conn, http.HTTPStatus.OK, "ready\n")
+                why = self.registry.recognition_ready
+                if why:
+                    return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
+                return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")
             if path == "/metrics":
                 return _text(conn, http.HTTPStatus.OK, self.metrics_text(), "text/plain; version=0.0.4")
             self.metrics.reject("not a websocket request")
@@ -276,6 +279,8 @@ class AudioStreamSite:
         lines = [
             "# TYPE farm_calls_active gauge",
             f"farm_calls_active {len(self.live)}",
+            "# TYPE farm_workers_live gauge",
+            f"farm_workers_live {self.registry.workers_live}",
             "# TYPE farm_calls_total counter",
             f"farm_calls_total {m.calls_total}",
             "# TYPE farm_audio_bytes_total counter",

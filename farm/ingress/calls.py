@@ -35,6 +35,7 @@ DONE_TIMEOUT_S = 120.0
 # How long a new connection for a call id waits for the previous leg to finish
 # (IXWebSocket reconnects 100 ms after a close, §1.10).
 RECONNECT_WAIT_S = 3.0
+HEARTBEAT_S = 1.0  # ingress -> broker; the answer says how many workers are live
 
 
 @dataclass
@@ -85,6 +86,8 @@ class CallRegistry:
         # call id -> next event seq, so a reconnected call continues its numbering.
         self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
+        self.workers_live = 0  # from the broker's I_STATUS
+        self.broker_seen = 0.0  # when the broker last answered
 
     def start(self) -> None:
         self.tasks = [
@@ -184,6 +187,9 @@ class CallRegistry:
                 continue
             if command == wire.I_DONE:
                 self._finish(body[0], "worker done")
+            elif command == wire.I_STATUS:
+                self.workers_live = int(body[0])
+                self.broker_seen = time.monotonic()
 
     async def _event_loop(self) -> None:
         while True:
@@ -200,13 +206,22 @@ class CallRegistry:
 
     async def _housekeeping(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
             await self.dealer.send_multipart(wire.message(wire.I_HEARTBEAT))
+            await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
             for call in list(self.calls.values()):
                 if call.closed_at and now - call.closed_at > DONE_TIMEOUT_S:
                     log.warning("call %s: no worker finished it in %.0f s; ring unlinked", call.call_id, DONE_TIMEOUT_S)
                     self._finish(call.call_id, "timeout")
+
+    @property
+    def recognition_ready(self) -> str:
+        """Why calls cannot be transcribed now, ``""`` when they can (for /readyz)."""
+        if time.monotonic() - self.broker_seen > 3 * HEARTBEAT_S:
+            return "broker not answering"
+        if not self.workers_live:
+            return "no recognition worker"
+        return ""
 
     async def wait_all_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
