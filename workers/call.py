@@ -248,7 +248,7 @@ class CallSession:
         return self.base + frame * self.in_frame_bytes
 
     def offset_ms(self, frame: int) -> int:
-        return self.cursor_of(frame) * 1000 // (self.ring.rate * self.width)
+        return self.offset_ms_of_cursor(self.cursor_of(frame))
 
     def stamps_at(self, cursor: int, read_ns: int) -> dict[str, int]:
         stamps = {"read": read_ns}

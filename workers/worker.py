@@ -9,8 +9,10 @@ both written from the loop itself, never from a side thread.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,25 +37,17 @@ class HeartbeatTable:
     """Per-worker ``time.monotonic()`` stamps in anonymous shared memory (made before fork)."""
 
     def __init__(self, slots: int) -> None:
-        import mmap
-
         self._map = mmap.mmap(-1, 8 * max(slots, 1))
         self.slots = slots
 
     def beat(self, index: int) -> None:
-        import struct
-
         struct.pack_into("<d", self._map, 8 * index, time.monotonic())
 
     def age(self, index: int) -> float:
-        import struct
-
         (t,) = struct.unpack_from("<d", self._map, 8 * index)
         return time.monotonic() - t if t else 0.0
 
     def clear(self, index: int) -> None:
-        import struct
-
         struct.pack_into("<d", self._map, 8 * index, 0.0)
 
 
