@@ -78,6 +78,57 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--dither", type=float, default=d.dither, help="MFCC dither (0: repeatable results; -1: the model's own)"
     )
     p.add_argument("--asr-threads", type=int, default=d.asr_threads, help="recognition threads per worker")
+    p.add_argument("--esl-host", default=d.esl_host, help="address of the outbound Event Socket server")
+    p.add_argument(
+        "--esl-port",
+        type=int,
+        default=d.esl_port,
+        help="port FreeSWITCH's 'socket host:port async full' connects to, for mod_socket_audio (0: off; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--socket-audio-host",
+        default=d.socket_audio_host,
+        help="audio listeners bind here (default: the address FreeSWITCH reached the Event Socket server on)",
+    )
+    p.add_argument(
+        "--socket-audio-ports",
+        default=d.socket_audio_ports,
+        help="FIRST-LAST port range for audio listeners (default: ephemeral)",
+    )
+    p.add_argument(
+        "--socket-audio-timeout",
+        type=float,
+        default=d.socket_audio_timeout,
+        help="seconds FreeSWITCH has to connect to the audio port (default %(default)s)",
+    )
+    p.add_argument(
+        "--socket-audio-fallback",
+        choices=("hangup", "dialplan"),
+        default=d.socket_audio_fallback,
+        help="when it does not: hang up, or give the call back to the dialplan",
+    )
+    p.add_argument("--commands", default=d.commands, help="ZeroMQ endpoint for play/flush/state (default %(default)s)")
+    p.add_argument(
+        "--playback-lead-ms", type=int, default=d.playback_lead_ms, help="write playback this far ahead of real time"
+    )
+    p.add_argument("--no-barge-in", action="store_true", help="caller speech does not cut playback")
+    p.add_argument(
+        "--barge-in-min-speech-ms",
+        type=int,
+        default=d.barge_in_min_speech_ms,
+        help="voiced speech before a barge-in cuts playback (0: at speech_start)",
+    )
+    p.add_argument(
+        "--esl",
+        default=os.environ.get("FARM_ESL", d.esl_inbound),
+        help="FreeSWITCH inbound Event Socket host:port, to stop mod_audio_stream playback on barge-in",
+    )
+    p.add_argument(
+        "--esl-password",
+        default=os.environ.get("FARM_ESL_PASSWORD", d.esl_password),
+        help="its password ($FARM_ESL_PASSWORD)",
+    )
     p.add_argument("--ring-seconds", type=float, default=d.ring_seconds)
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     p.add_argument("--log-level", default=os.environ.get("FARM_LOG_LEVEL", d.log_level))
@@ -109,6 +160,18 @@ def _config(args: argparse.Namespace) -> Config:
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,
         max_message_bytes=args.max_message_bytes,
+        esl_host=args.esl_host,
+        esl_port=args.esl_port,
+        socket_audio_host=args.socket_audio_host,
+        socket_audio_ports=args.socket_audio_ports,
+        socket_audio_timeout=args.socket_audio_timeout,
+        socket_audio_fallback=args.socket_audio_fallback,
+        commands=args.commands,
+        playback_lead_ms=args.playback_lead_ms,
+        barge_in=not args.no_barge_in,
+        barge_in_min_speech_ms=args.barge_in_min_speech_ms,
+        esl_inbound=args.esl,
+        esl_password=args.esl_password,
     )
 
 

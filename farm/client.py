@@ -1,17 +1,25 @@
-"""What dialer apps import: the farm's events as an async iterator.
+"""What dialer apps import: the farm's events, and play/flush commands.
 
     async for event in farm.client.events("tcp://farm-host:5556", call_id=uuid):
         if event.type == "final":
             print(event["text"])
 
+    commands = farm.client.Commands("tcp://farm-host:5557")
+    await commands.play_wav(uuid, "prompt.wav")   # cut by barge-in when the caller talks
+    await commands.flush(uuid)
+
 Events are published on ZeroMQ (XPUB) with the call id as topic; see
-:mod:`farm.protocol.events` for the schema.
+:mod:`farm.protocol.events` for the schema. Commands go to the ingress's command
+socket (:mod:`farm.ingress.commands`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -19,9 +27,10 @@ import zmq.asyncio
 from farm.protocol.events import Event, EventError, topic_for
 
 
-__all__ = ["events", "Subscription", "DEFAULT_EVENTS"]
+__all__ = ["events", "Subscription", "Commands", "CommandError", "DEFAULT_EVENTS", "DEFAULT_COMMANDS"]
 
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
+DEFAULT_COMMANDS = "tcp://127.0.0.1:5557"
 
 
 class Subscription:
@@ -82,3 +91,86 @@ async def events(endpoint: str = DEFAULT_EVENTS, call_id: str | None = None) -> 
             yield event
     finally:
         sub.close()
+
+
+class CommandError(RuntimeError):
+    """The farm refused a command (no such call, bad audio …) or did not answer."""
+
+
+class Commands:
+    """Play audio to calls, cut it, ask what plays: the ingress's command socket.
+
+    Audio is converted by the farm to what the call's module plays (24 kHz mono for
+    mod_socket_audio). One request at a time per instance; share it within a task
+    group or make one per app.
+    """
+
+    def __init__(
+        self, endpoint: str = DEFAULT_COMMANDS, *, timeout: float = 10.0, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.asyncio.Context()
+        self._lock = asyncio.Lock()
+        self.sock = self._connect()
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
+
+    async def request(self, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+        """Send one request; return the reply, or raise CommandError."""
+        async with self._lock:
+            frames = [b"", json.dumps(header).encode()]
+            if payload:
+                frames.append(payload)
+            await self.sock.send_multipart(frames, copy=len(payload) < 65536)
+            try:
+                reply_frames = await asyncio.wait_for(self.sock.recv_multipart(), self.timeout)
+            except TimeoutError:
+                # A late answer must not be taken for the next request's: new socket.
+                self.sock.close(0)
+                self.sock = self._connect()
+                raise CommandError(f"no answer from {self.endpoint} in {self.timeout:.0f} s") from None
+        reply: dict[str, Any] = json.loads(reply_frames[-1])
+        if not reply.get("ok"):
+            raise CommandError(str(reply.get("error", "refused")))
+        return reply
+
+    async def play(
+        self, call_id: str, pcm: bytes, rate: int, channels: int = 1, play_id: str | None = None
+    ) -> dict[str, Any]:
+        """Queue raw int16 LE PCM for the caller; returns its id and duration."""
+        header = {"op": "play", "call_id": call_id, "rate": rate, "channels": channels, "id": play_id}
+        return await self.request(header, pcm)
+
+    async def play_wav(self, call_id: str, wav: str | Path | bytes, play_id: str | None = None) -> dict[str, Any]:
+        """Queue a 16-bit PCM WAV file (any rate, any channel count) for the caller."""
+        data = wav if isinstance(wav, bytes) else Path(wav).read_bytes()
+        return await self.request({"op": "play", "call_id": call_id, "format": "wav", "id": play_id}, data)
+
+    async def flush(self, call_id: str) -> dict[str, Any]:
+        """Cut what plays now and drop what is queued."""
+        return await self.request({"op": "flush", "call_id": call_id})
+
+    async def state(self, call_id: str) -> dict[str, Any]:
+        """Whether the call is playing, which clip, what is queued."""
+        return await self.request({"op": "state", "call_id": call_id})
+
+    async def calls(self) -> list[dict[str, Any]]:
+        reply = await self.request({"op": "calls"})
+        return list(reply["calls"])
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    async def __aenter__(self) -> Commands:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

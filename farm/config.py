@@ -60,6 +60,24 @@ class Config:
     first_message_timeout: float = 10.0  # a connection that never sends anything
     max_message_bytes: int = 1 << 20
     max_connections: int = 4096
+    # mod_socket_audio: FreeSWITCH runs `socket <esl_host>:<esl_port> async full` (outbound
+    # Event Socket); farm opens one audio listener per call and runs socket_audio on it.
+    esl_host: str = "0.0.0.0"
+    esl_port: int = 8084  # 0: no outbound Event Socket server
+    socket_audio_host: str = ""  # audio listeners bind here; "": the address FreeSWITCH reached us on
+    socket_audio_ports: str = ""  # "40000-40999": listeners use this range; "": ephemeral ports
+    socket_audio_timeout: float = 5.0  # FreeSWITCH must connect to the audio port within this
+    socket_audio_fallback: str = "hangup"  # when it does not: "hangup" or "dialplan" (resume)
+    esl_linger_s: int = 5  # keep the Event Socket after hang-up for the last events
+    # Playback and barge-in
+    commands: str = "tcp://127.0.0.1:5557"  # ZeroMQ ROUTER: play / flush / state
+    playback_lead_ms: int = 200  # write playback this far ahead of real time (no start/stop flapping)
+    barge_in: bool = True  # caller speech over playback cuts it
+    barge_in_min_speech_ms: int = 0  # voiced speech needed before the cut (0: at speech_start)
+    # mod_audio_stream calls play files through FreeSWITCH; a barge-in stops them with
+    # uuid_break on this inbound Event Socket ("host:port"; "" = no connection).
+    esl_inbound: str = ""
+    esl_password: str = "ClueCon"
     # Events: dialer apps, bench and the ingress subscribe here
     events: str = "tcp://127.0.0.1:5556"
     # Rings

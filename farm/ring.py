@@ -13,7 +13,8 @@ Segment layout (little-endian; every header field is 8-byte aligned)::
     24   read_cursor       u64      reader   bytes consumed (or skipped)
     32   committed_cursor  u64      reader   start of the unfinished utterance
     40   rate, channels    2 x u32  creator  sample rate (Hz), channel count
-    48   writer_flags      u64      writer   bit0 CLOSED: no more audio
+    48   writer_flags      u64      writer   bit0 CLOSED: no more audio; bit1 PLAYING: audio is
+                                             being played to the caller (barge-in applies)
     56   reader_flags      u64      reader   bit0 IN_SPEECH: inside an utterance
     64   overrun_bytes     u64      writer   unread bytes overwritten
     72   overrun_count     u64      writer   writes that overwrote unread bytes
@@ -68,6 +69,7 @@ _OFFSET_TABLE = 128
 _SLOT_SIZE = 24
 
 _WRITER_CLOSED = 1
+_WRITER_PLAYING = 2
 _READER_IN_SPEECH = 1
 
 _MAGIC = struct.Struct("<8s")
@@ -400,6 +402,16 @@ class Ring:
     def closed(self) -> bool:
         """Whether the writer has finished the call (see mark_closed())."""
         return bool(_get(self._buf, _OFFSET_WRITER_FLAGS)[0] & _WRITER_CLOSED)
+
+    @property
+    def playing(self) -> bool:
+        """Whether the call is hearing audio we play (writer sets it; workers barge in on it)."""
+        return bool(_get(self._buf, _OFFSET_WRITER_FLAGS)[0] & _WRITER_PLAYING)
+
+    @playing.setter
+    def playing(self, value: bool) -> None:
+        flags = _get(self._buf, _OFFSET_WRITER_FLAGS)[0] & ~_WRITER_PLAYING
+        _put(self._buf, _OFFSET_WRITER_FLAGS, flags | (_WRITER_PLAYING if value else 0))
 
     @property
     def in_speech(self) -> bool:

@@ -121,7 +121,7 @@ class Supervisor:
         host = self.config.ws_host if self.config.ws_host not in ("0.0.0.0", "::") else socket.gethostname()
         log.info(
             "farm up (pid %d): mod_audio_stream on ws://%s:%d/<call-id>, events on %s, model %s, %d workers. "
-            "Point FreeSWITCH at it with: uuid_audio_stream <uuid> start ws://%s:%d/<uuid>?rate=16000 mono 16k",
+            "Point FreeSWITCH at it with: uuid_audio_stream <uuid> start ws://%s:%d/<uuid>?rate=16000 mono 16k%s",
             os.getpid(),
             self.config.ws_host,
             self.config.ws_port,
@@ -130,6 +130,10 @@ class Supervisor:
             self.num_workers,
             host,
             self.config.ws_port,
+            f', or for mod_socket_audio: <action application="socket" data="{host}:{self.config.esl_port} '
+            f'async full"/>; play/flush commands on {self.config.commands}'
+            if self.config.esl_port
+            else "",
         )
 
     def _enqueue(self, signum: int, frame: object) -> None:
@@ -182,7 +186,9 @@ class Supervisor:
             if ingress.popen is not None and ingress.popen.poll() is not None:
                 raise HaltServer(
                     f"the ingress exited at start (code {ingress.popen.returncode}): "
-                    f"is port {self.config.ws_port} in use?",
+                    f"is port {self.config.ws_port}"
+                    + (f" or {self.config.esl_port}" if self.config.esl_port else "")
+                    + f" or {self.config.commands} in use?",
                     START_ERROR,
                 )
             try:

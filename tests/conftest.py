@@ -58,6 +58,8 @@ class Node:
     events: str
     log_path: Path
     args: list[str] = field(default_factory=list)
+    esl_port: int = 0  # outbound Event Socket server (mod_socket_audio)
+    commands: str = ""  # play/flush command socket
 
     @property
     def url(self) -> str:
@@ -96,7 +98,7 @@ def _alive(pid: int) -> bool:
 
 
 def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True) -> Node:
-    port, events_port = free_port(), free_port()
+    port, events_port, esl_port, commands_port = free_port(), free_port(), free_port(), free_port()
     log_path = tmp_path / f"farm-{port}.log"
     args = [
         sys.executable,
@@ -111,11 +113,19 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
         str(port),
         "--events",
         f"tcp://127.0.0.1:{events_port}",
+        "--esl-host",
+        "127.0.0.1",
+        "--esl-port",
+        str(esl_port),
+        "--commands",
+        f"tcp://127.0.0.1:{commands_port}",
         *extra,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    node = Node(proc, port, f"tcp://127.0.0.1:{events_port}", log_path, args)
+    node = Node(
+        proc, port, f"tcp://127.0.0.1:{events_port}", log_path, args, esl_port, f"tcp://127.0.0.1:{commands_port}"
+    )
     if wait:
         deadline = time.monotonic() + 60_000 * MS
         while "farm up (pid" not in node.log():

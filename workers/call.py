@@ -77,6 +77,9 @@ class _Channel:
         self.preroll: list[bytes] = []  # recent silent frames, fed when speech starts
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
+        self.onset_frame = 0  # SpeechStart.frame of the current utterance
+        # Barge-in is the caller's (channel 0) to make, once per utterance.
+        self.barge_in_done = index != 0 or not session.config.barge_in
         # A fresh webrtcvad flags ~100 ms of any noise at its start as speech: let it
         # hear one onset window before it may start an utterance. A resumed worker
         # also knows the preroll before its start was silence (its predecessor said so).
@@ -88,6 +91,7 @@ class _Channel:
                 self.utterance = session.cursor_of(0)
                 self.open_utterances.append(self.utterance)
                 self.vad.resume_speech(self.vad.preroll_frames)
+                self.onset_frame = self.vad.preroll_frames
             else:
                 self.quiet_frames += self.vad.preroll_frames
 
@@ -153,11 +157,33 @@ class _Channel:
                 self.preroll.append(frame)
                 if len(self.preroll) > self.vad.preroll_frames:
                     del self.preroll[0]
+        if (
+            not self.barge_in_done
+            and self.vad.state is VadState.SPEECH
+            and self.vad.voiced_ms >= s.config.barge_in_min_speech_ms
+            and s.ring.playing
+        ):
+            self.barge_in_done = True
+            drafts.append(self._flush_request(read_ns))
         return drafts
+
+    def _flush_request(self, read_ns: int) -> _Draft:
+        """Ask the ingress to cut what it plays: the caller is talking over it.
+
+        The ingress owns playback and does the cut; it answers with a ``barge_in``
+        event. ``t.recv`` is when the utterance's first voiced frame arrived.
+        """
+        s = self.session
+        stamps = s.stamps_at(s.cursor_of(self.onset_frame), read_ns)
+        stamps["vad"] = time.monotonic_ns()
+        data = {"reason": "barge_in", "voiced_ms": self.vad.voiced_ms, "speech_start_ms": s.offset_ms(self.onset_frame)}
+        return _Draft("flush", s.offset_ms(self.vad.frames), data, stamps, self.index)
 
     def _speech_start(self, d: SpeechStart, read_ns: int) -> _Draft:
         s = self.session
         s.ring.in_speech = True
+        self.onset_frame = d.frame
+        self.barge_in_done = self.index != 0 or not s.config.barge_in
         stamps = s.stamps_at(s.cursor_of(d.frame), read_ns)
         stamps["vad"] = time.monotonic_ns()
         return _Draft("speech_start", s.offset_ms(d.frame), {}, stamps, self.index)

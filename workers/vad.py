@@ -156,6 +156,7 @@ class Vad:
         self._start = 0  # SpeechStart.frame of the current utterance (valid in SPEECH)
         self._last_voiced = 0  # index of the latest voiced frame (valid in SPEECH)
         self._resume_at = 0  # onset frame given to resume_speech
+        self._voiced = 0  # voiced frames in the current utterance (valid in SPEECH)
 
     @property
     def frame_bytes(self) -> int:
@@ -171,6 +172,15 @@ class Vad:
     def state(self) -> VadState:
         """SILENCE or SPEECH, as of the last frame processed."""
         return self._state
+
+    @property
+    def voiced_ms(self) -> int:
+        """Voiced audio in the current utterance so far, onset included; 0 in SILENCE.
+
+        Barge-in waits on this rather than on time since the onset: a cough is a
+        few voiced frames followed by a hangover of silence.
+        """
+        return self._voiced * _FRAME_MS if self._state is SPEECH else 0
 
     @property
     def frames(self) -> int:
@@ -245,6 +255,7 @@ class Vad:
         if self._state is SPEECH:
             if event is _Input.VOICED:
                 self._last_voiced = max(self._last_voiced, now)
+                self._voiced += 1
                 return None
             if event is _Input.UNVOICED and now - self._last_voiced < self._hangover_frames:
                 return None
@@ -263,11 +274,13 @@ class Vad:
                 self._state = SPEECH
                 self._start = voiced[0]
                 self._last_voiced = now
+                self._voiced = len(voiced)
                 voiced.clear()
                 return SpeechStart(self._start, now)
         elif event is _Input.RESUME:
             self._state = SPEECH
             self._start = self._last_voiced = self._resume_at
+            self._voiced = 0  # the predecessor's count is lost; barge-in counts afresh
             self._onset_voiced.clear()
         elif event is not _Input.UNVOICED:
             self._onset_voiced.clear()

@@ -9,6 +9,7 @@ answers plain HTTP for health checks and Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import base64
 import http
 import json
 import logging
@@ -22,6 +23,8 @@ from websockets.http11 import Request, Response
 
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry, Metrics
+from farm.ingress.esl_inbound import InboundEsl
+from farm.ingress.playback import OUT_RATE, Clip, Player
 from farm.protocol import audio_stream as proto
 from farm.protocol.events import Event
 
@@ -33,6 +36,38 @@ log = logging.getLogger("farm.ingress.ws")
 
 _LABEL_DETAILS = re.compile(r"\(.*|'.*'|\".*\"")  # client text, lists of what is allowed
 _LABEL_NUMBERS = re.compile(r"\d+")
+
+
+class StreamAudioPlayer(Player):
+    """Plays a clip as one ``streamAudio`` message: FreeSWITCH writes it to a file and
+    fires ``mod_audio_stream::play``; the dialer (or ``uuid_broadcast``) plays it
+    (PROTOCOLS.md §1.8). A barge-in stops it with ``uuid_break`` when farm has an
+    inbound Event Socket (``--esl``); the ``barge_in`` event goes out either way."""
+
+    def __init__(self, conn: _Connection, call: Call, fs_uuid: str) -> None:
+        super().__init__(call.call_id, call.ring, conn.site.registry.publish, lead_ms=0, chunk_bytes=None)
+        self.conn = conn
+        self.fs_uuid = fs_uuid
+
+    def _write(self, clip: Clip, data: bytes) -> bool:
+        message = {
+            "type": "streamAudio",
+            "data": {
+                "audioDataType": "raw",
+                "sampleRate": OUT_RATE,
+                "farm_play_id": clip.play_id,
+                "audioData": base64.b64encode(data).decode("ascii"),
+            },
+        }
+        try:
+            self.conn.outbox.put_nowait(json.dumps(message, separators=(",", ":")))
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def _flush_remote(self) -> int:
+        esl = self.conn.site.inbound_esl
+        return esl.api("uuid_break", self.fs_uuid, "all") if esl is not None else 0
 
 
 class _Connection:
@@ -169,6 +204,8 @@ class _Connection:
             on_event=self._queue_event if self.config.ws_events else None,
         )
         self.log = logging.LoggerAdapter(log, {"call_id": self.call.call_id})
+        self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))
+        self.call.player.start()
         self.site.live.add(self)
         self.carry = proto.SampleCarry(2 * p.channels)
         self.log.info(
@@ -211,7 +248,10 @@ class _Connection:
 
 
 class AudioStreamSite:
-    def __init__(self, config: Config, registry: CallRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, registry: CallRegistry, metrics: Metrics, inbound_esl: InboundEsl | None = None
+    ) -> None:
+        self.inbound_esl = inbound_esl
         self.config = config
         self.registry = registry
         self.metrics = metrics

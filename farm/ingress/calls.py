@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -24,6 +24,10 @@ from farm.broker import wire
 from farm.config import Config
 from farm.protocol.events import Event, EventError
 from farm.ring import Ring, segment_name
+
+
+if TYPE_CHECKING:
+    from farm.ingress.playback import Player
 
 
 __all__ = ["Call", "CallRegistry", "Metrics"]
@@ -60,6 +64,7 @@ class Call:
     on_event: Callable[[Event], None] | None = None
     closed_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    player: Player | None = None  # set by sites that can play audio to the caller
 
     def write(self, pcm: bytes, recv_ns: int) -> None:
         self.ring.write(pcm, recv_ns)
@@ -150,6 +155,8 @@ class CallRegistry:
 
     def close(self, call: Call) -> None:
         """The connection ended: no more audio. The worker finishes what it has."""
+        if call.player is not None:
+            call.player.close()
         if not call.closed_at:
             call.closed_at = time.monotonic()
             call.ring.mark_closed()
@@ -200,6 +207,8 @@ class CallRegistry:
                 log.warning("dropped a malformed event: %s", exc)
                 continue
             call = self.calls.get(event.call_id)
+            if call is not None and event.type == "flush" and call.player is not None:
+                call.player.barge_in(event)
             if call is not None and call.on_event is not None:
                 self.metrics.events_relayed += 1
                 call.on_event(event)

@@ -11,6 +11,9 @@ import signal
 from farm.config import Config
 from farm.ingress.audio_stream import AudioStreamSite
 from farm.ingress.calls import CallRegistry, Metrics
+from farm.ingress.commands import CommandServer
+from farm.ingress.esl_inbound import InboundEsl
+from farm.ingress.socket_audio import SocketAudioSite
 
 
 __all__ = ["main", "serve"]
@@ -29,20 +32,44 @@ async def serve(config: Config) -> None:
     metrics = Metrics()
     registry = CallRegistry(config, metrics)
     registry.start()
-    site = AudioStreamSite(config, registry, metrics)
+    inbound = InboundEsl(config.esl_inbound, config.esl_password) if config.esl_inbound else None
+    if inbound is not None:
+        inbound.start()
+    # The WebSocket port opens last: the supervisor takes it being open to mean that
+    # every port is bound.
+    socket_site = SocketAudioSite(config, registry, metrics) if config.esl_port else None
+    if socket_site is not None:
+        await socket_site.start()
+    commands = CommandServer(config, registry)
+    commands.start()
+    site = AudioStreamSite(config, registry, metrics, inbound)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     log.info("ingress ready (pid %d): mod_audio_stream on ws://%s:%d/<call-id>", os.getpid(), config.ws_host, site.port)
+    if socket_site is not None:
+        log.info(
+            "ingress ready (pid %d): mod_socket_audio via 'socket %s:%d async full'",
+            os.getpid(),
+            config.esl_host,
+            socket_site.port,
+        )
+    log.info("ingress ready (pid %d): play/flush commands on %s", os.getpid(), config.commands)
     await stop.wait()
     log.info(
         "ingress draining (pid %d): no new calls, waiting up to %.0f s for utterances in flight",
         os.getpid(),
         config.drain_timeout,
     )
-    await site.drain(config.drain_timeout)
+    drains = [site.drain(config.drain_timeout)]
+    if socket_site is not None:
+        drains.append(socket_site.drain(config.drain_timeout))
+    await asyncio.gather(*drains)
+    commands.close()
+    if inbound is not None:
+        inbound.close()
     await registry.wait_all_done(timeout=10.0)
     registry.close_all()
     log.info("ingress stopped (pid %d)", os.getpid())

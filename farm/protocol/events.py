@@ -46,7 +46,10 @@ EVENT_TYPES = frozenset(
         "partial",  # recogniser has a new partial hypothesis: text
         "final",  # utterance finished: text, words, reason (vad|endpoint|end)
         "speech_end",  # VAD says speech ended: duration_ms
-        "barge_in",  # speech started while audio was playing to the call
+        "barge_in",  # the caller spoke over playback and it was cut: what was flushed
+        "flush",  # a worker asks the ingress to cut playback (caller speech while playing)
+        "playback_start",  # the farm began playing audio to the call: play id, duration
+        "playback_stop",  # that audio ended: reason complete|flush|barge_in|hangup, played_ms
         "intent",  # a transcript matched an intent
         "overrun",  # audio dropped because a reader fell behind: bytes, count
         "error",  # bad input or a lost worker: reason
@@ -55,6 +58,7 @@ EVENT_TYPES = frozenset(
 
 # Latency stages in pipeline order (ARCHITECTURE.md, "Per-stage latency vocabulary").
 STAGES = ("recv", "commit", "read", "vad", "asr", "publish")
+# barge_in events also carry "flush": when the flush command was written to FreeSWITCH.
 
 _COMMON = frozenset({"v", "type", "call_id", "seq", "offset_ms", "channel", "t"})
 
@@ -70,7 +74,10 @@ class Event:
     Attributes:
         type: one of :data:`EVENT_TYPES`.
         call_id: the call this event is about.
-        seq: per-call sequence number, increasing by one per event of the call.
+        seq: per-call sequence number, increasing by one per event of the call, as
+            counted by the call's worker. Events the ingress makes after
+            ``call_start`` (``error``, ``barge_in``, ``playback_*``) carry 0: two
+            processes cannot share one counter without a lock.
         offset_ms: audio offset in the call (caller channel time) the event refers to.
         data: type-specific members (``text``, ``words``, ``reason`` …).
         stamps: stage name -> ``time.monotonic_ns()`` when the event passed it.
