@@ -1,5 +1,6 @@
 """The ``farm`` command: ``up`` runs a node, ``call`` streams a WAV file into it the way
-mod_audio_stream would and prints what the farm says, ``events`` prints the event stream."""
+mod_audio_stream would and prints what the farm says, ``events`` prints the event stream,
+``play`` / ``flush`` / ``calls`` drive playback on live calls."""
 
 from __future__ import annotations
 
@@ -244,6 +245,26 @@ async def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _control(args: argparse.Namespace) -> int:
+    from farm.client import CommandError, Commands
+
+    commands = Commands(args.commands)
+    try:
+        if args.command == "play":
+            reply = await commands.play_wav(args.call_id, args.file)
+        elif args.command == "flush":
+            reply = await commands.flush(args.call_id)
+        else:
+            reply = {"calls": await commands.calls()}
+    except CommandError as exc:
+        print(f"farm {args.command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        commands.close()
+    print(json.dumps(reply, ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="farm", description="real-time speech farm for FreeSWITCH")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,10 +283,23 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--events", default="tcp://127.0.0.1:5556")
     e.add_argument("--call-id", default=None)
     e.add_argument("--json", action="store_true")
+    for name, what in (
+        ("play", "play a WAV file to a live call (cut by barge-in)"),
+        ("flush", "cut what a call is playing"),
+        ("calls", "list live calls and whether they play"),
+    ):
+        q = sub.add_parser(name, help=what)
+        if name != "calls":
+            q.add_argument("call_id")
+        if name == "play":
+            q.add_argument("file")
+        q.add_argument("--commands", default="tcp://127.0.0.1:5557", help="farm command endpoint (default %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "up":
         return cmd_up(args)
     try:
+        if args.command in ("play", "flush", "calls"):
+            return asyncio.run(_control(args))
         return asyncio.run(_call(args) if args.command == "call" else _events(args))
     except KeyboardInterrupt:
         return 130

@@ -495,6 +495,10 @@ def test_flags_and_event_seq_are_shared_and_independent(make_ring: Callable[...,
         assert reader.closed and not reader.in_speech
         reader.event_seq += 1
         assert writer.event_seq == 1
+        writer.playing = True  # the PLAYING bit sits beside CLOSED; neither disturbs the other
+        assert reader.playing and reader.closed
+        writer.playing = False
+        assert not reader.playing and reader.closed
     finally:
         reader.close()
 

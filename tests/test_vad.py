@@ -357,6 +357,21 @@ def test_flush_ends_scripted_speech_just_after_the_last_voiced_frame() -> None:
     assert vad.flush() == SpeechEnd(3, 4, 3, False)
 
 
+@pytest.mark.parametrize(
+    ("flags", "voiced_ms"),
+    [
+        ("0111", 60),  # at the onset: the onset's own voiced frames
+        ("011100", 60),  # unvoiced frames inside the hangover add nothing (a cough stays short)
+        ("01110011", 100),
+        ("0111000000000000000000", 0),  # the utterance ended: SILENCE reads 0
+    ],
+)
+def test_voiced_ms_counts_the_utterances_voiced_frames_only(flags: str, voiced_ms: int) -> None:
+    vad = ScriptedVad(flags)
+    script(vad, len(flags))
+    assert vad.voiced_ms == voiced_ms
+
+
 @pytest.mark.parametrize("interrupt", ["reset", "flush"])
 def test_reset_and_flush_in_silence_forget_partial_onset_evidence(interrupt: str) -> None:
     vad = ScriptedVad("11" + "1")

@@ -1,0 +1,232 @@
+"""Playback: conversion to mod_socket_audio's 24 kHz, and the Player's pacing, state and cut.
+
+The Player runs for real on an event loop with a real ring; only its two I/O ends
+(``_write``, ``_flush_remote``) write into lists here instead of sockets. The sockets
+themselves are exercised end to end in test_socket_audio.py against a FreeSWITCH peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import uuid
+import wave
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from farm.ingress.playback import FRAME_BYTES, Clip, PlaybackError, Player, to_pcm24k, wav_to_pcm24k
+from farm.protocol.events import Event
+from farm.ring import Ring
+
+
+def tone(rate: int, seconds: float, hz: float = 440.0, channels: int = 1) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    mono = (8000 * np.sin(2 * np.pi * hz * t)).astype("<i2")
+    return np.repeat(mono, channels).tobytes() if channels > 1 else mono.tobytes()
+
+
+def peak_hz(pcm: bytes, rate: int) -> float:
+    x = np.frombuffer(pcm, dtype="<i2").astype(float)
+    spectrum = np.abs(np.fft.rfft(x))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[int(np.argmax(spectrum))])
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+def test_any_rate_becomes_24k_with_the_same_pitch_and_length(rate: int) -> None:
+    out = to_pcm24k(tone(rate, 1.0), rate)
+    assert len(out) % 2 == 0
+    assert abs(len(out) / 2 - 24000) <= 2
+    assert abs(peak_hz(out, 24000) - 440) < 2
+
+
+def test_24k_mono_passes_through_unchanged() -> None:
+    pcm = tone(24000, 0.5)
+    assert to_pcm24k(pcm, 24000) == pcm
+
+
+def test_stereo_is_mixed_down_to_mono() -> None:
+    out = to_pcm24k(tone(24000, 0.2, channels=2), 24000, channels=2)
+    assert out == tone(24000, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("pcm", "rate", "channels", "message"),
+    [
+        (b"\x00\x01\x02", 16000, 1, "whole number"),
+        (b"\x00" * 6, 16000, 2, "whole number"),
+        (b"\x00" * 4, 1000, 1, "out of range"),
+        (b"\x00" * 4, 16000, 9, "channels"),
+    ],
+)
+def test_bad_raw_audio_is_refused_with_the_reason(pcm: bytes, rate: int, channels: int, message: str) -> None:
+    with pytest.raises(PlaybackError, match=message):
+        to_pcm24k(pcm, rate, channels)
+
+
+def wav_bytes(pcm: bytes, rate: int, channels: int, width: int = 2) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+def test_a_wav_file_of_any_rate_and_channels_is_converted() -> None:
+    out = wav_to_pcm24k(wav_bytes(tone(22050, 0.5, channels=2), 22050, 2))
+    assert abs(len(out) / 2 - 12000) <= 2
+    assert abs(peak_hz(out, 24000) - 440) < 3
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"RIFF garbage", "not a PCM WAV"), (wav_bytes(b"\x80" * 800, 8000, 1, width=1), "16-bit")],
+)
+def test_a_bad_wav_is_refused(data: bytes, message: str) -> None:
+    with pytest.raises(PlaybackError, match=message):
+        wav_to_pcm24k(data)
+
+
+# ---- the Player ---------------------------------------------------------------------------
+
+
+class ListPlayer(Player):
+    """A Player whose FreeSWITCH ends are lists: what was written when, and flushes."""
+
+    def __init__(self, ring: Ring, events: list[Event], lead_ms: int = 200) -> None:
+        super().__init__("call-1", ring, events.append, lead_ms=lead_ms)
+        self.writes: list[tuple[int, bytes]] = []
+        self.flushes: list[int] = []
+
+    def _write(self, clip: Clip, data: bytes) -> bool:
+        self.writes.append((time.monotonic_ns(), data))
+        return True
+
+    def _flush_remote(self) -> int:
+        self.flushes.append(time.monotonic_ns())
+        return self.flushes[-1]
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    r = Ring.create(f"farm-test-{uuid.uuid4().hex[:8]}", capacity=64000, rate=16000, channels=1)
+    yield r
+    r.close()
+    r.unlink()
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+def test_playback_goes_out_in_even_20_ms_chunks_a_lead_ahead_of_real_time(ring: Ring) -> None:
+    events: list[Event] = []
+
+    async def scenario() -> ListPlayer:
+        player = ListPlayer(ring, events, lead_ms=200)
+        player.start()
+        player.play(Clip(bytes(48000 * 2), "two-seconds"))
+        t0 = time.monotonic_ns()
+        await asyncio.sleep(0.5)
+        sent = sum(len(d) for _, d in player.writes)
+        elapsed_ms = (time.monotonic_ns() - t0) / 1e6
+        # Ahead by the lead, never by much more: what is written is what a flush must discard.
+        assert 48 * (elapsed_ms + 150) <= sent <= 48 * (elapsed_ms + 260)
+        assert ring.playing
+        player.close()
+        return player
+
+    player = asyncio.run(scenario())
+    assert {len(d) for _, d in player.writes} == {FRAME_BYTES}
+    assert [e.type for e in events] == ["playback_start", "playback_stop"]
+    assert events[1]["reason"] == "hangup"
+
+
+def test_a_short_clip_completes_and_clears_the_playing_flag(ring: Ring) -> None:
+    events: list[Event] = []
+
+    async def scenario() -> None:
+        player = ListPlayer(ring, events)
+        player.start()
+        reply = player.play(Clip(bytes(4800), "tenth"))  # 100 ms
+        assert reply == {"id": "tenth", "duration_ms": 100, "starts_in_ms": 0}
+        assert ring.playing
+        await asyncio.sleep(0.3)
+        assert not ring.playing and not player.state()["playing"]
+        player.close()
+
+    run(scenario())
+    assert [(e.type, e.get("reason")) for e in events] == [("playback_start", None), ("playback_stop", "complete")]
+
+
+def test_barge_in_cuts_what_plays_and_drops_the_queue_once(ring: Ring) -> None:
+    events: list[Event] = []
+
+    async def scenario() -> ListPlayer:
+        player = ListPlayer(ring, events)
+        player.start()
+        player.play(Clip(bytes(48000), "first"))
+        player.play(Clip(bytes(48000), "second"))
+        await asyncio.sleep(0.3)
+        request = Event("flush", "call-1", 9, 1234, {"reason": "barge_in", "voiced_ms": 60}, {"recv": 1})
+        player.barge_in(request)
+        written = len(player.writes)
+        player.barge_in(request)  # nothing plays any more: no second flush
+        await asyncio.sleep(0.15)
+        assert len(player.writes) == written  # stopped writing
+        assert not ring.playing
+        player.close()
+        return player
+
+    player = asyncio.run(scenario())
+    assert len(player.flushes) == 1
+    barge = [e for e in events if e.type == "barge_in"]
+    assert len(barge) == 1
+    b = barge[0]
+    assert b["id"] == "first" and b["dropped"] == ["second"] and b["flush_sent"]
+    assert 250 <= b["played_ms"] <= 400
+    assert b["flushed_ms"] >= 1000 + 500  # the rest of "first" and all of "second"
+    assert b.stamps["recv"] == 1 and b.stamps["flush"] == player.flushes[0]
+    assert [(e.type, e.get("reason")) for e in events if e.type == "playback_stop"] == [("playback_stop", "barge_in")]
+
+
+def test_no_flush_when_nothing_plays(ring: Ring) -> None:
+    events: list[Event] = []
+
+    async def scenario() -> ListPlayer:
+        player = ListPlayer(ring, events)
+        player.start()
+        player.barge_in(Event("flush", "call-1", 1, 0, {"voiced_ms": 60}))
+        assert player.flush() == {"flushed": False}
+        player.close()
+        return player
+
+    player = asyncio.run(scenario())
+    assert player.flushes == [] and events == []
+
+
+def test_after_a_flush_the_next_clip_waits_for_freeswitchs_playback_stop(ring: Ring) -> None:
+    events: list[Event] = []
+
+    async def scenario() -> None:
+        player = ListPlayer(ring, events)
+        player.start()
+        player.play(Clip(bytes(48000), "a"))
+        await asyncio.sleep(0.05)
+        player.on_remote_playback(True)
+        assert player.flush()["flushed"]
+        n = len(player.writes)
+        player.play(Clip(bytes(4800), "b"))
+        await asyncio.sleep(0.03)
+        assert len(player.writes) == n  # held: the module's 50 ms discard window would eat it
+        player.on_remote_playback(False)  # playback_stop (flush) arrived
+        await asyncio.sleep(0.03)
+        assert len(player.writes) > n
+        player.close()
+
+    run(scenario())
