@@ -60,6 +60,9 @@ class Config:
     first_message_timeout: float = 10.0  # a connection that never sends anything
     max_message_bytes: int = 1 << 20
     max_connections: int = 4096
+    # vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py); 0 disables
+    vosk_port: int = 2700
+    vosk_host: str = ""  # "" = ws_host
     # Events: dialer apps, bench and the ingress subscribe here
     events: str = "tcp://127.0.0.1:5556"
     # Rings

@@ -11,6 +11,7 @@ import signal
 from farm.config import Config
 from farm.ingress.audio_stream import AudioStreamSite
 from farm.ingress.calls import CallRegistry, Metrics
+from farm.ingress.vosk_server import start_site as start_vosk_site
 
 
 __all__ = ["main", "serve"]
@@ -31,6 +32,7 @@ async def serve(config: Config) -> None:
     registry.start()
     site = AudioStreamSite(config, registry, metrics)
     await site.start()
+    vosk_site = await start_vosk_site(config, registry, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -42,7 +44,8 @@ async def serve(config: Config) -> None:
         os.getpid(),
         config.drain_timeout,
     )
-    await site.drain(config.drain_timeout)
+    drains = [site.drain(config.drain_timeout)] + ([vosk_site.drain(config.drain_timeout)] if vosk_site else [])
+    await asyncio.gather(*drains)
     await registry.wait_all_done(timeout=10.0)
     registry.close_all()
     log.info("ingress stopped (pid %d)", os.getpid())
