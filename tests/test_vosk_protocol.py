@@ -224,3 +224,47 @@ def test_an_abrupt_disconnect_leaves_no_ring_behind(vnode: Node) -> None:
     while farm_segments(ingress) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert farm_segments(ingress) == []
+
+
+def test_reset_answers_with_a_result_and_the_stream_goes_on(vnode: Node) -> None:
+    pcm, _ = pcm_of(DATA / "ko_02_8k.wav")
+
+    async def run() -> tuple[str, list[str], str]:
+        async with websockets.connect(url(vnode)) as ws:
+            # Speech and 2 s of silence in one message: Vosk's endpoint ends the
+            # utterance and its final is pending when the reset comes.
+            await ws.send(pcm + b"\0" * 32000)
+            await ws.recv()
+            await asyncio.sleep(3000 * MS)
+            await ws.send('{"reset" : 1}')
+            reset = await asyncio.wait_for(ws.recv(), 10_000 * MS)
+            after = []
+            for _ in range(2):
+                await ws.send(b"\0" * 8000)
+                after.append(await ws.recv())
+            await ws.send('{"eof" : 1}')
+            return reset, after, await asyncio.wait_for(ws.recv(), 60_000 * MS)
+
+    reset, after, final = asyncio.run(run())
+    assert reset.startswith('{\n  "result" : [{\n') and json.loads(reset)["text"]
+    assert all(r.startswith('{\n  "partial" : "') for r in after)
+    assert json.loads(final) == {"text": ""}
+
+
+def test_a_client_that_closes_right_after_eof_like_vosk_asterisk_leaves_no_ring(vnode: Node) -> None:
+    ingress = vnode.pids("ingress")[0]
+    pcm, _ = pcm_of(DATA / "ko_02_8k.wav")
+
+    async def run() -> None:
+        async with websockets.connect(url(vnode)) as ws:  # no config: 8 kHz slin, as res_speech_vosk
+            for i in range(0, len(pcm), 3200):
+                await ws.send(pcm[i : i + 3200])
+                await ws.recv()
+            await ws.send('{"eof" : 1}')
+            await ws.close(1000)
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 20_000 * MS
+    while farm_segments(ingress) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert farm_segments(ingress) == []
