@@ -23,6 +23,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from farm.client import Subscription
+
 from .conftest import DATA, MS, TEXTS, Node, direct_decode, farm_segments, free_port, start_node
 
 
@@ -186,13 +188,21 @@ def test_bad_json_closes_that_connection_with_a_reason_while_another_goes_on(vno
                 await asyncio.wait_for(ws.recv(), 10_000 * MS)
             return closed.value.rcvd
 
-    async def both() -> tuple[Any, Any]:
-        good = asyncio.create_task(session(vnode, wav, chunk_bytes=3200))
-        await asyncio.sleep(0.5)
-        return await bad(), await good
+    async def both() -> tuple[Any, Any, list[Any]]:
+        async with Subscription(vnode.events) as sub:
+            good = asyncio.create_task(session(vnode, wav, chunk_bytes=3200))
+            await asyncio.sleep(0.5)
+            closed = await bad()
+            errors = []
+            while not errors:
+                event = await sub.next(timeout=10_000 * MS)
+                if event.type == "error":
+                    errors.append(event)
+            return closed, await good, errors
 
-    rcvd, (replies, final, code) = asyncio.run(both())
+    rcvd, (replies, final, code), errors = asyncio.run(both())
     assert rcvd.code == 1007 and "not JSON" in rcvd.reason
+    assert errors[0].call_id.startswith("vosk-") and "not JSON" in errors[0]["reason"]
     assert code == 1000 and texts(replies, final) == direct_decode(wav, partial_every=PARTIAL_FRAMES)
 
 
