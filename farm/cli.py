@@ -70,6 +70,10 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--max-connections", type=int, default=d.max_connections)
     p.add_argument(
+        "--vosk-port", type=int, default=d.vosk_port, help="port for vosk-server clients, 0 = off (default %(default)s)"
+    )
+    p.add_argument("--vosk-host", default=d.vosk_host, help="address for vosk-server clients (default: --host)")
+    p.add_argument(
         "--max-message-bytes", type=int, default=d.max_message_bytes, help="larger WebSocket messages close 1009"
     )
     p.add_argument(
@@ -142,6 +146,8 @@ def _config(args: argparse.Namespace) -> Config:
         log_level=args.log_level,
         ws_host=args.host,
         ws_port=args.port,
+        vosk_port=args.vosk_port,
+        vosk_host=args.vosk_host,
         events=args.events,
         ws_events=not args.no_ws_events,
         default_rate=args.default_rate,

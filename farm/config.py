@@ -78,6 +78,9 @@ class Config:
     # uuid_break on this inbound Event Socket ("host:port"; "" = no connection).
     esl_inbound: str = ""
     esl_password: str = "ClueCon"
+    # vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py); 0 disables
+    vosk_port: int = 2700
+    vosk_host: str = ""  # "" = ws_host
     # Events: dialer apps, bench and the ingress subscribe here
     events: str = "tcp://127.0.0.1:5556"
     # Rings

@@ -119,6 +119,8 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
         str(esl_port),
         "--commands",
         f"tcp://127.0.0.1:{commands_port}",
+        # The vosk-server port has a fixed default (2700): off unless a test asks for it.
+        *([] if "--vosk-port" in extra else ["--vosk-port", "0"]),
         *extra,
     ]
     with open(log_path, "wb") as log:

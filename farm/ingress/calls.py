@@ -40,6 +40,9 @@ DONE_TIMEOUT_S = 120.0
 # (IXWebSocket reconnects 100 ms after a close, §1.10).
 RECONNECT_WAIT_S = 3.0
 HEARTBEAT_S = 1.0  # ingress -> broker; the answer says how many workers are live
+# Events and I_DONE take different broker paths (XPUB relay thread vs ROUTER), so a
+# call's last final and call_end can arrive just after its done: still relay them.
+LATE_EVENTS_S = 2.0
 
 
 @dataclass
@@ -91,6 +94,7 @@ class CallRegistry:
         # call id -> next event seq, so a reconnected call continues its numbering.
         self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
+        self._late: dict[str, Call] = {}  # finished calls still relaying events (LATE_EVENTS_S)
         self.workers_live = 0  # from the broker's I_STATUS
         self.broker_seen = 0.0  # when the broker last answered
 
@@ -171,9 +175,16 @@ class CallRegistry:
             self._next_seq.popitem(last=False)
         call.ring.close()
         call.ring.unlink()
-        call.on_event = None
+        if call.on_event is not None:
+            self._late[call_id] = call
+            asyncio.get_running_loop().call_later(LATE_EVENTS_S, self._forget_late, call)
         call.done.set()
         log.debug("call %s: ring %s unlinked (%s)", call_id, call.ring.name, why)
+
+    def _forget_late(self, call: Call) -> None:
+        call.on_event = None
+        if self._late.get(call.call_id) is call:
+            del self._late[call.call_id]
 
     def publish(self, event: Event) -> None:
         self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
@@ -206,7 +217,7 @@ class CallRegistry:
             except EventError as exc:
                 log.warning("dropped a malformed event: %s", exc)
                 continue
-            call = self.calls.get(event.call_id)
+            call = self.calls.get(event.call_id) or self._late.get(event.call_id)
             if call is not None and event.type == "flush" and call.player is not None:
                 call.player.barge_in(event)
             if call is not None and call.on_event is not None:

@@ -14,6 +14,7 @@ from farm.ingress.calls import CallRegistry, Metrics
 from farm.ingress.commands import CommandServer
 from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.socket_audio import SocketAudioSite
+from farm.ingress.vosk_server import start_site as start_vosk_site
 
 
 __all__ = ["main", "serve"]
@@ -44,6 +45,7 @@ async def serve(config: Config) -> None:
     commands.start()
     site = AudioStreamSite(config, registry, metrics, inbound)
     await site.start()
+    vosk_site = await start_vosk_site(config, registry, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -66,6 +68,8 @@ async def serve(config: Config) -> None:
     drains = [site.drain(config.drain_timeout)]
     if socket_site is not None:
         drains.append(socket_site.drain(config.drain_timeout))
+    if vosk_site is not None:
+        drains.append(vosk_site.drain(config.drain_timeout))
     await asyncio.gather(*drains)
     commands.close()
     if inbound is not None:

@@ -1,0 +1,235 @@
+"""The vosk-server site: alphacep/vosk-server's WebSocket protocol on its own port.
+
+Existing Vosk clients (vosk-asterisk, EAGI scripts, vosk-server's test clients) and
+benchmarks written for vosk-server use farm unchanged. Each connection is one farm
+call (``protocol: "vosk"``, mono, the rate of its config message or 8000): audio goes
+into the call's ring like any other call's, farm's workers recognise it, and
+:mod:`farm.protocol.vosk_server` turns the call's partial and final events into
+vosk-server's replies, one per audio message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from farm.config import Config
+from farm.ingress.calls import Call, CallRegistry, Metrics
+from farm.protocol import vosk_server as proto
+from farm.protocol.audio_stream import SampleCarry
+from farm.protocol.events import Event
+
+
+__all__ = ["VoskServerSite"]
+
+log = logging.getLogger("farm.ingress.vosk")
+
+# After eof, how long the client waits for the worker to finish the call's audio
+# (a fast client may be many seconds of audio ahead of recognition).
+EOF_WAIT_S = 60.0
+
+
+class _Connection:
+    """One vosk-server client: config, audio into the call's ring, one reply per message."""
+
+    def __init__(self, site: VoskServerSite, ws: ServerConnection) -> None:
+        self.site = site
+        self.ws = ws
+        self.config = site.config
+        self.session = proto.VoskSession()
+        self.call_id = f"vosk-{uuid.uuid4()}"
+        self.call: Call | None = None
+        self.carry = SampleCarry(2)
+        self.ended = asyncio.Event()  # the worker's call_end for this call
+        self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
+        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {"call_id": self.call_id})
+
+    async def run(self) -> None:
+        try:
+            await self._receive()
+        except proto.VoskServerError as exc:
+            await self._refuse(exc)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            if rcvd is None or rcvd.code not in (1000, 1001):
+                reason = f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame"
+                self.log.info("call %s: client went away (%s)", self.call_id, reason)
+        finally:
+            if self.call is not None:
+                self.site.registry.close(self.call)
+            self.site.live.discard(self)
+
+    async def _refuse(self, exc: proto.VoskServerError) -> None:
+        self.log.warning("call %s: closing: %s", self.call_id, exc)
+        self.site.metrics.reject("vosk: " + ("bad json" if exc.code == proto.CLOSE_INVALID else "bad message"))
+        self.site.registry.error(self.call_id, str(exc))
+        await self.ws.close(exc.code, str(exc)[:120])
+
+    async def _receive(self) -> None:
+        timeout = self.config.first_message_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.recv(), timeout)
+            except TimeoutError:
+                raise proto.VoskServerError(f"no message in {timeout:.0f} s", 1008) from None
+            timeout = self.config.idle_timeout
+            recv_ns = time.monotonic_ns()
+            if isinstance(message, bytes):
+                if self.call is None:
+                    await self._open()
+                self._write(message, recv_ns)
+                self.session.receive_audio()
+                await self.ws.send(self.session.audio_reply())
+                continue
+            audio_seen = self.session.audio_seen
+            command = self.session.receive_text(message)
+            if command is proto.CONFIG:
+                self._note_config(message, audio_seen)
+            elif command is proto.RESET:
+                await self.ws.send(self.session.final_reply())
+            else:
+                await self._eof()
+                return
+
+    def _note_config(self, text: str, late: bool) -> None:
+        cfg = self.session.config
+        if late:
+            # vosk-server reads the config when it makes the recogniser, at the first audio.
+            self.log.info("call %s: config after audio ignored, as vosk-server does", self.call_id)
+            return
+        self.log.debug("call %s: config %s", self.call_id, text[:200])
+        if cfg.phrase_list:
+            self.log.info(
+                "call %s: phrase_list of %d phrases not supported; decoding with the full model",
+                self.call_id,
+                len(cfg.phrase_list),
+            )
+        if cfg.ignored:
+            self.log.info("call %s: config members not supported, ignored: %s", self.call_id, ", ".join(cfg.ignored))
+            cfg.ignored.clear()
+
+    async def _open(self) -> None:
+        if self.site.draining:
+            raise proto.VoskServerError("farm is shutting down", 1001)
+        rate = self.session.config.sample_rate
+        self.call = await self.site.registry.open(
+            self.call_id,
+            rate=rate,
+            channels=1,
+            protocol="vosk",
+            info={"protocol": "vosk", "metadata": {}, "path": self.ws.request.path if self.ws.request else ""},
+            on_event=self._on_event,
+        )
+        self.site.live.add(self)
+        self.log.info("call %s: vosk-server client %s, %d Hz", self.call_id, self.peer, rate)
+
+    def _write(self, chunk: bytes, recv_ns: int) -> None:
+        assert self.call is not None
+        pcm = self.carry.feed(chunk)
+        if pcm:
+            self.call.write(pcm, recv_ns)
+        self.site.metrics.audio_bytes += len(chunk)
+        self.site.metrics.frames += 1
+
+    def _on_event(self, event: Event) -> None:
+        if event.channel != 0:
+            return
+        self.session.receive_event(event.type, event.data)
+        if event.type == "call_end":
+            self.ended.set()
+
+    async def _eof(self) -> None:
+        """No more audio: wait for the worker to finish the call, reply, close normally."""
+        if self.call is not None:
+            self.site.registry.close(self.call)
+            try:
+                await asyncio.wait_for(self.ended.wait(), EOF_WAIT_S)
+            except TimeoutError:
+                self.log.warning("call %s: no call_end %.0f s after eof, replying", self.call_id, EOF_WAIT_S)
+        await self.ws.send(self.session.final_reply())
+        await self.ws.close()
+
+
+class VoskServerSite:
+    """Listens for vosk-server clients; see the module docstring."""
+
+    def __init__(self, config: Config, registry: CallRegistry, metrics: Metrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.live: set[_Connection] = set()
+        self.server: Server | None = None
+        self.draining = False
+
+    @property
+    def host(self) -> str:
+        return self.config.vosk_host or self.config.ws_host
+
+    async def start(self) -> Server:
+        self.server = await serve(
+            self._handler,
+            self.host,
+            self.config.vosk_port,
+            process_request=self._process_request,
+            max_size=self.config.max_message_bytes,
+            max_queue=64,
+            ping_interval=None,  # blocking clients (EAGI scripts) read only after they write
+            open_timeout=self.config.first_message_timeout,
+            close_timeout=2,
+            server_header="farm",
+        )
+        return self.server
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(list(self.server.sockets)[0].getsockname()[1])
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        await _Connection(self, ws).run()
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        if self.draining:
+            return conn.respond(503, "farm is draining\n")
+        if len(self.live) >= self.config.max_connections:
+            self.metrics.reject("too many calls")
+            return conn.respond(503, "farm is at its call limit\n")
+        return None
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking calls; let utterances in flight finish, then close the rest."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.live:
+            quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
+            for conn in quiet:
+                self.live.discard(conn)
+                await conn.ws.close(1001, "farm is shutting down")
+            await asyncio.sleep(0.05)
+        if self.server is not None:
+            self.server.close()
+
+
+async def start_site(config: Config, registry: CallRegistry, metrics: Metrics) -> VoskServerSite | None:
+    """Start the site if ``vosk_port`` is set; a port in use is logged, not fatal.
+
+    The vosk port is an extra door with a fixed default (2700, vosk-server's): a node
+    whose mod_audio_stream port works must not fail to start because another process
+    (a real vosk-server, a second node) holds it.
+    """
+    if not config.vosk_port:
+        return None
+    site = VoskServerSite(config, registry, metrics)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("vosk-server protocol off: cannot listen on %s:%d: %s", site.host, config.vosk_port, exc.strerror)
+        return None
+    log.info("vosk-server protocol on ws://%s:%d/", site.host, site.port)
+    return site
