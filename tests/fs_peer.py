@@ -506,7 +506,12 @@ class _Listener:
             if special is not None:
                 return special or None
         if low.startswith("divert_events"):
-            return "-ERR not controlling a session." if not session else "+OK events diverted"
+            if not session:
+                return "-ERR not controlling a session."
+            onoff = cmd.line[13:].strip(" ")
+            if not onoff:
+                return "-ERR missing value."
+            return "+OK events diverted" if onoff.lower() == "on" else "+OK events not diverted"
         if low.startswith("sendmsg"):
             return self.sendmsg(cmd)
         if not self.full:
@@ -529,6 +534,8 @@ class _Listener:
             return "+OK will not linger"
         if low.startswith("event"):
             return self._event(cmd.line)
+        if low.startswith("nixevent"):
+            return self._nixevent(cmd.line)
         if low.startswith("noevents"):
             if not self.events_enabled:
                 return "-ERR not listening for events"
@@ -560,7 +567,7 @@ class _Listener:
             return "+OK"
         if target and self._lenient(target):
             return "+OK"
-        return f"-ERR invalid session id [{target or '(null)'}]"
+        return f"-ERR invalid session id [{target}]"
 
     def _filter(self, rest: str) -> str:
         name, _, value = rest.partition(" ")
@@ -596,6 +603,28 @@ class _Listener:
             return "-ERR no keywords supplied"
         self.events_enabled = True
         return f"+OK event listener enabled {self.format}"
+
+    def _nixevent(self, line: str) -> str:
+        keys = 0
+        custom = False
+        for word in line.split(" ")[1:]:
+            if custom:
+                self.custom.discard(word)
+            elif word.upper() in EVENT_NAMES:
+                keys += 1
+                name = word.upper()
+                if name == "CUSTOM":
+                    custom = True
+                elif name == "ALL":
+                    self.event_names.clear()
+                else:
+                    if "ALL" in self.event_names:  # ALL minus one: every name but that one
+                        self.event_names = set(EVENT_NAMES) - {"ALL"}
+                    self.event_names.discard(name)
+        if not keys:
+            return "-ERR no keywords supplied"
+        self.events_enabled = True
+        return "+OK events nixed"
 
     def _bgapi(self, cmd: Command) -> bytes:
         api_cmd, _, arg = cmd.line[6:].partition(" ")
@@ -950,6 +979,7 @@ class SocketAudioCall(_Listener):
         self._call_state = "HANGUP"
         self._hangup_us = time.time_ns() // 1000
         self.fire_channel("CHANNEL_HANGUP")
+        self.set_variable("hangup_cause", cause)
         if after is not None:
             app, arg, tail = after
             done = [("Application", app), ("Application-Data", arg), ("Application-Response", "_none_"), *tail]

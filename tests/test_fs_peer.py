@@ -455,6 +455,79 @@ class TestSocketAudio:
         run(main)
 
 
+class TestMisbehaviour:
+    def test_flush_while_idle_eats_the_next_chunk(self) -> None:
+        async def main() -> None:
+            call, ctl, side, reader, closers = await started_call()
+            writer = closers[0]
+            asyncio.create_task(drain_mic(reader, bytearray()))
+            assert parse(await ctl.ask(f"api uuid_socket_audio_flush {UUID}\n\n".encode())).body == "+OK\n"
+            await asyncio.sleep(30 * MS)
+            writer.write(bytes(960))
+            await writer.drain()
+            await asyncio.sleep(30 * MS)
+            writer.write(bytes(960 * 3))
+            await writer.drain()
+            await asyncio.sleep(100 * MS)
+            assert call.flushes[0][1:] == ("socket_thread", 0, False)
+            assert call.discarded[0][1] == 960 and call.played == []  # §2.5: clipped start
+            await finish(call, closers, side, ctl)
+
+        run(main)
+
+    def test_exit_says_bye_and_the_channel_hangs_up(self) -> None:
+        async def main() -> None:
+            call, ctl, side, reader, closers = await started_call()
+            assert parse(await ctl.ask(b"exit\n\n")).reply_text == "+OK bye"
+            assert await ctl.recv() == disconnect(UUID)
+            assert await ctl.reader.read() == b""
+            assert await asyncio.wait_for(drain_mic_to_eof(reader), TIMEOUT)
+            assert "CHANNEL_HANGUP" in [e.name for e in call.events]
+            await finish(call, closers, side, ctl)
+
+        run(main)
+
+    def test_abort_resets_both_sockets_and_send_raw_writes_verbatim(self) -> None:
+        async def main() -> None:
+            call, ctl, side, reader, closers = await started_call()
+            garbage = b"Content-Type: text/event-plain\nContent-Length: 999999999\n\n\x00\xff"
+            await call.send_raw(garbage)
+            assert await asyncio.wait_for(ctl.reader.readexactly(len(garbage)), TIMEOUT) == garbage
+            closers[0].write(bytes(48000))
+            await closers[0].drain()
+            assert (await next_event(ctl)).subclass == "socket_audio::playback_start"
+            call.abort()
+            for stream in (ctl.reader, reader):
+                try:
+                    while await asyncio.wait_for(stream.read(65536), TIMEOUT):
+                        pass
+                    reset = False
+                except ConnectionResetError:
+                    reset = True
+                assert reset
+            await finish(call, closers, side, ctl)
+
+        run(main)
+
+    def test_never_connect_audio_answers_ok_and_emits_the_events(self) -> None:
+        async def main() -> None:
+            call = SocketAudioCall(UUID, never_connect_audio=True)
+            ctl, server = await outbound(call)
+            await ctl.recv()
+            await ctl.ask(b"myevents\n\n")
+            side = await Sidecar().start()
+            assert parse(await ctl.ask(sendmsg_socket_audio(side.port))).reply_text == "+OK"
+            assert [(await next_event(ctl)).name for _ in range(2)] == ["CHANNEL_EXECUTE", "CHANNEL_EXECUTE_COMPLETE"]
+            await asyncio.sleep(50 * MS)
+            assert not side.conn.done() and not call.socket_audio_active
+            ctl.writer.close()
+            side.server.close()
+            await call.aclose()
+            server.close()
+
+        run(main)
+
+
 async def drain_mic_to_eof(reader: asyncio.StreamReader) -> bool:
     while await reader.read(65536):
         pass
