@@ -110,12 +110,32 @@ class SocketAudioCall(EslListener):
     Connect with :meth:`connect`; the peer then answers every command in order (§3.2) and
     runs ``sendmsg`` applications from a park loop (async mode: ``+OK`` first).
 
+    Args:
+        uuid: the channel's Unique-ID (default: a random uuid4).
+        rate: the session codec rate (8000: PCMU; others: L16); mod_socket_audio's rates
+            do not change (16 kHz out, 24 kHz in).
+        variables: extra channel variables (``variable_<name>`` headers).
+        answered: start answered (else ringing until an ``answer`` application).
+        never_connect_audio: ``socket_audio`` answers as usual but never connects.
+        idle_silence: send 640 B of zeros every 20 ms when no speech is queued, as a
+            real channel sends its (silent) caller audio.
+        linger_scale: multiply the ``linger`` time (tests wait less than 5 s).
+        read_ahead: bytes of farm's playback held before TCP backpressure (see playback_recv).
+        hangup_on_esl_close: the channel hangs up when the client closes or sends ``exit``
+            (without ``resume``): the dialplan ends after the ``socket`` application.
+        first_command_timeout: how long to wait for ``connect`` (FreeSWITCH: 25 s).
+        peers: other calls that ``api`` commands on this connection can reach by uuid.
+
     Records (all times ``time.monotonic_ns()``):
         commands: every :class:`Command` received, in order.
         events: every :class:`FiredEvent`, delivered or not (``delivered`` says which).
         mic_sent: ``(t_ns, nbytes, is_speech)`` per mic write; ``speech_sent`` the speech ones.
         mic_dropped: bytes FreeSWITCH would have lost (kernel buffer full, §7).
-        playback_recv: ``(t_ns, nbytes)`` per recv of farm's playback socket data.
+        playback_recv: ``(t_ns, nbytes)`` per read of farm's playback bytes off the socket, as
+            they arrive (read eagerly into a ``read_ahead`` buffer that stands in for the kernel
+            socket buffer): when farm's audio got here, to see how far ahead of real time it writes.
+        module_recv: ``(t_ns, nbytes)`` per ``recv`` the module's thread makes from that buffer
+            (≤ 8192 B, only when its queue is nearly empty, §2.4).
         played: ``(t_ns, frame)`` per 20 ms frame written to the channel (24 kHz bytes).
         discarded: ``(t_ns, nbytes)`` per chunk dropped by a flush or its 50 ms window.
         flushes: ``(t_ns, consumer, queued_bytes_cleared, was_playing)`` per flush consumed.
@@ -135,7 +155,9 @@ class SocketAudioCall(EslListener):
         linger_scale: float = 1.0,
         audio_connect_timeout: float = 5.0,
         rcvbuf: int | None = None,
+        read_ahead: int = 256 * 1024,
         hangup_on_esl_close: bool = True,
+        first_command_timeout: float = 25.0,
         peers: Mapping[str, SocketAudioCall] | None = None,
     ) -> None:
         super().__init__()
@@ -148,7 +170,9 @@ class SocketAudioCall(EslListener):
         self.linger_scale = linger_scale
         self.audio_connect_timeout = audio_connect_timeout
         self.rcvbuf = rcvbuf
+        self.read_ahead = read_ahead
         self.hangup_on_esl_close = hangup_on_esl_close
+        self.first_command_timeout = first_command_timeout
         self.peers = peers if peers is not None else {}
         self.switch: InboundEslServer | None = None
         self.socket_arg = ""
@@ -204,6 +228,11 @@ class SocketAudioCall(EslListener):
         self.speech_sent: list[tuple[int, int]] = []
         self.mic_dropped = 0
         self.playback_recv: list[tuple[int, int]] = []
+        self.module_recv: list[tuple[int, int]] = []
+        self._kbuf = bytearray()  # the kernel's receive buffer, as far as the module can tell
+        self._kdata = asyncio.Event()
+        self._kroom = asyncio.Event()
+        self._keof = False
         self.played: list[tuple[int, bytes]] = []
         self.discarded: list[tuple[int, int]] = []
         self.flushes: list[tuple[int, str, int, bool]] = []
@@ -288,8 +317,13 @@ class SocketAudioCall(EslListener):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        # FreeSWITCH gives the application 25 s for its first command (§3.6).
-        first = await asyncio.wait_for(read_command(self.reader), max(timeout, 25.0))
+        # FreeSWITCH gives the application 25 s for its first command (§3.6), then sends the
+        # disconnect notice and closes (read_packet timeout -> listener_run end).
+        try:
+            first = await asyncio.wait_for(read_command(self.reader), self.first_command_timeout)
+        except TimeoutError:
+            self.close_esl()
+            raise
         if first is None:
             self.close_esl()
             raise ConnectionError("the client closed before sending connect")
@@ -511,7 +545,8 @@ class SocketAudioCall(EslListener):
         self.audio_connected.set()
         self._audio_tasks = [
             asyncio.create_task(self._mic_loop(sock)),
-            asyncio.create_task(self._socket_thread(sock)),
+            asyncio.create_task(self._kernel_reader(sock)),
+            asyncio.create_task(self._socket_thread()),
         ]
         self._tasks += self._audio_tasks
 
@@ -635,14 +670,52 @@ class SocketAudioCall(EslListener):
 
     # speaker: sidecar -> FreeSWITCH (§2.4, §2.5)
 
+    async def _kernel_reader(self, sock: socket.socket) -> None:
+        """Read farm's bytes as they arrive (timing on the wire), holding at most ``read_ahead``
+        of them so TCP backpressure still reaches farm when the module stops reading."""
+        loop = asyncio.get_running_loop()
+        self._kroom.set()
+        try:
+            while True:
+                while len(self._kbuf) >= self.read_ahead:
+                    self._kroom.clear()
+                    await self._kroom.wait()
+                try:
+                    chunk = await loop.sock_recv(sock, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    self.audio_eof_ns = time.monotonic_ns()
+                    return
+                self.playback_recv.append((time.monotonic_ns(), len(chunk)))
+                self._kbuf += chunk
+                self._kdata.set()
+        finally:
+            self._keof = True
+            self._kdata.set()
+
+    def _recv_nowait(self) -> bytes:
+        """recv(8192) on the module's socket: what is buffered, b"" when nothing (or EOF)."""
+        data = bytes(self._kbuf[:RECV_SIZE])
+        del self._kbuf[:RECV_SIZE]
+        self._kroom.set()
+        return data
+
+    async def _recv(self) -> bytes:
+        """The blocking recv: b"" only at EOF."""
+        while not self._kbuf and not self._keof:
+            self._kdata.clear()
+            await self._kdata.wait()
+        return self._recv_nowait()
+
     def _take(self, chunk: bytes) -> bytes:
-        """Record one recv and return what the resampler would use (odd last byte dropped)."""
+        """Record one module recv and return what the resampler uses (odd last byte dropped)."""
         now = time.monotonic_ns()
-        self.playback_recv.append((now, len(chunk)))
+        self.module_recv.append((now, len(chunk)))
         self._recv_total += len(chunk)
         if len(chunk) % 2:
             self.violations.append(
-                f"recv {len(self.playback_recv)} of {len(chunk)} bytes is odd (total {self._recv_total}):"
+                f"recv {len(self.module_recv)} of {len(chunk)} bytes is odd (total {self._recv_total}):"
                 " the module drops the last byte and the stream is byte-shifted"
             )
         if self.rate != OUTPUT_RATE:
@@ -675,18 +748,13 @@ class SocketAudioCall(EslListener):
     def _play(self, frame: bytes) -> None:
         self.played.append((time.monotonic_ns(), frame))
 
-    async def _socket_thread(self, sock: socket.socket) -> None:
+    async def _socket_thread(self) -> None:
         """socket_audio_thread: blocking recv, flush/discard checks, queue, paced playback loop."""
-        loop = asyncio.get_running_loop()
         period = PTIME_MS * 1_000_000
         try:
             while self.running and not self.hung_up:
-                try:
-                    chunk = await loop.sock_recv(sock, RECV_SIZE)
-                except OSError:
-                    break
+                chunk = await self._recv()
                 if not chunk:
-                    self.audio_eof_ns = time.monotonic_ns()
                     break
                 data = self._take(chunk)
                 if self.flush_flag:
@@ -706,12 +774,7 @@ class SocketAudioCall(EslListener):
                         self._consume_flush("playback_loop", "playback_stop_flush")
                         break
                     if len(self.queue) < PLAY_FRAME:
-                        try:
-                            more = sock.recv(RECV_SIZE)  # the non-blocking look (10d9959)
-                        except (BlockingIOError, InterruptedError):
-                            more = b""
-                        except OSError:
-                            break
+                        more = self._recv_nowait()  # the non-blocking look (10d9959)
                         if more:
                             data = self._take(more)
                             if self.flush_flag or self._discarding(more):

@@ -374,6 +374,11 @@ class TestSocketAudio:
             assert abs((times[-1] - times[0]) / 1e6 - 24 * 20) < 15 * JITTER
             assert call.violations == []
             assert sum(n for _, n in call.playback_recv) == len(reply)
+            # The burst arrived long before it was played (wire timing), the module read it
+            # in recvs of at most 8192 bytes while its queue ran low (§2.4).
+            assert (call.playback_recv[-1][0] - times[0]) / 1e6 < 100 * JITTER
+            assert max(n for _, n in call.module_recv) <= 8192
+            assert sum(n for _, n in call.module_recv) == len(reply)
             # A partial last frame is padded with zeros, one more turn.
             writer.write(reply[:1000])
             await writer.drain()
