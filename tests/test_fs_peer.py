@@ -519,6 +519,21 @@ class TestMisbehaviour:
 
         run(main)
 
+    def test_client_body_over_16_mib_makes_freeswitch_hang_up_the_socket(self) -> None:
+        async def main() -> None:
+            call = SocketAudioCall(UUID)
+            ctl, server = await outbound(call)
+            await ctl.recv()
+            await ctl.send(b"sendevent CUSTOM\nContent-Length: 999999999\n\n")
+            assert await ctl.recv() == disconnect(UUID)  # read_packet refuses it: no reply
+            assert await ctl.reader.read() == b""
+            assert call.errors and call.commands[-1].name == "connect"
+            ctl.writer.close()
+            await call.aclose()
+            server.close()
+
+        run(main)
+
     def test_never_connect_audio_answers_ok_and_emits_the_events(self) -> None:
         async def main() -> None:
             call = SocketAudioCall(UUID, never_connect_audio=True)
@@ -591,6 +606,34 @@ class TestInbound:
             assert await bad_reader.read() == b""
             writer.close()
             bad_writer.close()
+            await srv.close()
+
+        run(main)
+
+    def test_attached_call_is_flushed_and_heard_on_an_inbound_connection(self) -> None:
+        async def main() -> None:
+            srv = await InboundEslServer().start()
+            call, ctl, side, reader, closers = await started_call()
+            srv.attach(call)
+            asyncio.create_task(drain_mic(reader, bytearray()))
+            r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+            inbound = Controller(r, w)
+            await inbound.recv()
+            await inbound.ask(b"auth ClueCon\n\n")
+            assert parse(await inbound.ask(f"filter Unique-ID {UUID}\n\n".encode())).reply_text == (
+                f"+OK filter added. [Unique-ID]=[{UUID}]"
+            )
+            await inbound.ask(b"event json CUSTOM socket_audio::playback_start socket_audio::playback_stop\n\n")
+            closers[0].write(bytes(960 * 50))
+            await closers[0].drain()
+            assert (await next_event(inbound)).subclass == "socket_audio::playback_start"
+            assert (await next_event(ctl)).subclass == "socket_audio::playback_start"
+            flush = f"api uuid_socket_audio_flush {UUID}\n\n".encode()
+            assert await inbound.ask(flush) == b"Content-Type: api/response\nContent-Length: 4\n\n+OK\n"
+            stop = await next_event(inbound)
+            assert stop.headers["Playback-Stop-Reason"] == "flush" and stop.unique_id == UUID
+            w.close()
+            await finish(call, closers, side, ctl)
             await srv.close()
 
         run(main)
