@@ -102,7 +102,7 @@ class CommandServer:
                 raise PlaybackError("no audio to play")
             return {"ok": True, **call.player.play(Clip(pcm, str(header.get("id") or "")))}
         if op == "flush":
-            return {"ok": True, **call.player.flush("app")}
+            return {"ok": True, **call.player.flush()}
         if op == "state":
             return {"ok": True, **call.player.state()}
         raise PlaybackError(f"unknown op {op!r}: expected play, flush, state or calls")

@@ -154,7 +154,7 @@ class Player:
         self._wake.set()
         return {"id": clip.play_id, "duration_ms": clip.duration_ms, "starts_in_ms": queued_ms}
 
-    def flush(self, reason: str = "app") -> dict[str, Any]:
+    def flush(self, reason: str = "flush") -> dict[str, Any]:
         """Cut playback at an app's request; no barge_in event."""
         now = time.monotonic_ns()
         if not self.is_playing(now):

@@ -114,7 +114,7 @@ class _Session:
                 return
             await self._serve(*audio)
         except EslClosed as exc:
-            log.warning("%s: Event Socket closed: %s", self.name, exc)
+            self._fail(f"Event Socket closed before the call started: {exc}")
         except TimeoutError:
             self._fail("FreeSWITCH did not answer a command in time")
         finally:
@@ -224,6 +224,8 @@ class _Session:
                 self.end_reason = f"hangup {self.hangup_cause}".strip()
             elif closed.done() and not closed.cancelled():
                 self.end_reason = f"Event Socket closed ({self.link.close_reason})"
+                if self.link.close_reason.startswith(("bad", "connection closed inside")):
+                    self._fail(f"Event Socket: {self.link.close_reason}", refused=False)
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         assert self.call is not None
@@ -296,10 +298,12 @@ class _Session:
             if not message.linger:
                 self.link.close("FreeSWITCH said goodbye")
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, refused: bool = True) -> None:
+        """Log, publish an ``error`` event on the call id and count a refusal (before the call ran)."""
         log.warning("%s: %s", self.name, reason)
         self.end_reason = reason
-        self.site.metrics.reject(reason.split(":")[0].split("(")[0].strip()[:40])
+        if refused:
+            self.site.metrics.reject(reason.split(":")[0].split("(")[0].strip()[:40])
         if self.uuid:
             self.site.registry.error(self.uuid, reason)
 
