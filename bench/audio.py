@@ -147,5 +147,6 @@ def build_script(
         if b <= 0 or a >= total:
             continue
         complete = a >= 0 and b <= total
-        utterances.append(Utterance(max(a, 0) // ms, min(b, total) // ms, name, complete))
+        # whole milliseconds that cover the speech: floor the start, ceil the end
+        utterances.append(Utterance(max(a, 0) // ms, -(-min(b, total) // ms), name, complete))
     return CallScript(call_id, rate, audio.tobytes(), tuple(utterances))

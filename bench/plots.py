@@ -13,7 +13,7 @@ from typing import Any
 from bench.measure import GROUND_TRUTH, STAGES
 
 
-__all__ = ["cdf_plot", "ramp_plot", "compare_plot"]
+__all__ = ["cdf_plot", "cdf_compare", "ramp_plot", "compare_plot"]
 
 
 def _pyplot() -> Any:
@@ -46,6 +46,25 @@ def cdf_plot(step: Mapping[str, Any], path: str | Path, title: str = "") -> Path
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or f"{step['calls']} calls, {step['protocol']}, {step['rate']} Hz: latency CDF per stage")
+    return _save(fig, plt, path)
+
+
+def cdf_compare(steps: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """The caller-side stages of several servers at the same number of calls, on one chart."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for (name, step), style in zip(steps.items(), ("-", "--", ":", "-."), strict=False):
+        for key in GROUND_TRUTH:
+            values = [v for v in step["samples"].get(key, []) if v > 0]
+            if values:
+                _cdf(ax, values, f"{name}: {STAGES[key]}", linestyle=style)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of samples")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    calls = next(iter(steps.values()))["calls"]
+    ax.set_title(title or f"{calls} calls: " + " vs ".join(steps))
     return _save(fig, plt, path)
 
 

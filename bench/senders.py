@@ -280,7 +280,9 @@ class VoskSender(Sender):
         pending: collections.deque[tuple[int, bool]] = collections.deque()
         eof_sent, eof_answered = asyncio.Event(), asyncio.Event()
         record.messages_received = 0
-        resets = {u.end_ms // record.chunk_ms for u in record.script.utterances} if self.options.vosk_reset else set()
+        resets = (
+            {(u.end_ms - 1) // record.chunk_ms for u in record.script.utterances} if self.options.vosk_reset else set()
+        )
 
         async def read(ws: Any) -> None:
             async for message in ws:
