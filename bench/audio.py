@@ -16,6 +16,7 @@ a fixed threshold finds the first and last spoken 10 ms exactly; no VAD is neede
 from __future__ import annotations
 
 import functools
+import os
 import random
 import wave
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 
-__all__ = ["DATA", "Utterance", "CallScript", "sentence", "speech_span", "build_script", "SENTENCES"]
+__all__ = ["DATA", "read_mono", "Utterance", "CallScript", "sentence", "speech_span", "build_script", "SENTENCES"]
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+# The repository's fixtures; FARM_BENCH_DATA points an installed bench at a copy of them.
+DATA = Path(os.environ.get("FARM_BENCH_DATA") or Path(__file__).resolve().parent.parent / "tests" / "data")
 SENTENCES = tuple(f"ko_{i:02d}" for i in range(1, 11))
 
 # Line noise in the pauses: the level of the dialog fixtures (sox ``whitenoise vol 0.002``).
@@ -71,7 +73,7 @@ class CallScript:
         return [u for u in self.utterances if u.complete]
 
 
-def _read(path: Path) -> tuple[np.ndarray, int]:
+def read_mono(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path), "rb") as w:
         if w.getsampwidth() != 2 or w.getnchannels() != 1:
             raise ValueError(f"{path}: expected 16-bit mono PCM")
@@ -95,7 +97,7 @@ def sentence(name: str, rate: int) -> np.ndarray:
     native = DATA / f"{name}_8k.wav" if rate == 8000 else DATA / f"{name}.wav"
     if not native.exists():
         native = DATA / f"{name}.wav"
-    samples, src = _read(native)
+    samples, src = read_mono(native)
     if src != rate:
         import soxr
 

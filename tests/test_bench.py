@@ -348,3 +348,11 @@ def test_vosk_sender_can_reset_at_each_end_of_speech() -> None:
     step, peer = asyncio.run(_vosk_run(reset=True))
     assert peer.texts.count(VOSK_RESET) >= 2
     assert all(v < 100 for v in step["samples"]["eos_final"])  # the reset's reply is the final
+
+
+def test_physical_limit_is_cores_over_rtf_times_speech_fraction() -> None:
+    from bench.rtf import limits
+
+    lim = limits(rtf_speech=0.2, rtf_silence=0.05, cores=2, speech_fraction=0.4)
+    assert lim["gated_calls"] == 25.0  # 2 / (0.2 x 0.4)
+    assert lim["ungated_calls"] == round(2 / (0.2 * 0.4 + 0.05 * 0.6), 1)
