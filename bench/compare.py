@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,10 @@ def _cell(step: dict[str, Any] | None, key: str, q: str) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _share(capacity: int, limit: float) -> str:
+    return f"{capacity / limit:.0%} of it" if limit else "-"
+
+
 def results_section(doc: dict[str, Any], command: str) -> str:
     """The markdown that goes between the markers of RESULTS.md."""
     farm, vosk = doc["farm"], doc["vosk_server"]
@@ -126,7 +131,12 @@ def results_section(doc: dict[str, Any], command: str) -> str:
         f"{slo['onset_p95_ms']:g} ms (farm only: vosk-server has no such event), no audio lost, every call in real "
         f"time (lag <= {c['lag_limit_ms']:g} ms).",
         "",
-        f"**Capacity at the SLO: farm {farm['capacity']} calls, vosk-server {vosk['capacity']} calls.**",
+        f"**Capacity at the SLO: farm {farm['capacity']} calls, vosk-server {vosk['capacity']} calls.** "
+        f"Physical limit (`farm bench --rtf`: single-stream RTF {doc['rtf']['rtf_speech']:.3f} on speech, "
+        f"{doc['rtf']['rtf_silence']:.3f} on line noise): {doc['limits']['gated_calls']:.1f} calls when only speech "
+        f"is decoded (farm: {_share(farm['capacity'], doc['limits']['gated_calls'])}), "
+        f"{doc['limits']['ungated_calls']:.1f} when every sample is (vosk-server: "
+        f"{_share(vosk['capacity'], doc['limits']['ungated_calls'])}).",
         "",
         "| calls | server | end of speech -> final p50 / p95 / max ms | onset -> speech_start p50 / p95 ms | "
         "onset -> first partial p50 / p95 ms | calls in real time | CPU s per call-s | PSS MB (all processes) | SLO |",
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or default_model_dir() or ""
     out_dir = Path(args.results_dir)
     steps = ramp_steps(args)
-    logs = out_dir / "logs"
+    logs = Path(tempfile.mkdtemp(prefix="farm-bench-compare-"))  # the servers' logs: not results
+    print(f"server logs in {logs}", file=sys.stderr)
 
     print("== farm", file=sys.stderr)
     farm_args = [*args.farm_arg, *(["--model", args.model] if args.model else [])]
@@ -195,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     print(ramp_report(vosk_result))
 
     from bench import plots
+    from bench.rtf import limits, measure_rtf
+
+    print("== single-stream RTF", file=sys.stderr)
+    rtf = measure_rtf(model, args.rate, seed=args.seed)
+    lim = limits(rtf["rtf_speech"], rtf["rtf_silence"], len(os.sched_getaffinity(0)), args.speech_fraction)
 
     json_path = out_dir / f"{args.name}.json"
     png = [
@@ -219,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": _config_doc(cfg),
         "farm": farm_result,
         "vosk_server": vosk_result,
+        "rtf": rtf,
+        "limits": lim,
         "json": os.path.relpath(json_path, Path(args.results_md).parent),
         "plots": rel,
     }

@@ -28,9 +28,10 @@ Two kinds of figures (ARCHITECTURE.md, "Per-stage latency vocabulary"):
 * ``reply_lag`` (vosk only): a message sent -> vosk-server's reply to it.
 
 A call keeps real time when the server's lag behind the audio stays under a bound:
-for the farm the worst ``asr - recv`` of partials (how far recognition trails the
-audio) and the time from the last frame to call_end; for vosk-server the worst reply
-lag and the reply to eof. No message may be lost (frames received = frames sent).
+the p95 of ``asr - recv`` of the farm's partials (how far recognition trails the
+audio) or of vosk-server's reply lags, and the time from the last audio message to
+call_end (farm) or to the reply to eof (vosk-server): the backlog left at the end.
+No message may be lost (frames received = frames sent).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.senders import CallRecord
+from bench.stats import percentile
 
 
 __all__ = ["STAGES", "GROUND_TRUTH", "call_samples", "CallVerdict", "verdict"]
@@ -132,19 +134,21 @@ class CallVerdict:
 
 def verdict(record: CallRecord, samples: dict[str, list[float]], lag_limit_ms: float) -> CallVerdict:
     """Did the server keep up with this call? (see the module docstring)"""
-    lags = [0.0]
-    for o in record.observations:
-        if o.kind == "partial" and "asr" in o.stamps and "recv" in o.stamps:
-            lags.append((o.stamps["asr"] - o.stamps["recv"]) / 1e6)
-    lags += record.reply_lag_ms
+    series = [
+        (o.stamps["asr"] - o.stamps["recv"]) / 1e6
+        for o in record.observations
+        if o.kind == "partial" and "asr" in o.stamps and "recv" in o.stamps
+    ] + record.reply_lag_ms
+    # p95, not the maximum: Vosk computes in 240 ms batches and stalls up to ~0.9 s now
+    # and then (MEASUREMENTS.md) without falling behind; a backlog shows in most samples.
+    lag = percentile(series, 95) if series else 0.0
     if record.done_ns and record.end_ns:
-        lags.append((record.done_ns - record.end_ns) / 1e6)
+        lag = max(lag, (record.done_ns - record.end_ns) / 1e6)  # the backlog left at the call's end
     elif record.end_ns:
-        lags.append(float("inf"))  # never finished
+        lag = float("inf")  # never finished
     received = record.messages_received if record.messages_received is not None else 0
     lost = max(0, record.messages_sent - received)
     missed = len(record.script.measured()) - len(samples.get("eos_final", []))
-    lag = max(lags)
     ok = lag <= lag_limit_ms and not lost and not record.overrun_bytes and not record.errors
     return CallVerdict(
         record.call_id,

@@ -69,4 +69,4 @@ def ramp_report(result: Mapping[str, Any]) -> str:
 def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+    p.write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
