@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     common = [s["calls"] for s in farm_result["steps"] if _at(vosk_result, s["calls"])]
     if common:
         n = max(common)
+        pair = {"farm": _at(farm_result, n) or {}, "vosk-server": _at(vosk_result, n) or {}}
         png.append(
             plots.cdf_compare(
-                {"farm": _at(farm_result, n), "vosk-server": _at(vosk_result, n)},
+                pair,
                 out_dir / f"{args.name}-cdf-{n}calls.png",
             )
         )

@@ -25,6 +25,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _color(key: str) -> str:
+    # one colour per stage (or metric) on every chart, whatever the server
+    keys = [*STAGES, "cpu"]
+    return f"C{keys.index(key) % 10}" if key in keys else "k"
+
+
 def _cdf(ax: Any, values: Sequence[float], label: str, **kw: Any) -> None:
     xs = sorted(values)
     ys = [(i + 1) / len(xs) for i in range(len(xs))]
@@ -39,7 +45,8 @@ def cdf_plot(step: Mapping[str, Any], path: str | Path, title: str = "") -> Path
         values = [v for v in step["samples"].get(key, []) if v > 0]
         if values:
             # what the caller's side sees: bold; the farm's internal stages: dashed
-            _cdf(ax, values, label, **({"linewidth": 2.2} if key in GROUND_TRUTH else {"linestyle": "--"}))
+            style = {"linewidth": 2.2} if key in GROUND_TRUTH else {"linestyle": "--"}
+            _cdf(ax, values, label, color=_color(key), **style)
     ax.set_xscale("log")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of samples")
@@ -57,7 +64,7 @@ def cdf_compare(steps: Mapping[str, Mapping[str, Any]], path: str | Path, title:
         for key in GROUND_TRUTH:
             values = [v for v in step["samples"].get(key, []) if v > 0]
             if values:
-                _cdf(ax, values, f"{name}: {STAGES[key]}", linestyle=style)
+                _cdf(ax, values, f"{name}: {STAGES[key]}", linestyle=style, color=_color(key))
     ax.set_xscale("log")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of samples")
@@ -78,6 +85,8 @@ def _ramp_axes(ax_lat: Any, ax_cpu: Any, steps: Sequence[Mapping[str, Any]], nam
                 [y if y is not None else float("nan") for y in ys],
                 style,
                 marker=marker,
+                color=_color(key),
+                alpha=1.0 if q == "p95" else 0.6,
                 label=f"{name} {STAGES[key]} {q}",
             )
     cpu = [

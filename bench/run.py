@@ -231,12 +231,11 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     details = []
     for r in records:
         s = call_samples(r)
-        for k, v in s.items():
-            samples[k].extend(v)
-        v = verdict(r, s, cfg.lag_limit_ms)
+        for k, values in s.items():
+            samples[k].extend(values)
         details.append(
             {
-                **asdict(v),
+                **asdict(verdict(r, s, cfg.lag_limit_ms)),
                 "messages_sent": r.messages_sent,
                 "messages_received": r.messages_received,
                 "bytes_sent": r.bytes_sent,
