@@ -64,7 +64,7 @@ _ONSET_SLACK_MS = 200  # a speech_start this far before the script's onset still
 
 
 def _ms(ns: int) -> float:
-    return round(ns / 1e6, 3)
+    return round(ns / 1e6, 4)
 
 
 def call_samples(record: CallRecord) -> dict[str, list[float]]:

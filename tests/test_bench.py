@@ -202,7 +202,8 @@ def _bench(node: Node, out: Path, *extra: str) -> dict[str, Any]:
 def test_a_short_run_reports_every_stage_writes_json_and_a_plot(bench_node: Node, tmp_path: Path, capsys) -> None:
     doc = _bench(bench_node, tmp_path / "run.json", "--calls", "3", "--duration", "7", "--speech-fraction", "0.6")
     step = doc["result"]["steps"][0]
-    for stage in ("ingress", "dispatch", "vad", "asr", "publish", "eos_final_farm", "eos_final", "onset_speech_start"):
+    stages = ("ingress", "dispatch", "vad", "asr", "publish", "eos_final_farm", "eos_final", "onset_speech_start")
+    for stage in (*stages, "first_partial"):
         assert step["stages"][stage]["n"] > 0, stage
         assert len(step["samples"][stage]) == step["stages"][stage]["n"]
         assert all(v >= 0 for v in step["samples"][stage]), stage
