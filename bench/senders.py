@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import random
 import time
@@ -162,8 +163,9 @@ class Sender(ABC):
 async def _drain(ws: Any) -> None:
     # The farm also sends its events back on the call's WebSocket (as FreeSWITCH
     # would get them); the bench reads them from ZeroMQ, so it only drains these.
-    async for _ in ws:
-        pass
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
 
 
 class EventRouter:
@@ -285,6 +287,15 @@ class VoskSender(Sender):
         )
 
         async def read(ws: Any) -> None:
+            try:
+                await _replies(ws)
+            except ConnectionClosed as exc:
+                if not eof_answered.is_set():
+                    record.errors.append(f"vosk server closed the connection: {exc}")
+            if eof_sent.is_set():
+                eof_answered.set()  # vosk-server closes right after its reply to eof
+
+        async def _replies(ws: Any) -> None:
             async for message in ws:
                 got = time.monotonic_ns()
                 if pending:
