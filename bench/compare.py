@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.cli import build_parser, config_from_args, ramp_steps
 from bench.report import ramp_report, write_json
-from bench.run import machine_info, ramp, start_farm
+from bench.run import Slo, capacity_at, machine_info, ramp, start_farm
 
 
 __all__ = ["main", "start_vosk_server", "results_section"]
@@ -104,6 +104,19 @@ def _cell(step: dict[str, Any] | None, key: str, q: str) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _variants(doc: dict[str, Any]) -> list[str]:
+    slo = doc["config"]["slo"]
+    variants = [
+        (f"p95 final <= {slo['final_p95_ms']:g} ms, onset <= {slo['onset_p95_ms']:g} ms (the one above)", Slo(**slo)),
+        ("p95 final <= 1000 ms, onset <= 300 ms", Slo(1000.0, 300.0)),
+        ("real time and no audio lost, any latency", Slo(float("inf"), float("inf"))),
+    ]
+    return [
+        f"| {label} | {capacity_at(doc['farm']['steps'], v)} | {capacity_at(doc['vosk_server']['steps'], v)} |"
+        for label, v in variants
+    ]
+
+
 def _share(capacity: int, limit: float) -> str:
     return f"{capacity / limit:.0%} of it" if limit else "-"
 
@@ -137,6 +150,12 @@ def results_section(doc: dict[str, Any], command: str) -> str:
         f"is decoded (farm: {_share(farm['capacity'], doc['limits']['gated_calls'])}), "
         f"{doc['limits']['ungated_calls']:.1f} when every sample is (vosk-server: "
         f"{_share(vosk['capacity'], doc['limits']['ungated_calls'])}).",
+        "",
+        "Capacity under other SLOs, from the same runs (a ramp run with `--keep-going` has every step):",
+        "",
+        "| SLO | farm | vosk-server |",
+        "|---|---|---|",
+        *_variants(doc),
         "",
         "| calls | server | end of speech -> final p50 / p95 / max ms | onset -> speech_start p50 / p95 ms | "
         "onset -> first partial p50 / p95 ms | calls in real time | CPU s per call-s | PSS MB (all processes) | SLO |",

@@ -33,7 +33,17 @@ from bench.senders import SENDERS, CallRecord, EventRouter, SenderOptions, chunk
 from bench.stats import summarize
 
 
-__all__ = ["Slo", "BenchConfig", "Farm", "start_farm", "run_step", "check_slo", "ramp", "machine_info"]
+__all__ = [
+    "Slo",
+    "BenchConfig",
+    "Farm",
+    "start_farm",
+    "run_step",
+    "check_slo",
+    "capacity_at",
+    "ramp",
+    "machine_info",
+]
 
 
 @dataclass(frozen=True)
@@ -281,6 +291,17 @@ def _decimate(values: list[float]) -> list[float]:
     ordered = sorted(values)
     step = (len(ordered) - 1) / (_MAX_SAMPLES - 1)
     return [ordered[round(i * step)] for i in range(_MAX_SAMPLES)]
+
+
+def capacity_at(steps: list[dict[str, Any]], slo: Slo) -> int:
+    """The ramp's capacity under another SLO, from the figures it recorded: the largest
+    number of calls before the first step (in ramp order) that breaks ``slo``."""
+    capacity = 0
+    for step in steps:
+        if not check_slo(step, slo)["held"]:
+            break
+        capacity = step["calls"]
+    return capacity
 
 
 def ramp(cfg: BenchConfig, steps: list[int], *, keep_going: bool = False, pause_s: float = 2.0) -> dict[str, Any]:

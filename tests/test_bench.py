@@ -23,7 +23,7 @@ import pytest
 from bench import cli
 from bench.audio import CallScript, Utterance, build_script, sentence, speech_span
 from bench.measure import call_samples, verdict
-from bench.run import BenchConfig, Slo, check_slo, run_step
+from bench.run import BenchConfig, Slo, capacity_at, check_slo, run_step
 from bench.senders import VOSK_EOF, VOSK_RESET, CallRecord, Observation
 from bench.stats import percentile, summarize
 
@@ -70,6 +70,22 @@ class TestPercentiles:
         assert not check_slo({**step, "real_time_calls": 1}, Slo())["held"]
         assert check_slo({**step, "real_time_calls": 1}, Slo(real_time=False))["held"]
         assert not check_slo({**step, "stages": {}}, Slo())["held"], "no final at all cannot hold"
+
+    def test_capacity_under_another_slo_is_the_last_step_before_the_first_break(self) -> None:
+        def step(calls: int, final_ms: float, real_time: int) -> dict[str, Any]:
+            return {
+                "calls": calls,
+                "stages": {"eos_final": summarize([final_ms])},
+                "lost_messages": 0,
+                "overrun_bytes": 0,
+                "real_time_calls": real_time,
+            }
+
+        steps = [step(2, 300, 2), step(4, 500, 4), step(6, 300, 6), step(8, 2000, 7)]
+        assert capacity_at(steps, Slo()) == 2  # 4 broke; 6 holding again does not count
+        assert capacity_at(steps, Slo(final_p95_ms=1000)) == 6
+        assert capacity_at(steps, Slo(final_p95_ms=math.inf, real_time=False)) == 8
+        assert capacity_at([step(2, 500, 2)], Slo()) == 0
 
 
 # -- call scripts --------------------------------------------------------------------
