@@ -107,13 +107,15 @@ def call_samples(record: CallRecord) -> dict[str, list[float]]:
                 ):
                     out[key].append(_ms(o.got_ns - start_ns))
                     break
+        # vosk-server repeats the last partial on every chunk until its endpointer fires, so
+        # a partial still carrying the previous utterance's text is not this one's.
+        stale = ""
         for o in obs:
-            if (
-                o.kind == "partial"
-                and o.text
-                and start_ns <= o.got_ns
-                and (o.offset_ms is None or o.offset_ms < u.end_ms)
-            ):
+            if o.kind != "partial" or not o.text:
+                continue
+            if o.got_ns < start_ns:
+                stale = o.text
+            elif o.text != stale and (o.offset_ms is None or o.offset_ms < u.end_ms):
                 if o.got_ns <= end_ns + 2_000_000_000:
                     out["first_partial"].append(_ms(o.got_ns - start_ns))
                 break

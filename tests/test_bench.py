@@ -169,10 +169,15 @@ class TestPairing:
             Observation("speech_start", _at(5100), 5020),
             Observation("final", _at(7500), 6980, "네", reason="vad"),
         ]
+        obs += [
+            Observation("partial", _at(4990), text="하세요"),  # vosk-server repeating u1's last partial
+            Observation("partial", _at(5050), text="하세요"),  # ... still, after u2 began
+            Observation("partial", _at(5400), text="네"),
+        ]
         s = call_samples(_record([u1, u2], obs))
         assert s["onset_speech_start"] == [80.0, 100.0]
         assert s["eos_final"] == [400.0, 520.0]  # from the frame with the last speech sample (2980 ms, 6980 ms)
-        assert s["first_partial"] == [500.0]
+        assert s["first_partial"] == [500.0, 400.0]
         assert s["eos_final_farm"] == [390.0]
         assert s["publish"] == [1.0]
         assert s["ingress"] == [1.0] and s["dispatch"] == [60.0] and s["vad"] == [1.0]
