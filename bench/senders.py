@@ -190,6 +190,8 @@ class EventRouter:
     async def __aexit__(self, *exc: object) -> None:
         if self.task is not None:
             self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task  # off the socket before it closes
         self.sub.close()
 
     async def _route(self) -> None:
