@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
 
     if args.start_farm:
         log = Path(tempfile.mkdtemp(prefix="farm-bench-")) / "farm.log"
+        print(f"farm log: {log}", file=sys.stderr)
         with start_farm(args.workers, log, args.farm_arg, vosk=args.protocol == "vosk") as farm:
             target = farm.vosk_url if args.protocol == "vosk" else farm.url
             cfg = config_from_args(args, target=target, events=farm.events, pids={**farm.pids(), **_pids(args)})
