@@ -272,8 +272,15 @@ async def _control(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The bench package has its own parser (and optional matplotlib): hand it the rest.
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="farm", description="real-time speech farm for FreeSWITCH")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="load the farm with emulated calls: latency per stage, capacity (farm bench -h)")
     _up_parser(sub)
     c = sub.add_parser("call", help="stream a WAV file into the farm like mod_audio_stream and print the events")
     c.add_argument("file")

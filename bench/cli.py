@@ -1,0 +1,192 @@
+"""``farm bench`` / ``python -m bench``: load a farm (or vosk-server) with emulated calls.
+
+farm bench --start-farm --workers 2 --calls 20 --duration 60 --out results/run.json
+farm bench --start-farm --workers 2 --ramp --duration 60 --out results/ramp.json
+farm bench --target ws://127.0.0.1:2700 --protocol vosk --calls 4 --duration 30
+farm bench --rtf
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.senders import PROTOCOLS
+
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+
+def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    what = p.add_argument_group("what to run")
+    what.add_argument("--calls", type=int, default=20, help="concurrent calls (default %(default)s)")
+    what.add_argument("--duration", type=float, default=60.0, help="seconds of audio per call (default %(default)s)")
+    what.add_argument("--ramp", action="store_true", help="raise the number of calls until the SLO breaks")
+    what.add_argument(
+        "--ramp-calls", default="", help="ramp steps, e.g. 2,4,8,12 (default: --ramp-start by --ramp-step)"
+    )
+    what.add_argument("--ramp-start", type=int, default=2)
+    what.add_argument("--ramp-step", type=int, default=2)
+    what.add_argument("--ramp-max", type=int, default=200)
+    what.add_argument("--keep-going", action="store_true", help="ramp: run every step even after the SLO broke")
+    what.add_argument("--rtf", action="store_true", help="measure the model's single-stream CPU real-time factor")
+
+    server = p.add_argument_group("the server")
+    server.add_argument("--target", default="ws://127.0.0.1:8080", help="server URL (default %(default)s)")
+    server.add_argument("--events", default="tcp://127.0.0.1:5556", help="the farm's event endpoint")
+    server.add_argument(
+        "--protocol", choices=PROTOCOLS, default="amigniter", help="emulated sender (default %(default)s)"
+    )
+    server.add_argument("--start-farm", action="store_true", help="start a farm for the run (free loopback ports)")
+    server.add_argument("--workers", type=int, default=2, help="--start-farm: worker processes (default %(default)s)")
+    server.add_argument("--farm-arg", action="append", default=[], help="--start-farm: extra `farm up` argument")
+    server.add_argument("--farm-log", default="", help="log of a running `farm up`: its processes are measured")
+    server.add_argument("--pid", action="append", default=[], help="another server process to measure: PID[:ROLE]")
+
+    audio = p.add_argument_group("the calls")
+    audio.add_argument("--rate", type=int, choices=(8000, 16000), default=8000, help="audio rate (default %(default)s)")
+    audio.add_argument(
+        "--speech-fraction", type=float, default=0.4, help="share of caller speech (default %(default)s)"
+    )
+    audio.add_argument("--seed", type=int, default=1, help="random offsets, sentences and pauses (default %(default)s)")
+    audio.add_argument("--stagger", type=float, default=2.0, help="calls start within this many seconds")
+    audio.add_argument("--jitter-ms", type=float, default=0.0, help="each frame leaves up to this much late")
+    audio.add_argument("--burst-ms", type=int, default=40, help="sptmru message size (40 or 80 ms)")
+    audio.add_argument("--vosk-chunk-ms", type=int, default=20, help="vosk message size (default %(default)s)")
+    audio.add_argument("--vosk-reset", action="store_true", help='vosk: send {"reset" : 1} at each end of speech')
+
+    slo = p.add_argument_group("the SLO (ramp)")
+    slo.add_argument(
+        "--slo-final-ms", type=float, default=400.0, help="p95 end of speech -> final (default %(default)s)"
+    )
+    slo.add_argument(
+        "--slo-onset-ms", type=float, default=150.0, help="p95 onset -> speech_start (default %(default)s)"
+    )
+    slo.add_argument("--slo-max-lost", type=int, default=0, help="audio messages that may be lost (default 0)")
+    slo.add_argument("--no-slo-real-time", action="store_true", help="do not require every call to keep real time")
+    slo.add_argument("--lag-limit-ms", type=float, default=1000.0, help="a call trailing more is behind real time")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="", help="JSON file with every sample; PNGs are written next to it")
+    out.add_argument("--no-plot", action="store_true")
+    out.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _pids(args: argparse.Namespace) -> dict[int, str]:
+    from bench.procs import farm_pids
+
+    pids = farm_pids(Path(args.farm_log).read_text(errors="replace")) if args.farm_log else {}
+    for spec in args.pid:
+        pid, _, role = spec.partition(":")
+        pids[int(pid)] = role or f"pid-{pid}"
+    return pids
+
+
+def config_from_args(args: argparse.Namespace, **override: Any) -> Any:
+    from bench.run import BenchConfig, Slo
+
+    kw: dict[str, Any] = dict(
+        protocol=args.protocol,
+        target=args.target,
+        events=args.events,
+        duration_s=args.duration,
+        rate=args.rate,
+        speech_fraction=args.speech_fraction,
+        seed=args.seed,
+        stagger_s=args.stagger,
+        jitter_ms=args.jitter_ms,
+        burst_ms=args.burst_ms,
+        vosk_chunk_ms=args.vosk_chunk_ms,
+        vosk_reset=args.vosk_reset,
+        lag_limit_ms=args.lag_limit_ms,
+        slo=Slo(args.slo_final_ms, args.slo_onset_ms, args.slo_max_lost, not args.no_slo_real_time),
+        pids=_pids(args),
+        progress=not args.no_progress,
+    )
+    kw.update(override)
+    return BenchConfig(**kw)
+
+
+def ramp_steps(args: argparse.Namespace) -> list[int]:
+    if args.ramp_calls:
+        return [int(x) for x in args.ramp_calls.split(",") if x.strip()]
+    return list(range(args.ramp_start, args.ramp_max + 1, max(1, args.ramp_step)))
+
+
+def _run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    from bench.report import ramp_report, step_report
+    from bench.run import ramp, run_step
+
+    if args.ramp:
+        result = ramp(cfg, ramp_steps(args), keep_going=args.keep_going)
+        print(ramp_report(result))
+        return result
+    step = asyncio.run(run_step(cfg, args.calls))
+    print(step_report(step))
+    return {"steps": [step]}
+
+
+def _outputs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    from bench.report import write_json
+
+    if not args.out:
+        return
+    write_json(args.out, doc)
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.no_plot:
+        return
+    from bench import plots
+
+    stem = Path(args.out).with_suffix("")
+    steps = doc["result"]["steps"]
+    last = steps[-1]
+    print(f"wrote {plots.cdf_plot(last, f'{stem}-cdf.png')}", file=sys.stderr)
+    if args.ramp:
+        print(f"wrote {plots.ramp_plot(doc['result'], f'{stem}-ramp.png', args.slo_final_ms)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.rtf:
+        from bench.rtf import main as rtf_main
+
+        return rtf_main(args)
+    if args.protocol == "socket_audio":
+        print("--protocol socket_audio is not implemented yet (see bench/senders.py)", file=sys.stderr)
+        return 2
+    from bench.run import machine_info, start_farm
+
+    if args.start_farm:
+        log = Path(tempfile.mkdtemp(prefix="farm-bench-")) / "farm.log"
+        print(f"farm log: {log}", file=sys.stderr)
+        with start_farm(args.workers, log, args.farm_arg, vosk=args.protocol == "vosk") as farm:
+            target = farm.vosk_url if args.protocol == "vosk" else farm.url
+            cfg = config_from_args(args, target=target, events=farm.events, pids={**farm.pids(), **_pids(args)})
+            result = _run(args, cfg)
+    else:
+        cfg = config_from_args(args)
+        result = _run(args, cfg)
+    doc = {
+        "machine": machine_info(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "config": _jsonable(cfg),
+        "result": result,
+    }
+    _outputs(args, doc)
+    return 0
+
+
+def _jsonable(cfg: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    d["pids"] = {str(k): v for k, v in d["pids"].items()}
+    return d

@@ -1,0 +1,164 @@
+"""From what a call sent and received to latency samples, per stage, and a real-time verdict.
+
+Two kinds of figures (ARCHITECTURE.md, "Per-stage latency vocabulary"):
+
+* Ground truth, from the bench's own script and clock (every protocol): the bench
+  knows when the message carrying an utterance's first or last speech sample left,
+  and when the answer arrived.
+
+  - ``onset_speech_start``: first speech sample sent -> speech_start received;
+  - ``eos_final``: last speech sample sent -> the first final received after it;
+  - ``first_partial``: first speech sample sent -> first non-empty partial received;
+  - ``barge_in``: first speech sample sent -> barge_in received (calls that play audio).
+
+* The farm's stage stamps (farm protocols only), ``t`` of every event:
+
+  - ``ingress``: ``commit - recv`` (socket read -> frame in the ring);
+  - ``dispatch``: ``read - commit`` of speech_start. Its ``commit`` is the first voiced
+    frame's but its ``read`` is the read of the frame that confirmed the onset, so this
+    includes the VAD's onset window (60 ms by default) on top of the dispatch delay;
+    speech_end is left out (its read comes after the whole hangover);
+  - ``vad``: ``vad - read`` of speech_start (the decision itself);
+  - ``asr``: ``asr - commit`` of partials and finals (the audio's commit -> recogniser
+    output: the farm has no separate "fed" stamp, so this includes the queue to Vosk);
+  - ``publish``: event published -> received by the bench (ZeroMQ);
+  - ``eos_final_farm``: ``recv`` of the last frame the farm's VAD called speech ->
+    final received (the farm's own view of end of speech -> final).
+
+* ``reply_lag`` (vosk only): a message sent -> vosk-server's reply to it.
+
+A call keeps real time when the server's lag behind the audio stays under a bound:
+the p95 of ``asr - recv`` of the farm's partials (how far recognition trails the
+audio) or of vosk-server's reply lags, and the time from the last audio message to
+call_end (farm) or to the reply to eof (vosk-server): the backlog left at the end.
+No message may be lost (frames received = frames sent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.senders import CallRecord
+from bench.stats import percentile
+
+
+__all__ = ["STAGES", "GROUND_TRUTH", "call_samples", "CallVerdict", "verdict"]
+
+# Stage key -> label, in the order of the report.
+STAGES: dict[str, str] = {
+    "ingress": "ingress (socket read -> ring)",
+    "dispatch": "dispatch + onset window (ring -> read)",
+    "vad": "vad (read -> speech_start decision)",
+    "asr": "asr (ring -> recogniser output)",
+    "publish": "publish (event -> subscriber)",
+    "eos_final_farm": "end of speech -> final (farm VAD)",
+    "eos_final": "end of speech -> final",
+    "onset_speech_start": "onset -> speech_start",
+    "first_partial": "onset -> first partial",
+    "barge_in": "onset -> barge-in",
+    "reply_lag": "message -> reply (vosk)",
+}
+GROUND_TRUTH = ("eos_final", "onset_speech_start", "first_partial", "barge_in")
+
+_ONSET_SLACK_MS = 200  # a speech_start this far before the script's onset still belongs to it
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 4)
+
+
+def call_samples(record: CallRecord) -> dict[str, list[float]]:
+    """Latency samples (ms) of one call, by stage key (only stages that have samples)."""
+    out: dict[str, list[float]] = {k: [] for k in STAGES}
+    obs = sorted(record.observations, key=lambda o: o.got_ns)
+    for o in obs:
+        t = o.stamps
+        if "recv" in t and "commit" in t and o.kind != "final":  # finals' recv is end of speech
+            out["ingress"].append(_ms(t["commit"] - t["recv"]))
+        if o.kind == "speech_start" and "read" in t and "commit" in t:
+            out["dispatch"].append(_ms(t["read"] - t["commit"]))
+        if o.kind == "speech_start" and "vad" in t and "read" in t:
+            out["vad"].append(_ms(t["vad"] - t["read"]))
+        if o.kind in ("partial", "final") and "asr" in t and "commit" in t:
+            out["asr"].append(_ms(t["asr"] - t["commit"]))
+        if "publish" in t:
+            out["publish"].append(_ms(o.got_ns - t["publish"]))
+        if o.kind == "final" and o.reason in ("vad", "end") and "recv" in t:
+            out["eos_final_farm"].append(_ms(o.got_ns - t["recv"]))
+    out["reply_lag"] = list(record.reply_lag_ms)
+
+    # Ground truth: pair each measured utterance with what answered it.
+    finals = [o for o in obs if o.kind == "final"]
+    used: set[int] = set()
+    for u in record.script.measured():
+        start_ns = record.sent_at(u.start_ms)
+        end_ns = record.sent_at(u.end_ms - 1)
+        for i, o in enumerate(finals):
+            if i not in used and o.got_ns >= end_ns:
+                used.add(i)
+                out["eos_final"].append(_ms(o.got_ns - end_ns))
+                break
+        for kind, key in (("speech_start", "onset_speech_start"), ("barge_in", "barge_in")):
+            for o in obs:
+                if (
+                    o.kind == kind
+                    and o.offset_ms is not None
+                    and u.start_ms - _ONSET_SLACK_MS <= o.offset_ms < u.end_ms
+                ):
+                    out[key].append(_ms(o.got_ns - start_ns))
+                    break
+        # vosk-server repeats the last partial on every chunk until its endpointer fires, so
+        # a partial still carrying the previous utterance's text is not this one's.
+        stale = ""
+        for o in obs:
+            if o.kind != "partial" or not o.text:
+                continue
+            if o.got_ns < start_ns:
+                stale = o.text
+            elif o.text != stale and (o.offset_ms is None or o.offset_ms < u.end_ms):
+                if o.got_ns <= end_ns + 2_000_000_000:
+                    out["first_partial"].append(_ms(o.got_ns - start_ns))
+                break
+    return {k: v for k, v in out.items() if v}
+
+
+@dataclass(frozen=True)
+class CallVerdict:
+    call_id: str
+    lag_ms: float  # how far the server trailed the audio, at worst
+    lost_messages: int  # audio messages sent and not seen by the server
+    overrun_bytes: int
+    missed_finals: int  # measured utterances with no final after them
+    errors: tuple[str, ...]
+    bench_late_ms: float  # this bench's own worst pacing lateness
+    real_time: bool
+
+
+def verdict(record: CallRecord, samples: dict[str, list[float]], lag_limit_ms: float) -> CallVerdict:
+    """Did the server keep up with this call? (see the module docstring)"""
+    series = [
+        (o.stamps["asr"] - o.stamps["recv"]) / 1e6
+        for o in record.observations
+        if o.kind == "partial" and "asr" in o.stamps and "recv" in o.stamps
+    ] + record.reply_lag_ms
+    # p95, not the maximum: Vosk computes in 240 ms batches and stalls up to ~0.9 s now
+    # and then (MEASUREMENTS.md) without falling behind; a backlog shows in most samples.
+    lag = percentile(series, 95) if series else 0.0
+    if record.done_ns and record.end_ns:
+        lag = max(lag, (record.done_ns - record.end_ns) / 1e6)  # the backlog left at the call's end
+    elif record.end_ns:
+        lag = float("inf")  # never finished
+    received = record.messages_received if record.messages_received is not None else 0
+    lost = max(0, record.messages_sent - received)
+    missed = len(record.script.measured()) - len(samples.get("eos_final", []))
+    ok = lag <= lag_limit_ms and not lost and not record.overrun_bytes and not record.errors
+    return CallVerdict(
+        record.call_id,
+        round(lag, 1),
+        lost,
+        record.overrun_bytes,
+        missed,
+        tuple(record.errors),
+        round(record.late_ms_max, 1),
+        ok,
+    )

@@ -1,0 +1,375 @@
+"""Emulated FreeSWITCH senders: one class per wire protocol, all paced in real time.
+
+A sender streams one :class:`~bench.audio.CallScript` the way its module would and
+fills a :class:`CallRecord` with what it sent (the monotonic time of every message)
+and what came back (events or replies, with the time they arrived). It does not
+judge anything: :mod:`bench.measure` turns records into latencies.
+
+=============  ============================================================  ==========
+protocol       on the wire                                                   replies
+=============  ============================================================  ==========
+amigniter      mod_audio_stream: metadata text frame, then one binary frame  farm events
+               of 20 ms (320 B at 8 kHz, 640 B at 16 kHz) per ptime          (ZeroMQ)
+sptmru         the sptmru fork: rate in the URL, bursts of 40 ms (or 80 ms)  farm events
+               at the codec rate (PROTOCOLS.md §1.6, §1.11)                  (ZeroMQ)
+vosk           vosk-server's WebSocket protocol: ``{"config": …}``, binary   per message
+               chunks, ``{"eof" : 1}``; a reply to every message             (client-side)
+socket_audio   mod_socket_audio through an Event Socket peer: not yet (see   -
+               :class:`SocketAudioSender`)
+=============  ============================================================  ==========
+
+Adding a protocol is one subclass of :class:`Sender` with ``run()`` and an entry in
+:data:`SENDERS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from bench.audio import CallScript
+
+
+__all__ = [
+    "Observation",
+    "CallRecord",
+    "SenderOptions",
+    "Sender",
+    "EventRouter",
+    "AmigniterSender",
+    "SptmruSender",
+    "VoskSender",
+    "SocketAudioSender",
+    "SENDERS",
+    "PROTOCOLS",
+]
+
+# vosk-server compares these two messages as exact strings (asr_server.py
+# ``process_chunk``), spacing included; any other spelling is fed to Vosk as audio.
+VOSK_EOF = '{"eof" : 1}'
+VOSK_RESET = '{"reset" : 1}'
+
+
+@dataclass
+class Observation:
+    """Something the bench received about a call, stamped when it arrived."""
+
+    kind: str  # speech_start | speech_end | partial | final | final_empty | barge_in | overrun | error
+    got_ns: int
+    offset_ms: int | None = None  # farm events: the audio offset they refer to
+    text: str = ""
+    reason: str = ""
+    stamps: dict[str, int] = field(default_factory=dict)  # farm events: stage -> monotonic ns
+
+
+@dataclass
+class CallRecord:
+    """What one emulated call sent and received; filled by a :class:`Sender`."""
+
+    script: CallScript
+    protocol: str
+    chunk_ms: int = 20
+    send_ns: list[int] = field(default_factory=list)  # each audio message, when it left
+    late_ms_max: float = 0.0  # worst pacing lateness of this bench (not the farm's)
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int | None = None  # farm: frames the ring saw; vosk: replies
+    bytes_received: int | None = None
+    overrun_bytes: int = 0
+    observations: list[Observation] = field(default_factory=list)
+    reply_lag_ms: list[float] = field(default_factory=list)  # vosk: message sent -> its reply
+    end_ns: int = 0  # last audio message sent
+    done_ns: int = 0  # call_end (farm) or the reply to eof (vosk) received; 0: never
+    errors: list[str] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def call_id(self) -> str:
+        return self.script.call_id
+
+    def sent_at(self, audio_ms: int) -> int:
+        """Monotonic ns when the message carrying audio offset ``audio_ms`` left the bench."""
+        i = max(0, min(len(self.send_ns) - 1, audio_ms // self.chunk_ms))
+        return self.send_ns[i] if self.send_ns else 0
+
+
+@dataclass(frozen=True)
+class SenderOptions:
+    target: str  # ws:// base URL of the farm's mod_audio_stream site, or a vosk-server URL
+    events: str = "tcp://127.0.0.1:5556"  # the farm's event endpoint (farm protocols)
+    jitter_ms: float = 0.0  # each message leaves up to this late (the schedule does not drift)
+    burst_ms: int = 40  # sptmru message size
+    vosk_chunk_ms: int = 20
+    vosk_reset: bool = False  # send reset at each utterance end, as a client with a perfect VAD would
+    tail_timeout_s: float = 30.0  # after the last audio: wait this long for call_end / the eof reply
+
+
+class Sender(ABC):
+    """Streams calls of one protocol. Subclasses implement :meth:`run`."""
+
+    protocol: ClassVar[str]
+    needs_events: ClassVar[bool] = False  # True: the runner must give it an EventRouter
+
+    def __init__(self, options: SenderOptions, router: EventRouter | None = None) -> None:
+        self.options = options
+        self.router = router
+
+    @abstractmethod
+    async def run(self, record: CallRecord) -> None:
+        """Stream ``record.script`` in real time; fill ``record``. Never raises for a failed call."""
+
+    async def pace(
+        self,
+        record: CallRecord,
+        send: Callable[[bytes], Awaitable[None]],
+        after: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        """Send the script in ``record.chunk_ms`` messages on a fixed schedule (plus jitter)."""
+        pcm = record.script.pcm
+        size = record.script.rate * record.chunk_ms // 1000 * 2
+        jitter = random.Random(record.call_id)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i, start in enumerate(range(0, len(pcm), size)):
+            due = t0 + i * record.chunk_ms / 1000
+            if self.options.jitter_ms:
+                due += jitter.uniform(0, self.options.jitter_ms) / 1000
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                record.late_ms_max = max(record.late_ms_max, -delay * 1000)
+            chunk = pcm[start : start + size]
+            record.send_ns.append(time.monotonic_ns())
+            await send(chunk)
+            record.messages_sent += 1
+            record.bytes_sent += len(chunk)
+            if after is not None:
+                await after(i)
+        record.end_ns = time.monotonic_ns()
+
+
+async def _drain(ws: Any) -> None:
+    # The farm also sends its events back on the call's WebSocket (as FreeSWITCH
+    # would get them); the bench reads them from ZeroMQ, so it only drains these.
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
+
+
+class EventRouter:
+    """One ZeroMQ subscription for every call of a run, routing events to their records.
+
+    One socket instead of one per call: a few hundred calls would otherwise mean as
+    many ZeroMQ contexts and I/O threads in the bench, on the machine being measured.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        from farm.client import Subscription
+
+        self.sub = Subscription(endpoint, None)
+        self.records: dict[str, CallRecord] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EventRouter:
+        await self.sub.__aenter__()
+        self.task = asyncio.create_task(self._route())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task  # off the socket before it closes
+        self.sub.close()
+
+    async def _route(self) -> None:
+        while True:
+            event = await self.sub.next()
+            got = time.monotonic_ns()
+            record = self.records.get(event.call_id)
+            if record is None:
+                continue  # another client's call
+            if event.type == "call_end":
+                record.messages_received = int(event.get("frames", 0))
+                record.bytes_received = int(event.get("duration_ms", 0)) * record.script.rate * 2 // 1000
+                record.overrun_bytes = max(record.overrun_bytes, int(event.get("overrun_bytes", 0)))
+                record.done_ns = got
+                record.done.set()
+                continue
+            if event.type in ("call_start", "intent"):
+                continue
+            obs = Observation(
+                event.type, got, event.offset_ms, str(event.get("text", "")), str(event.get("reason", ""))
+            )
+            obs.stamps = dict(event.stamps)
+            if event.type == "overrun":
+                record.overrun_bytes = max(record.overrun_bytes, int(event.get("total_bytes", 0)))
+            elif event.type == "error":
+                record.errors.append(str(event.get("reason")))
+            record.observations.append(obs)
+
+
+class _AudioStreamSender(Sender):
+    """mod_audio_stream over WebSocket; latencies from the farm's events (ZeroMQ)."""
+
+    needs_events = True
+
+    def url(self, script: CallScript) -> str:
+        return f"{self.options.target.rstrip('/')}/{script.call_id}"
+
+    def metadata(self, script: CallScript) -> str:
+        return json.dumps({"call_id": script.call_id, "rate": script.rate, "channels": 1, "bench": True})
+
+    async def run(self, record: CallRecord) -> None:
+        assert self.router is not None, "farm protocols need an EventRouter"
+        self.router.records[record.call_id] = record
+        try:
+            async with connect(
+                self.url(record.script), max_size=None, open_timeout=10, ping_interval=None, compression=None
+            ) as ws:
+                reader = asyncio.create_task(_drain(ws))
+                await ws.send(self.metadata(record.script))
+                await self.pace(record, ws.send)
+                await ws.close(1000, "Normal closure")
+                reader.cancel()
+        except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
+            record.errors.append(f"stream: {type(exc).__name__}: {exc}")
+            return
+        try:
+            await asyncio.wait_for(record.done.wait(), self.options.tail_timeout_s)
+        except TimeoutError:
+            record.errors.append(f"no call_end {self.options.tail_timeout_s:.0f} s after the last frame")
+
+
+class AmigniterSender(_AudioStreamSender):
+    """amigniter/mod_audio_stream: metadata first, 20 ms frames, rate in the metadata."""
+
+    protocol = "amigniter"
+
+
+class SptmruSender(_AudioStreamSender):
+    """sptmru fork: no resampling, rate in the URL, 40-80 ms bursts at the codec rate."""
+
+    protocol = "sptmru"
+
+    def url(self, script: CallScript) -> str:
+        return f"{super().url(script)}?rate={script.rate}"
+
+
+class VoskSender(Sender):
+    """vosk-server's protocol (its websocket/asr_server.py and test.py), timed client-side.
+
+    vosk-server answers every message in order (a ``partial``, or ``text`` + ``result``
+    when Vosk's endpointer fires), so replies pair with messages one to one: that
+    gives each message's reply lag, whether the server keeps real time.
+    """
+
+    protocol = "vosk"
+
+    async def run(self, record: CallRecord) -> None:
+        record.chunk_ms = self.options.vosk_chunk_ms
+        # (send ns, is audio) of the messages not yet answered, in order
+        pending: collections.deque[tuple[int, bool]] = collections.deque()
+        eof_sent, eof_answered = asyncio.Event(), asyncio.Event()
+        record.messages_received = 0
+        resets = (
+            {(u.end_ms - 1) // record.chunk_ms for u in record.script.utterances} if self.options.vosk_reset else set()
+        )
+
+        async def read(ws: Any) -> None:
+            try:
+                await _replies(ws)
+            except ConnectionClosed as exc:
+                if not eof_answered.is_set():
+                    record.errors.append(f"vosk server closed the connection: {exc}")
+            if eof_sent.is_set():
+                eof_answered.set()  # vosk-server closes right after its reply to eof
+
+        async def _replies(ws: Any) -> None:
+            async for message in ws:
+                got = time.monotonic_ns()
+                if pending:
+                    sent, audio = pending.popleft()
+                    record.reply_lag_ms.append((got - sent) / 1e6)
+                    record.messages_received = (record.messages_received or 0) + audio
+                try:
+                    reply = json.loads(message)
+                except ValueError:
+                    record.errors.append(f"reply is not JSON: {str(message)[:60]!r}")
+                    continue
+                if "partial" in reply:
+                    if reply["partial"]:
+                        record.observations.append(Observation("partial", got, text=reply["partial"]))
+                elif "text" in reply:
+                    kind = "final" if reply["text"] else "final_empty"
+                    record.observations.append(Observation(kind, got, text=reply["text"]))
+                if not pending and eof_sent.is_set():
+                    eof_answered.set()
+
+        try:
+            async with connect(self.options.target, max_size=None, open_timeout=10, ping_interval=None) as ws:
+                reader = asyncio.create_task(read(ws))
+                await ws.send(json.dumps({"config": {"sample_rate": record.script.rate}}))
+
+                async def send(chunk: bytes) -> None:
+                    pending.append((time.monotonic_ns(), True))
+                    await ws.send(chunk)
+
+                async def after(i: int) -> None:
+                    if i in resets:
+                        pending.append((time.monotonic_ns(), False))
+                        await ws.send(VOSK_RESET)
+
+                await self.pace(record, send, after)
+                pending.append((time.monotonic_ns(), False))
+                eof_sent.set()
+                await ws.send(VOSK_EOF)
+                try:
+                    await asyncio.wait_for(eof_answered.wait(), self.options.tail_timeout_s)
+                    record.done_ns = time.monotonic_ns()
+                except TimeoutError:
+                    record.errors.append(f"no reply to eof {self.options.tail_timeout_s:.0f} s after the last chunk")
+                await ws.close()
+                reader.cancel()
+        except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
+            record.errors.append(f"stream: {type(exc).__name__}: {exc}")
+
+
+class SocketAudioSender(Sender):
+    """mod_socket_audio: not implemented yet.
+
+    It will be a FreeSWITCH Event Socket peer (tests/fs_peer.py, being written on
+    another branch) that connects to the farm's outbound ESL site, answers the
+    ``socket ... async full`` dialogue, then streams raw 16 kHz PCM over TCP and reads
+    24 kHz audio back, with latencies from the farm's events as for the WebSocket
+    protocols (set ``needs_events = True``).
+    """
+
+    protocol = "socket_audio"
+    needs_events = True
+
+    async def run(self, record: CallRecord) -> None:
+        raise NotImplementedError("--protocol socket_audio: the Event Socket peer is not in the bench yet")
+
+
+SENDERS: dict[str, type[Sender]] = {
+    cls.protocol: cls for cls in (AmigniterSender, SptmruSender, VoskSender, SocketAudioSender)
+}
+PROTOCOLS = tuple(SENDERS)
+
+
+def chunk_ms_for(protocol: str, options: SenderOptions) -> int:
+    """The size of one audio message of ``protocol``, in ms."""
+    return {"sptmru": options.burst_ms, "vosk": options.vosk_chunk_ms}.get(protocol, 20)
