@@ -106,6 +106,8 @@ class Farm:
     events: str
     log_path: Path
     vosk_url: str = ""
+    esl_port: int = 0  # outbound Event Socket server (mod_socket_audio calls)
+    commands: str = ""  # play/flush command endpoint
 
     def pids(self) -> dict[int, str]:
         return farm_pids(self.log_path.read_text(errors="replace"))
@@ -116,19 +118,26 @@ def start_farm(
     workers: int, log_path: Path, extra: list[str] | tuple[str, ...] = (), vosk: bool = False, timeout: float = 120.0
 ) -> Iterator[Farm]:
     """Run ``farm up --workers N`` on free loopback ports until the block ends (SIGTERM, then SIGKILL)."""
-    port, events = _free_port(), _free_port()
+    port, events, esl_port, commands = _free_port(), _free_port(), _free_port(), _free_port()
     cmd = [sys.executable, "-m", "farm.cli", "up", "--workers", str(workers), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--events", f"tcp://127.0.0.1:{events}", *extra]
-    vosk_url = ""
-    if vosk:
-        # farm's vosk-server-compatible endpoint (``farm up --vosk-port``).
-        vosk_port = _free_port()
-        cmd += ["--vosk-port", str(vosk_port)]
-        vosk_url = f"ws://127.0.0.1:{vosk_port}"
+    cmd += ["--port", str(port), "--events", f"tcp://127.0.0.1:{events}"]
+    cmd += ["--esl-host", "127.0.0.1", "--esl-port", str(esl_port), "--commands", f"tcp://127.0.0.1:{commands}"]
+    # farm's vosk-server-compatible endpoint (``farm up --vosk-port``); off unless measured.
+    vosk_port = _free_port() if vosk else 0
+    cmd += ["--vosk-port", str(vosk_port), *extra]
+    vosk_url = f"ws://127.0.0.1:{vosk_port}" if vosk else ""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    farm = Farm(proc, f"ws://127.0.0.1:{port}", f"tcp://127.0.0.1:{events}", log_path, vosk_url)
+    farm = Farm(
+        proc,
+        f"ws://127.0.0.1:{port}",
+        f"tcp://127.0.0.1:{events}",
+        log_path,
+        vosk_url,
+        esl_port,
+        f"tcp://127.0.0.1:{commands}",
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -186,8 +186,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from farm.logs import setup_logging
     from farm.supervisor import run
 
+    from workers.call import vad_config_for
+
+    config = _config(args)
+    try:
+        config.check()
+        vad_config_for(config)
+    except ValueError as exc:
+        # Refused here, not by every worker on every call.
+        print(f"farm up: {exc}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level, "supervisor")
-    return run(_config(args))
+    return run(config)
 
 
 def _describe(event: object) -> str:

@@ -102,6 +102,22 @@ class Config:
     drain_timeout: float = 10.0
     worker_timeout: float = 10.0  # loop heartbeat age before SIGABRT
 
+    def check(self) -> None:
+        """Raise ValueError naming the first knob a node cannot run with (before it starts)."""
+        if self.socket_audio_fallback not in ("hangup", "dialplan"):
+            raise ValueError(f"socket_audio_fallback must be hangup or dialplan, got {self.socket_audio_fallback!r}")
+        if self.socket_audio_ports:
+            low, _, high = self.socket_audio_ports.partition("-")
+            if not (low.isdigit() and (high or low).isdigit() and 0 < int(low) <= int(high or low) <= 65535):
+                raise ValueError(f"socket_audio_ports must be FIRST-LAST within 1-65535, got {self.socket_audio_ports!r}")
+        for name in ("playback_lead_ms", "barge_in_min_speech_ms", "partial_interval_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.partial_interval_ms % 20:
+            raise ValueError(f"partial_interval_ms must be a multiple of 20 ms, got {self.partial_interval_ms}")
+        if self.default_rate not in SUPPORTED_RATES:
+            raise ValueError(f"default_rate must be one of {SUPPORTED_RATES}, got {self.default_rate}")
+
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

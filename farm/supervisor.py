@@ -186,9 +186,8 @@ class Supervisor:
             if ingress.popen is not None and ingress.popen.poll() is not None:
                 raise HaltServer(
                     f"the ingress exited at start (code {ingress.popen.returncode}): "
-                    f"is port {self.config.ws_port}"
-                    + (f" or {self.config.esl_port}" if self.config.esl_port else "")
-                    + f" or {self.config.commands} in use?",
+                    f"is port {self.config.ws_port} in use? (or the Event Socket port {self.config.esl_port}, "
+                    f"the command endpoint {self.config.commands})",
                     START_ERROR,
                 )
             try:

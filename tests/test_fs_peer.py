@@ -1,4 +1,4 @@
-"""The FreeSWITCH peer of tests/fs_peer.py checked against PROTOCOLS.md, without farm.
+"""The FreeSWITCH peer of bench/fs_peer.py checked against PROTOCOLS.md, without farm.
 
 The peer stands in for FreeSWITCH (it is not FreeSWITCH); these tests play farm's side
 with raw asyncio sockets — the controller on the Event Socket and the sidecar on the
@@ -15,15 +15,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from farm.protocol.esl import ApiResponse, ChannelData, DisconnectNotice, Event, EventSocketParser, Reply
-from tests.conftest import MS
-from tests.fs_peer import (
+from bench.fs_peer import (
     GOODBYE,
     InboundEslServer,
     SocketAudioCall,
     event_message,
     serialize_plain,
 )
+from farm.protocol.esl import ApiResponse, ChannelData, DisconnectNotice, Event, EventSocketParser, Reply
+from tests.conftest import MS
 
 
 UUID = "6f2d1c1e-2b7a-4b8e-9a57-0c1f8f9a2d11"

@@ -1,6 +1,6 @@
 """mod_socket_audio calls end to end: outbound Event Socket, audio port, playback, barge-in.
 
-FreeSWITCH here is a **peer** (tests/fs_peer.py), not FreeSWITCH: it follows PROTOCOLS.md
+FreeSWITCH here is a **peer** (bench/fs_peer.py), not FreeSWITCH: it follows PROTOCOLS.md
 §2, §3 and §7 byte for byte, connects to a real farm node's Event Socket port as
 ``socket … async full`` would, streams the caller at 16 kHz in 640-byte writes paced at
 20 ms, plays farm's 24 kHz playback at real time and honours flush with its 50 ms
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.fs_peer import InboundEslServer, SocketAudioCall
 from farm.client import CommandError, Commands, Subscription
 from farm.protocol.events import Event
 from tests.conftest import DATA, MS, CallRun, Node, decode_heard, farm_segments, run_call, start_node
-from tests.fs_peer import InboundEslServer, SocketAudioCall
 from tests.peers import AudioStreamPeer
 
 

@@ -16,6 +16,8 @@ import time
 from multiprocessing import shared_memory
 from pathlib import Path
 
+import pytest
+
 from farm.client import Subscription
 from farm.ring import Ring, segment_name
 
@@ -66,7 +68,8 @@ def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> N
         port = taken.getsockname()[1]
         proc = subprocess.run(
             [sys.executable, "-m", "farm.cli", "up", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-             "--events", f"tcp://127.0.0.1:{free_port()}"],
+             "--events", f"tcp://127.0.0.1:{free_port()}", "--esl-port", str(free_port()),
+             "--commands", f"tcp://127.0.0.1:{free_port()}"],
             capture_output=True,
             text=True,
             timeout=90,
@@ -74,6 +77,40 @@ def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> N
     assert proc.returncode == 5
     assert f"is port {port} in use?" in proc.stderr
     assert not farm_segments()
+
+
+def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        esl_port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "farm.cli", "up", "--workers", "1", "--host", "127.0.0.1", "--port",
+             str(free_port()), "--events", f"tcp://127.0.0.1:{free_port()}", "--esl-host", "127.0.0.1",
+             "--esl-port", str(esl_port), "--commands", f"tcp://127.0.0.1:{free_port()}"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert proc.returncode == 5
+    assert f"Event Socket port {esl_port}" in proc.stderr
+    assert not farm_segments()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--vad-hangover-ms", "150", "hangover_ms must be a non-negative multiple of 20 ms, got 150"),
+        ("--socket-audio-ports", "5-1", "socket_audio_ports must be FIRST-LAST"),
+        ("--partial-interval-ms", "30", "partial_interval_ms must be a multiple of 20"),
+    ],
+)
+def test_a_knob_farm_cannot_run_with_is_refused_before_anything_starts(flag: str, value: str, message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "up", flag, value], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "started" not in proc.stderr
 
 
 def test_start_removes_rings_of_a_crashed_farm_and_only_those(tmp_path: Path) -> None:

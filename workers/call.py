@@ -30,11 +30,22 @@ from workers.engines.vosk import RecognizerPool
 from workers.vad import SpeechEnd, SpeechStart, Vad, VadConfig, VadState
 
 
-__all__ = ["CallSession"]
+__all__ = ["CallSession", "vad_config_for"]
 
 log = logging.getLogger("farm.worker.call")
 
 FRAME_MS = 20
+
+
+def vad_config_for(config: Config) -> VadConfig:
+    """The VAD settings of every call; raises ValueError on bad knobs (``farm up`` checks at start)."""
+    return VadConfig(
+        aggressiveness=config.vad_aggressiveness,
+        onset_ms=config.vad_onset_ms,
+        onset_window_ms=max(100, config.vad_onset_ms),
+        hangover_ms=config.vad_hangover_ms,
+        preroll_ms=config.vad_preroll_ms,
+    )
 
 
 @dataclass
@@ -62,13 +73,7 @@ class _Channel:
             if rate != session.model_rate
             else None
         )
-        self.vad_config = VadConfig(
-            aggressiveness=cfg.vad_aggressiveness,
-            onset_ms=cfg.vad_onset_ms,
-            onset_window_ms=max(100, cfg.vad_onset_ms),
-            hangover_ms=cfg.vad_hangover_ms,
-            preroll_ms=cfg.vad_preroll_ms,
-        )
+        self.vad_config = vad_config_for(cfg)
         self.vad = Vad(session.model_rate, self.vad_config)
         self.frame_bytes = self.vad.frame_bytes
         self.in_block = rate * FRAME_MS // 1000  # input samples per 20 ms

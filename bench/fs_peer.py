@@ -15,7 +15,7 @@ line, an optional ``Content-Length`` body) and *serializes* FreeSWITCH's replies
   queued and played at real time with ``playback_start``/``playback_stop`` and flush.
 * :class:`InboundEslServer` is FreeSWITCH's inbound Event Socket (port 8021 style, §3.3,
   TV-ESL-1) on an ephemeral port. It and the Event Socket wire format live in
-  tests/fs_peer_esl.py and are re-exported here.
+  bench/fs_peer_esl.py and are re-exported here.
 
 Everything observable is recorded with ``time.monotonic_ns()`` so tests can assert on
 timing (commands received, mic bytes sent, playback received and played, events fired).
@@ -36,7 +36,7 @@ import uuid as uuidlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from tests.fs_peer_esl import (
+from bench.fs_peer_esl import (
     GOODBYE,
     MYEVENTS,
     Command,
@@ -71,7 +71,7 @@ __all__ = [
     "channel_template",
 ]
 
-log = logging.getLogger("tests.fs_peer")
+log = logging.getLogger("bench.fs_peer")
 
 # mod_socket_audio.c constants (§2.2, §2.4, §2.5).
 INPUT_RATE = 16000
@@ -82,7 +82,9 @@ PTIME_MS = 20
 MIC_FRAME = INPUT_RATE // 1000 * PTIME_MS * 2  # 640 B
 PLAY_FRAME = OUTPUT_RATE // 1000 * PTIME_MS * 2  # 960 B: the peer plays the 24 kHz bytes it got
 QUEUE_MAX = 48000 * 2 * 90
-_TEMPLATE_PATH = Path(__file__).parent / "captures/freeswitch-1.10.12/socket_audio_sip_pcmu/events.jsonl"
+# The recorded playback_start event of captures/freeswitch-1.10.12/socket_audio_sip_pcmu
+# (copied in tests/captures/), kept beside the peer so the bench runs without the tests.
+_TEMPLATE_PATH = Path(__file__).parent / "fs_channel.json"
 
 
 def channel_template() -> tuple[str, list[tuple[str, str]]]:
@@ -91,13 +93,10 @@ def channel_template() -> tuple[str, list[tuple[str, str]]]:
     The headers are those ``switch_channel_event_set_data`` adds (``Channel-State`` through
     the last ``variable_*``), taken from the recorded ``playback_start`` event.
     """
-    for line in _TEMPLATE_PATH.read_text().splitlines():
-        event = json.loads(line)
-        if event.get("Event-Subclass") == "socket_audio::playback_start":
-            names = list(event)
-            start = names.index("Channel-State")
-            return event["Unique-ID"], [(n, str(event[n])) for n in names[start:]]
-    raise RuntimeError(f"no playback_start event in {_TEMPLATE_PATH}")
+    event = json.loads(_TEMPLATE_PATH.read_text())
+    names = list(event)
+    start = names.index("Channel-State")
+    return event["Unique-ID"], [(n, str(event[n])) for n in names[start:]]
 
 
 # -- mod_socket_audio + the outbound session ---------------------------------------
@@ -312,15 +311,16 @@ class SocketAudioCall(EslListener):
         self.set_variable("current_application_data", self.socket_arg)
         self.set_variable("current_application", "socket")
         self.set_variable("socket_host", host)
-        self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), timeout)
-        sock = self.writer.get_extra_info("socket")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), timeout)
+        self.reader, self.writer = reader, writer
+        sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         # FreeSWITCH gives the application 25 s for its first command (§3.6), then sends the
         # disconnect notice and closes (read_packet timeout -> listener_run end).
         try:
-            first = await asyncio.wait_for(read_command(self.reader), self.first_command_timeout)
+            first = await asyncio.wait_for(read_command(reader), self.first_command_timeout)
         except TimeoutError:
             self.close_esl()
             raise
@@ -333,7 +333,7 @@ class SocketAudioCall(EslListener):
             self.send(self.connect_reply())
         else:
             await self.handle(first)  # processed, but its reply is never sent
-        await self.writer.drain()
+        await writer.drain()
         self._tasks.append(asyncio.create_task(self.serve()))
         self._tasks.append(asyncio.create_task(self._park_loop()))
         return self

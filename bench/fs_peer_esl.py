@@ -8,7 +8,7 @@ disconnect notices and events (§3.4: ``text/event-plain`` with URL-encoded valu
 ``text/event-json``).
 
 * :class:`EslListener` is one Event Socket connection (shared by both modes);
-  tests/fs_peer.py builds the outbound channel with mod_socket_audio on it.
+  bench/fs_peer.py builds the outbound channel with mod_socket_audio on it.
 * :class:`InboundEslServer` is the inbound Event Socket (port 8021 style, §3.3, TV-ESL-1).
 """
 
@@ -30,7 +30,7 @@ from farm.protocol.esl import url_encode
 
 
 if TYPE_CHECKING:
-    from tests.fs_peer import SocketAudioCall
+    from bench.fs_peer import SocketAudioCall
 
 __all__ = [
     "GOODBYE",
