@@ -185,7 +185,6 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_up(args: argparse.Namespace) -> int:
     from farm.logs import setup_logging
     from farm.supervisor import run
-
     from workers.call import vad_config_for
 
     config = _config(args)

@@ -109,7 +109,9 @@ class Config:
         if self.socket_audio_ports:
             low, _, high = self.socket_audio_ports.partition("-")
             if not (low.isdigit() and (high or low).isdigit() and 0 < int(low) <= int(high or low) <= 65535):
-                raise ValueError(f"socket_audio_ports must be FIRST-LAST within 1-65535, got {self.socket_audio_ports!r}")
+                raise ValueError(
+                    f"socket_audio_ports must be FIRST-LAST within 1-65535, got {self.socket_audio_ports!r}"
+                )
         for name in ("playback_lead_ms", "barge_in_min_speech_ms", "partial_interval_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -315,10 +315,21 @@ class AudioStreamSite:
 
     def metrics_text(self) -> str:
         m = self.metrics
-        overrun = m.overrun_bytes + sum(c.call.ring.overrun_bytes for c in self.live if c.call is not None)
+        calls = list(self.registry.calls.values())
+        active = [c for c in calls if not c.closed_at]
+        overrun = m.overrun_bytes + sum(c.ring.overrun_bytes for c in calls)
         lines = [
             "# TYPE farm_calls_active gauge",
-            f"farm_calls_active {len(self.live)}",
+            f"farm_calls_active {len(active)}",
+            "# TYPE farm_calls_active_by_protocol gauge",
+            *(
+                f'farm_calls_active_by_protocol{{protocol="{p}"}} {sum(c.protocol == p for c in active)}'
+                for p in ("audio_stream", "socket_audio", "vosk")
+            ),
+            "# TYPE farm_calls_playing gauge",
+            f"farm_calls_playing {sum(bool(c.ring.playing) for c in active)}",
+            "# TYPE farm_barge_ins_total counter",
+            f"farm_barge_ins_total {m.barge_ins}",
             "# TYPE farm_workers_live gauge",
             f"farm_workers_live {self.registry.workers_live}",
             "# TYPE farm_calls_total counter",

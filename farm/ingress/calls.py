@@ -53,6 +53,7 @@ class Metrics:
     frames: int = 0
     events_relayed: int = 0
     overrun_bytes: int = 0
+    barge_ins: int = 0
 
     def reject(self, reason: str) -> None:
         self.calls_rejected[reason] = self.calls_rejected.get(reason, 0) + 1
@@ -219,7 +220,7 @@ class CallRegistry:
                 continue
             call = self.calls.get(event.call_id) or self._late.get(event.call_id)
             if call is not None and event.type == "flush" and call.player is not None:
-                call.player.barge_in(event)
+                self.metrics.barge_ins += call.player.barge_in(event)
             if call is not None and call.on_event is not None:
                 self.metrics.events_relayed += 1
                 call.on_event(event)

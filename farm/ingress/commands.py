@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import zmq
@@ -35,6 +36,7 @@ __all__ = ["CommandServer"]
 log = logging.getLogger("farm.ingress.commands")
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+CALL_WAIT_S = 2.0
 
 
 class CommandServer:
@@ -84,6 +86,12 @@ class CommandServer:
             return {"ok": True, "calls": self._calls()}
         call_id = str(header.get("call_id", ""))
         call = self.registry.calls.get(call_id)
+        # An app may ask as soon as FreeSWITCH reports the stream started, a moment
+        # before the call is ours: give it that moment.
+        deadline = time.monotonic() + CALL_WAIT_S
+        while call is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            call = self.registry.calls.get(call_id)
         if call is None or call.closed_at:
             raise PlaybackError(f"no live call {call_id!r}")
         if call.player is None:

@@ -163,14 +163,14 @@ class Player:
         info["flushed"] = bool(self._flush_remote())
         return info
 
-    def barge_in(self, request: Event) -> None:
-        """A worker heard the caller speak over playback (a ``flush`` event)."""
+    def barge_in(self, request: Event) -> bool:
+        """A worker heard the caller speak over playback (a ``flush`` event); True if it cut."""
         now = time.monotonic_ns()
         if not self.is_playing(now):
             # Playback ended between the worker's look at the flag and now: flushing
             # an idle mod_socket_audio would eat the next prompt's start (§2.5).
             log.debug("call %s: barge-in request after playback ended; nothing to cut", self.call_id)
-            return
+            return False
         info = self._cut(now, "barge_in")
         flush_ns = self._flush_remote()
         self.barge_ins += 1
@@ -186,6 +186,7 @@ class Player:
             info.get("played_ms", 0),
             info.get("flushed_ms", 0),
         )
+        return True
 
     def on_remote_playback(self, started: bool) -> None:
         """FreeSWITCH says it started or stopped playing (socket_audio::playback_*)."""
