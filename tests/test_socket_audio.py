@@ -377,11 +377,30 @@ def test_bad_event_socket_input_ends_that_call_only(node: Node) -> None:
     assert farm_segments(node.pids("ingress")[0]) == []
 
 
-def test_barge_in_waits_for_the_configured_amount_of_speech(tmp_path: Path) -> None:
-    n = start_node(tmp_path, "--barge-in-min-speech-ms", "400", workers=1)
+def test_barge_in_waits_for_the_configured_amount_of_speech_and_fallback_gives_the_call_back(
+    tmp_path: Path,
+) -> None:
+    n = start_node(
+        tmp_path,
+        "--barge-in-min-speech-ms",
+        "400",
+        "--socket-audio-fallback",
+        "dialplan",
+        "--socket-audio-timeout",
+        "1",
+        workers=1,
+    )
     try:
 
         async def scenario() -> Leg:
+            mute = await Leg(n, never_connect_audio=True).start(audio=False)
+            await mute.until("error")
+            await asyncio.wait_for(mute.peer.closed.wait(), 10_000 * MS)
+            await mute.peer.aclose()
+            mute.sub.close()
+            lines = [c.line for c in mute.peer.commands]
+            assert lines[-2:] == ["resume", "exit"]  # back to the dialplan, not hung up by farm
+            assert not [c for c in mute.peer.commands if c.header("call-command") == "hangup"]
             leg = await Leg(n).start()
             async with Commands(n.commands) as farm:
                 await farm.play(leg.peer.uuid, prompt(8.0), rate=22050)
