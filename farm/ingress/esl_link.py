@@ -60,8 +60,11 @@ class EslLink:
             raise EslClosed(self.close_reason or "closed")
         future: asyncio.Future[esl.Message] = asyncio.get_running_loop().create_future()
         self.pending.append(future)
+        # Stamped just before the write: taken after it, a preemption of this process
+        # could date the command later than FreeSWITCH received it.
+        written = time.monotonic_ns()
         self.writer.write(data)
-        return future, time.monotonic_ns()
+        return future, written
 
     async def request(self, data: bytes, timeout: float) -> esl.Message:
         """Send a command and wait for its reply; TimeoutError or EslClosed otherwise."""
