@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import signal
 import time
 import uuid
 import wave
@@ -464,3 +466,34 @@ def test_a_mod_audio_stream_call_plays_with_stream_audio_and_barges_in_with_uuid
     assert len([b for b in breaks if b.startswith("api uuid_break")]) == 1
     barge = events[-1]
     assert barge["id"] == "ivr" and barge["flush_sent"]
+
+
+def test_sigterm_hands_socket_audio_calls_back_to_the_dialplan_and_refuses_new_ones(tmp_path: Path) -> None:
+    n = start_node(tmp_path, workers=1)
+    try:
+
+        async def scenario() -> tuple[Leg, int, bool]:
+            leg = await Leg(n).start()
+            await leg.until("call_start")
+            n.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(leg.peer.closed.wait(), 20_000 * MS)
+            await leg.until("call_end", timeout=20_000 * MS)
+            # The Event Socket port is closed: FreeSWITCH moves on to its next target.
+            try:
+                await asyncio.open_connection("127.0.0.1", n.esl_port)
+                refused = False
+            except OSError:
+                refused = True
+            code = await asyncio.to_thread(n.proc.wait, 40)
+            await leg.peer.aclose()
+            leg.sub.close()
+            return leg, code, refused
+
+        leg, code, refused = asyncio.run(scenario())
+    finally:
+        n.stop()
+    assert code == 0 and refused
+    lines = [c.line for c in leg.peer.commands]
+    assert lines[-2:] == ["resume", "exit"]
+    ingress = int(re.search(r"started ingress \(pid (\d+)\)", n.log()).group(1))  # type: ignore[union-attr]
+    assert not farm_segments(ingress)
