@@ -363,6 +363,7 @@ class VoskSender(Sender):
 # the farm's VAD (300 ms hangover, ~100 ms of webrtcvad stretch) has ended that one first.
 _PROMPT_AFTER_SPEECH_MS = 600
 _PROMPT_MIN_LEAD_MS = 200  # less prompt than this before the caller speaks is not a barge-in to measure
+_HANGUP_AFTER_S = 0.3  # the caller's line stays up (silence) this long after the script
 _FLUSH_SETTLE_NS = 25_000_000  # after a flush is consumed, one frame may still be on its way out
 
 
@@ -440,6 +441,10 @@ class SocketAudioSender(Sender):
             record.late_ms_max = max(
                 ((t - t0) / 1e6 - i * record.chunk_ms for i, t in enumerate(record.send_ns)), default=0.0
             )
+            # Hang up once the farm has read the script: closing the audio socket with playback
+            # unread resets it, and the farm would lose the frames still in its buffer.
+            await asyncio.sleep(_HANGUP_AFTER_S)
+            record.end_ns = time.monotonic_ns()  # the line's last (silent) audio: the backlog counts from here
             await asyncio.wait_for(peer.hangup(), self.options.tail_timeout_s)
         except (OSError, ConnectionError, TimeoutError, CommandError, ValueError) as exc:
             record.errors.append(f"call: {type(exc).__name__}: {exc}")
