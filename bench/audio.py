@@ -25,7 +25,18 @@ from pathlib import Path
 import numpy as np
 
 
-__all__ = ["DATA", "read_mono", "Utterance", "CallScript", "sentence", "speech_span", "build_script", "SENTENCES"]
+__all__ = [
+    "DATA",
+    "read_mono",
+    "Utterance",
+    "CallScript",
+    "sentence",
+    "speech_span",
+    "build_script",
+    "SENTENCES",
+    "prompt_pcm",
+    "resample_script",
+]
 
 # The repository's fixtures; FARM_BENCH_DATA points an installed bench at a copy of them.
 DATA = Path(os.environ.get("FARM_BENCH_DATA") or Path(__file__).resolve().parent.parent / "tests" / "data")
@@ -152,3 +163,28 @@ def build_script(
         # whole milliseconds that cover the speech: floor the start, ceil the end
         utterances.append(Utterance(max(a, 0) // ms, -(-min(b, total) // ms), name, complete))
     return CallScript(call_id, rate, audio.tobytes(), tuple(utterances))
+
+
+PROMPT_RATE = 24000  # what mod_socket_audio plays: the farm sends it on unconverted
+
+
+def prompt_pcm(ms: int, rate: int = PROMPT_RATE) -> bytes:
+    """A synthetic, speech-like prompt of ``ms`` ms: a 140 Hz voice with harmonics, syllable
+    envelope at ~4 Hz. Never silent (envelope floor), so any of it played after a flush shows."""
+    t = np.arange(rate * ms // 1000) / rate
+    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
+    envelope = 0.35 + 0.65 * np.abs(np.sin(np.pi * 4 * t))
+    return (4000 * envelope * voice).astype("<i2").tobytes()
+
+
+def resample_script(script: CallScript, rate: int) -> CallScript:
+    """The same call at another rate (soxr, as the workers resample); speech spans are in ms, unchanged."""
+    if script.rate == rate:
+        return script
+    import dataclasses
+
+    import soxr
+
+    samples = np.frombuffer(script.pcm, dtype="<i2")
+    out = soxr.resample(samples, script.rate, rate).astype("<i2")
+    return dataclasses.replace(script, rate=rate, pcm=out.tobytes())

@@ -3,6 +3,7 @@
 farm bench --start-farm --workers 2 --calls 20 --duration 60 --out results/run.json
 farm bench --start-farm --workers 2 --ramp --duration 60 --out results/ramp.json
 farm bench --target ws://127.0.0.1:2700 --protocol vosk --calls 4 --duration 30
+farm bench --start-farm --protocol socket_audio --calls 6 --duration 60 --out results/barge-in.json
 farm bench --rtf
 """
 
@@ -44,6 +45,10 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
     server.add_argument(
         "--protocol", choices=PROTOCOLS, default="amigniter", help="emulated sender (default %(default)s)"
     )
+    server.add_argument("--esl", default="", help="socket_audio: the farm's outbound Event Socket server, host:port")
+    server.add_argument(
+        "--commands", default="", help="socket_audio: the farm's command endpoint, e.g. tcp://127.0.0.1:5557"
+    )
     server.add_argument("--start-farm", action="store_true", help="start a farm for the run (free loopback ports)")
     server.add_argument("--workers", type=int, default=2, help="--start-farm: worker processes (default %(default)s)")
     server.add_argument("--farm-arg", action="append", default=[], help="--start-farm: extra `farm up` argument")
@@ -60,6 +65,12 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
     audio.add_argument("--jitter-ms", type=float, default=0.0, help="each frame leaves up to this much late")
     audio.add_argument("--burst-ms", type=int, default=40, help="sptmru message size (40 or 80 ms)")
     audio.add_argument("--vosk-chunk-ms", type=int, default=20, help="vosk message size (default %(default)s)")
+    audio.add_argument(
+        "--prompt-ms", type=int, default=3000, help="socket_audio: prompt played before each utterance (ms)"
+    )
+    audio.add_argument(
+        "--prompt-lead-ms", type=int, default=1000, help="socket_audio: the caller speaks this far into it (ms)"
+    )
     audio.add_argument("--vosk-reset", action="store_true", help='vosk: send {"reset" : 1} at each end of speech')
 
     slo = p.add_argument_group("the SLO (ramp)")
@@ -107,6 +118,10 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> Any:
         vosk_chunk_ms=args.vosk_chunk_ms,
         vosk_reset=args.vosk_reset,
         lag_limit_ms=args.lag_limit_ms,
+        esl=args.esl,
+        commands=args.commands,
+        prompt_ms=args.prompt_ms,
+        prompt_lead_ms=args.prompt_lead_ms,
         slo=Slo(args.slo_final_ms, args.slo_onset_ms, args.slo_max_lost, not args.no_slo_real_time),
         pids=_pids(args),
         progress=not args.no_progress,
@@ -159,8 +174,8 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
         from bench.rtf import main as rtf_main
 
         return rtf_main(args)
-    if args.protocol == "socket_audio":
-        print("--protocol socket_audio is not implemented yet (see bench/senders.py)", file=sys.stderr)
+    if args.protocol == "socket_audio" and not args.start_farm and not (args.esl and args.commands):
+        print("--protocol socket_audio needs --start-farm, or --esl and --commands", file=sys.stderr)
         return 2
     from bench.run import machine_info, start_farm
 
@@ -169,7 +184,14 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
         print(f"farm log: {log}", file=sys.stderr)
         with start_farm(args.workers, log, args.farm_arg, vosk=args.protocol == "vosk") as farm:
             target = farm.vosk_url if args.protocol == "vosk" else farm.url
-            cfg = config_from_args(args, target=target, events=farm.events, pids={**farm.pids(), **_pids(args)})
+            cfg = config_from_args(
+                args,
+                target=target,
+                events=farm.events,
+                esl=f"127.0.0.1:{farm.esl_port}",
+                commands=farm.commands,
+                pids={**farm.pids(), **_pids(args)},
+            )
             result = _run(args, cfg)
     else:
         cfg = config_from_args(args)

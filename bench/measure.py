@@ -9,7 +9,10 @@ Two kinds of figures (ARCHITECTURE.md, "Per-stage latency vocabulary"):
   - ``onset_speech_start``: first speech sample sent -> speech_start received;
   - ``eos_final``: last speech sample sent -> the first final received after it;
   - ``first_partial``: first speech sample sent -> first non-empty partial received;
-  - ``barge_in``: first speech sample sent -> barge_in received (calls that play audio).
+  - ``barge_in``: first speech sample sent -> barge_in received (calls that play audio);
+  - ``barge_in_flush`` (socket_audio): the peer's first speech byte of an utterance spoken
+    over a prompt -> ``api uuid_socket_audio_flush`` fully received by the peer: the cut as
+    FreeSWITCH sees it.
 
 * The farm's stage stamps (farm protocols only), ``t`` of every event:
 
@@ -22,6 +25,8 @@ Two kinds of figures (ARCHITECTURE.md, "Per-stage latency vocabulary"):
   - ``asr``: ``asr - commit`` of partials and finals (the audio's commit -> recogniser
     output: the farm has no separate "fed" stamp, so this includes the queue to Vosk);
   - ``publish``: event published -> received by the bench (ZeroMQ);
+  - ``barge_in_farm``: ``flush - recv`` of barge_in (the utterance's first voiced frame
+    read off the socket -> flush command written: ARCHITECTURE.md's barge-in latency);
   - ``eos_final_farm``: ``recv`` of the last frame the farm's VAD called speech ->
     final received (the farm's own view of end of speech -> final).
 
@@ -56,9 +61,11 @@ STAGES: dict[str, str] = {
     "onset_speech_start": "onset -> speech_start",
     "first_partial": "onset -> first partial",
     "barge_in": "onset -> barge-in",
+    "barge_in_flush": "barge-in: onset -> flush at FreeSWITCH",
+    "barge_in_farm": "barge-in (farm: voiced frame -> flush)",
     "reply_lag": "message -> reply (vosk)",
 }
-GROUND_TRUTH = ("eos_final", "onset_speech_start", "first_partial", "barge_in")
+GROUND_TRUTH = ("eos_final", "onset_speech_start", "first_partial", "barge_in", "barge_in_flush")
 
 _ONSET_SLACK_MS = 200  # a speech_start this far before the script's onset still belongs to it
 
@@ -85,9 +92,12 @@ def call_samples(record: CallRecord) -> dict[str, list[float]]:
             out["publish"].append(_ms(o.got_ns - t["publish"]))
         if o.kind == "final" and o.reason in ("vad", "end") and "recv" in t:
             out["eos_final_farm"].append(_ms(o.got_ns - t["recv"]))
+        if o.kind == "barge_in" and "flush" in t and "recv" in t:
+            out["barge_in_farm"].append(_ms(t["flush"] - t["recv"]))
     out["reply_lag"] = list(record.reply_lag_ms)
 
     # Ground truth: pair each measured utterance with what answered it.
+    out["barge_in_flush"] = _flush_samples(record)
     finals = [o for o in obs if o.kind == "final"]
     used: set[int] = set()
     for u in record.script.measured():
@@ -120,6 +130,21 @@ def call_samples(record: CallRecord) -> dict[str, list[float]]:
                     out["first_partial"].append(_ms(o.got_ns - start_ns))
                 break
     return {k: v for k, v in out.items() if v}
+
+
+def _flush_samples(record: CallRecord) -> list[float]:
+    """Each prompted utterance's first speech byte sent -> the first flush command after it
+    (before the next utterance: a flush later than that is not this utterance's)."""
+    starts = sorted(u.start_ms for u in record.script.utterances)
+    out = []
+    for start_ms in record.prompted_ms:
+        start_ns = record.sent_at(start_ms)
+        later = [s for s in starts if s > start_ms]
+        until = record.sent_at(later[0]) if later else 1 << 62
+        flush = next((f for f in record.flush_ns if start_ns <= f < until), None)
+        if flush is not None:
+            out.append(_ms(flush - start_ns))
+    return out
 
 
 @dataclass(frozen=True)

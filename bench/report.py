@@ -43,6 +43,12 @@ def step_report(step: Mapping[str, Any]) -> str:
         f"(worst lag {fmt_ms(step['worst_lag_ms'])} ms); bench pacing late by at most "
         f"{fmt_ms(step['bench_late_ms_max'])} ms, bench CPU {step['bench_cpu_s_per_call_s']:.4f} s/call-s",
     ]
+    if step.get("prompts"):
+        lines.append(
+            f"barge-in: {step['prompts']} prompts under caller speech, {step['flushes']} flushes; "
+            f"flushes while idle {step['flush_idle']}, prompt frames played after a flush "
+            f"{step['prompt_after_flush']}, playback violations {len(step['playback_violations'])}"
+        )
     if step["errors"]:
         lines.append("errors: " + "; ".join(step["errors"][:5]))
     if step.get("procs"):

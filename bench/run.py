@@ -72,6 +72,10 @@ class BenchConfig:
     vosk_reset: bool = False
     lag_limit_ms: float = 1000.0
     tail_timeout_s: float = 30.0
+    esl: str = ""  # socket_audio: the farm's outbound Event Socket server, host:port
+    commands: str = ""  # socket_audio: the farm's command endpoint
+    prompt_ms: int = 3000
+    prompt_lead_ms: int = 1000
     slo: Slo = field(default_factory=Slo)
     pids: dict[int, str] = field(default_factory=dict)  # server processes to watch: pid -> role
     progress: bool = True
@@ -85,6 +89,10 @@ class BenchConfig:
             vosk_chunk_ms=self.vosk_chunk_ms,
             vosk_reset=self.vosk_reset,
             tail_timeout_s=self.tail_timeout_s,
+            esl=self.esl,
+            commands=self.commands,
+            prompt_ms=self.prompt_ms,
+            prompt_lead_ms=self.prompt_lead_ms,
         )
 
 
@@ -207,6 +215,10 @@ def check_slo(step: dict[str, Any], slo: Slo) -> dict[str, Any]:
         broken.append(f"p95 onset {onset['p95']} > {slo.onset_p95_ms:g} ms")
     if step["lost_messages"] + (1 if step["overrun_bytes"] else 0) > slo.max_lost:
         broken.append(f"{step['lost_messages']} messages lost, {step['overrun_bytes']} bytes overrun")
+    if step.get("flush_idle") or step.get("prompt_after_flush"):
+        broken.append(
+            f"{step['flush_idle']} flushes while idle, {step['prompt_after_flush']} prompt frames after a flush"
+        )
     if slo.real_time and step["real_time_calls"] < step["calls"]:
         broken.append(f"{step['calls'] - step['real_time_calls']} calls behind real time")
     return {"held": not broken, "broken": broken, **asdict(slo)}
@@ -260,6 +272,11 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
                 "bytes_sent": r.bytes_sent,
                 "bytes_received": r.bytes_received,
                 "utterances": len(r.script.measured()),
+                "prompts": len(r.prompted_ms),
+                "flushes": len(r.flush_ns),
+                "flush_idle": r.flush_idle,
+                "prompt_after_flush": r.prompt_after_flush,
+                "playback_violations": r.playback_violations,
                 "speech_ms": r.script.speech_ms,
             }
         )
@@ -268,7 +285,7 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
         "calls": calls,
         "protocol": cfg.protocol,
         "duration_s": cfg.duration_s,
-        "rate": cfg.rate,
+        "rate": records[0].script.rate if records else cfg.rate,  # on the wire (socket_audio: 16 kHz)
         "wall_s": round(wall, 1),
         "stages": {k: summarize(v) for k, v in samples.items()},
         "samples": {k: _decimate(v) for k, v in samples.items()},
@@ -279,6 +296,12 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
         "overrun_bytes": sum(d["overrun_bytes"] for d in details),
         "missed_finals": sum(d["missed_finals"] for d in details),
         "errors": [e for d in details for e in d["errors"]][:20],
+        # socket_audio: barge-in over the bench's prompts (0 for the other protocols)
+        "prompts": sum(d["prompts"] for d in details),
+        "flushes": sum(d["flushes"] for d in details),
+        "flush_idle": sum(d["flush_idle"] for d in details),
+        "prompt_after_flush": sum(d["prompt_after_flush"] for d in details),
+        "playback_violations": [v for d in details for v in d["playback_violations"]][:20],
         "real_time_calls": sum(1 for d in details if d["real_time"]),
         "worst_lag_ms": max((d["lag_ms"] for d in details), default=0.0),
         "bench_late_ms_max": max((d["bench_late_ms"] for d in details), default=0.0),

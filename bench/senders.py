@@ -14,8 +14,9 @@ sptmru         the sptmru fork: rate in the URL, bursts of 40 ms (or 80 ms)  far
                at the codec rate (PROTOCOLS.md §1.6, §1.11)                  (ZeroMQ)
 vosk           vosk-server's WebSocket protocol: ``{"config": …}``, binary   per message
                chunks, ``{"eof" : 1}``; a reply to every message             (client-side)
-socket_audio   mod_socket_audio through an Event Socket peer: not yet (see   -
-               :class:`SocketAudioSender`)
+socket_audio   mod_socket_audio: an Event Socket peer (bench/fs_peer.py) the  farm events
+               farm drives, 640 B of 16 kHz per 20 ms on its audio socket;   (ZeroMQ),
+               prompts played through the farm's command socket              flushes
 =============  ============================================================  ==========
 
 Adding a protocol is one subclass of :class:`Sender` with ``run()`` and an entry in
@@ -38,7 +39,7 @@ from typing import Any, ClassVar
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from bench.audio import CallScript
+from bench.audio import PROMPT_RATE, CallScript, prompt_pcm, resample_script
 
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "SptmruSender",
     "VoskSender",
     "SocketAudioSender",
+    "prompt_schedule",
     "SENDERS",
     "PROTOCOLS",
 ]
@@ -92,6 +94,12 @@ class CallRecord:
     end_ns: int = 0  # last audio message sent
     done_ns: int = 0  # call_end (farm) or the reply to eof (vosk) received; 0: never
     errors: list[str] = field(default_factory=list)
+    # socket_audio: prompts played over the caller (barge-in), as the peer saw them
+    prompted_ms: list[int] = field(default_factory=list)  # start_ms of the utterances a prompt was under
+    flush_ns: list[int] = field(default_factory=list)  # each uuid_socket_audio_flush, when it fully arrived
+    flush_idle: int = 0  # flushes that came with nothing playing (they would eat the next prompt's start)
+    prompt_after_flush: int = 0  # non-silent prompt frames played > 25 ms after a flush was consumed
+    playback_violations: list[str] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -113,6 +121,10 @@ class SenderOptions:
     vosk_chunk_ms: int = 20
     vosk_reset: bool = False  # send reset at each utterance end, as a client with a perfect VAD would
     tail_timeout_s: float = 30.0  # after the last audio: wait this long for call_end / the eof reply
+    esl: str = ""  # socket_audio: host:port of the farm's outbound Event Socket server
+    commands: str = ""  # socket_audio: the farm's command endpoint (prompts)
+    prompt_ms: int = 3000  # socket_audio: length of each prompt played before a caller utterance
+    prompt_lead_ms: int = 1000  # socket_audio: the prompt starts this long before the utterance
 
 
 class Sender(ABC):
@@ -347,21 +359,121 @@ class VoskSender(Sender):
             record.errors.append(f"stream: {type(exc).__name__}: {exc}")
 
 
-class SocketAudioSender(Sender):
-    """mod_socket_audio: not implemented yet.
+# socket_audio: a prompt starts this long after the previous utterance at the earliest, so
+# the farm's VAD (300 ms hangover, ~100 ms of webrtcvad stretch) has ended that one first.
+_PROMPT_AFTER_SPEECH_MS = 600
+_PROMPT_MIN_LEAD_MS = 200  # less prompt than this before the caller speaks is not a barge-in to measure
+_HANGUP_AFTER_S = 0.3  # the caller's line stays up (silence) this long after the script
+_FLUSH_SETTLE_NS = 25_000_000  # after a flush is consumed, one frame may still be on its way out
 
-    It will be a FreeSWITCH Event Socket peer (tests/fs_peer.py, being written on
-    another branch) that connects to the farm's outbound ESL site, answers the
-    ``socket ... async full`` dialogue, then streams raw 16 kHz PCM over TCP and reads
-    24 kHz audio back, with latencies from the farm's events as for the WebSocket
-    protocols (set ``needs_events = True``).
+
+def prompt_schedule(script: CallScript, prompt_ms: int, lead_ms: int) -> list[tuple[int, int]]:
+    """``(at_ms, utterance start_ms)``: when to start a prompt so the utterance interrupts it.
+
+    Like a dialer: the prompt plays in the pause, the caller speaks over its last part.
+    Only measured utterances get one, and only when the pause leaves room for it.
+    """
+    out: list[tuple[int, int]] = []
+    prev_end = -(10**9)
+    for u in script.utterances:
+        at = max(u.start_ms - lead_ms, prev_end + _PROMPT_AFTER_SPEECH_MS)
+        lead = u.start_ms - at
+        if u.complete and at >= 0 and _PROMPT_MIN_LEAD_MS <= lead <= prompt_ms - _PROMPT_MIN_LEAD_MS:
+            out.append((at, u.start_ms))
+        prev_end = u.end_ms
+    return out
+
+
+class SocketAudioSender(Sender):
+    """mod_socket_audio, as FreeSWITCH runs it for a dialer's call (bench/fs_peer.py).
+
+    The peer connects to the farm's outbound Event Socket server, lets the farm run
+    ``socket_audio``, then streams the call (resampled to 16 kHz: the module's only mic
+    rate) on its 20 ms grid. Before each measured utterance a prompt is played through
+    the farm's command socket so the caller speaks over it: the farm must cut it with
+    ``uuid_socket_audio_flush``. The peer stamps each command when it fully arrived,
+    which gives the barge-in latency from outside the farm. Ends with a hang-up.
     """
 
     protocol = "socket_audio"
     needs_events = True
 
     async def run(self, record: CallRecord) -> None:
-        raise NotImplementedError("--protocol socket_audio: the Event Socket peer is not in the bench yet")
+        from bench.fs_peer import INPUT_RATE, SocketAudioCall
+        from farm.client import CommandError, Commands
+
+        assert self.router is not None, "farm protocols need an EventRouter"
+        record.script = resample_script(record.script, INPUT_RATE)
+        record.chunk_ms = 20
+        host, _, port = self.options.esl.rpartition(":")
+        peer = SocketAudioCall(record.call_id)
+        self.router.records[record.call_id] = record
+        plays: list[int] = []  # when each prompt was asked for
+        try:
+            await peer.connect(host or "127.0.0.1", int(port))
+            await asyncio.wait_for(peer.audio_connected.wait(), 10)
+            async with Commands(self.options.commands) as commands:
+                streaming = asyncio.create_task(peer.stream(record.script.pcm))
+                while not peer.speech_sent and not streaming.done():
+                    await asyncio.sleep(0.002)
+                # The mic loop keeps a fixed 20 ms grid: audio offset -> time is linear from here.
+                t0 = peer.speech_sent[0][0] if peer.speech_sent else time.monotonic_ns()
+                opts = self.options
+                prompt = prompt_pcm(opts.prompt_ms)
+                for at_ms, start_ms in prompt_schedule(record.script, opts.prompt_ms, opts.prompt_lead_ms):
+                    delay = (t0 + at_ms * 1_000_000 - time.monotonic_ns()) / 1e9
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if streaming.done():
+                        break
+                    plays.append(time.monotonic_ns())
+                    try:
+                        await commands.play(record.call_id, prompt, PROMPT_RATE, play_id=f"prompt-{start_ms}")
+                    except CommandError as exc:
+                        record.errors.append(f"play: {exc}")
+                        continue
+                    record.prompted_ms.append(start_ms)
+                writes = await streaming
+            record.send_ns = [t for t, _ in writes]
+            record.messages_sent = len(writes)
+            record.bytes_sent = sum(n for _, n in writes)
+            record.end_ns = record.send_ns[-1] if writes else time.monotonic_ns()
+            record.late_ms_max = max(
+                ((t - t0) / 1e6 - i * record.chunk_ms for i, t in enumerate(record.send_ns)), default=0.0
+            )
+            # Hang up once the farm has read the script: closing the audio socket with playback
+            # unread resets it, and the farm would lose the frames still in its buffer.
+            await asyncio.sleep(_HANGUP_AFTER_S)
+            record.end_ns = time.monotonic_ns()  # the line's last (silent) audio: the backlog counts from here
+            await asyncio.wait_for(peer.hangup(), self.options.tail_timeout_s)
+        except (OSError, ConnectionError, TimeoutError, CommandError, ValueError) as exc:
+            record.errors.append(f"call: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            _judge_playback(record, peer, plays)
+            await peer.aclose()
+        try:
+            await asyncio.wait_for(record.done.wait(), self.options.tail_timeout_s)
+        except TimeoutError:
+            record.errors.append(f"no call_end {self.options.tail_timeout_s:.0f} s after the hang-up")
+
+
+def _judge_playback(record: CallRecord, peer: Any, plays: list[int]) -> None:
+    """What the peer saw of the farm's flushes and playback (bench/fs_peer.py's records)."""
+    record.flush_ns = [
+        c.t_ns for c in peer.commands if c.name == "api" and c.args.startswith("uuid_socket_audio_flush")
+    ]
+    # A flush consumed with nothing playing, or never consumed, sat pending: it eats the
+    # start of the next prompt (PROTOCOLS.md §2.5).
+    record.flush_idle = sum(1 for f in peer.flushes if not f[3]) + max(0, len(record.flush_ns) - len(peer.flushes))
+    for consumed, *_ in peer.flushes:
+        next_play = min((p for p in plays if p > consumed), default=1 << 62)
+        record.prompt_after_flush += sum(
+            1
+            for t, frame in peer.played
+            if consumed + _FLUSH_SETTLE_NS < t < next_play and frame.count(0) != len(frame)
+        )
+    record.playback_violations = list(peer.violations)
 
 
 SENDERS: dict[str, type[Sender]] = {

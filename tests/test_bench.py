@@ -24,7 +24,7 @@ from bench import cli
 from bench.audio import CallScript, Utterance, build_script, sentence, speech_span
 from bench.measure import call_samples, verdict
 from bench.run import BenchConfig, Slo, capacity_at, check_slo, run_step
-from bench.senders import VOSK_EOF, VOSK_RESET, CallRecord, Observation
+from bench.senders import VOSK_EOF, VOSK_RESET, CallRecord, Observation, prompt_schedule
 from bench.stats import percentile, summarize
 
 from .conftest import MS, Node, start_node
@@ -239,6 +239,47 @@ def test_a_short_run_reports_every_stage_writes_json_and_a_plot(bench_node: Node
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "end of speech -> final" in printed and "onset -> speech_start" in printed and "worker-0" in printed
+
+
+def test_prompts_start_in_the_pause_and_the_caller_speaks_over_them() -> None:
+    script = CallScript(
+        "c",
+        16000,
+        b"",
+        (
+            Utterance(0, 1500, "ko_01", complete=False),  # cut by the call's start: no prompt
+            Utterance(4000, 6000, "ko_02"),  # long pause: the prompt leads by 1 s
+            Utterance(6900, 8000, "ko_03"),  # 900 ms pause: starts 600 ms after speech, 300 ms lead
+            Utterance(8300, 9000, "ko_04"),  # 300 ms pause: no room for a prompt
+        ),
+    )
+    assert prompt_schedule(script, 3000, 1000) == [(3000, 4000), (6600, 6900)]
+    assert prompt_schedule(script, 1000, 1000) == [(6600, 6900)]  # all of it before the caller speaks
+
+
+def test_a_socket_audio_run_measures_barge_in_at_freeswitch_and_in_the_farm(
+    bench_node: Node, tmp_path: Path, capsys
+) -> None:
+    esl = f"127.0.0.1:{bench_node.esl_port}"
+    doc = _bench(
+        bench_node,
+        tmp_path / "socket.json",
+        *("--protocol", "socket_audio", "--esl", esl, "--commands", bench_node.commands, "--no-plot"),
+        *("--calls", "2", "--duration", "8", "--speech-fraction", "0.5", "--prompt-ms", "2500"),
+    )
+    step = doc["result"]["steps"][0]
+    assert step["rate"] == 16000 and not step["errors"]
+    assert step["prompts"] >= 2 and step["flushes"] == step["prompts"]
+    for stage in ("barge_in_flush", "barge_in_farm", "barge_in", "onset_speech_start", "eos_final", "ingress"):
+        assert step["stages"][stage]["n"] > 0, stage
+        assert all(v > 0 for v in step["samples"][stage]) or stage == "ingress", stage
+    assert step["stages"]["barge_in_flush"]["n"] == step["prompts"]
+    # from outside, the cut takes at least the farm's own part of it
+    assert step["stages"]["barge_in_flush"]["p50"] >= step["stages"]["barge_in_farm"]["p50"]
+    assert step["flush_idle"] == 0 and step["prompt_after_flush"] == 0 and step["playback_violations"] == []
+    assert step["lost_messages"] == 0 and step["real_time_calls"] == 2
+    printed = capsys.readouterr().out
+    assert "barge-in: onset -> flush at FreeSWITCH" in printed and "flushes while idle 0" in printed
 
 
 def test_a_ramp_stops_at_the_first_step_that_breaks_the_slo(bench_node: Node, tmp_path: Path) -> None:
