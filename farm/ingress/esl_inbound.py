@@ -35,10 +35,6 @@ class InboundEsl:
     def start(self) -> None:
         self._task = asyncio.create_task(self._keep_connected(), name="inbound esl")
 
-    @property
-    def connected(self) -> bool:
-        return self.link is not None and not self.link.closed.is_set()
-
     def api(self, *args: str) -> int:
         """Send ``api <args>``; return when it was written (ns), 0 when not connected."""
         if self.link is None:

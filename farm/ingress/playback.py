@@ -124,7 +124,6 @@ class Player:
         self.heard_until = 0  # when the last byte written will have played
         self.fs_playing = False
         self.hold_until = 0
-        self.bytes_written = 0
         self.barge_ins = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -296,7 +295,6 @@ class Player:
                 )
             self.heard_until = start + n * 1_000_000_000 // BYTES_PER_S
             clip.sent += n
-            self.bytes_written += n
             if clip.sent >= len(clip.pcm):
                 clip.end_ns = self.heard_until
                 self.sent.append(self.queue.popleft())
