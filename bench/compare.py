@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 from bench.cli import build_parser, config_from_args, ramp_steps
 from bench.report import ramp_report, write_json
-from bench.run import Slo, capacity_at, machine_info, ramp, start_farm
+from bench.run import Slo, capacity_at, machine_info, ramp, start_farm, stop_process
 
 
 __all__ = ["main", "start_vosk_server", "results_section"]
@@ -84,13 +83,7 @@ def start_vosk_server(server: str, model: str, log_path: Path, rate: int, timeou
             time.sleep(0.3)
         yield f"ws://127.0.0.1:{port}", proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc, 20)
 
 
 def _at(result: dict[str, Any], calls: int) -> dict[str, Any] | None:

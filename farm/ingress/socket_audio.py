@@ -402,8 +402,6 @@ def _port_cycle(spec: str) -> tuple[itertools.cycle[int], int] | None:
     """``"40000-40999"`` -> an endless cycle over the range and its size; ``""`` -> None."""
     if not spec:
         return None
-    low, _, high = spec.partition("-")
+    low, _, high = spec.partition("-")  # validated by Config.check() at start
     first, last = int(low), int(high or low)
-    if not 0 < first <= last <= 65535:
-        raise ValueError(f"socket_audio_ports {spec!r}: expected FIRST-LAST within 1-65535")
     return itertools.cycle(range(first, last + 1)), last - first + 1
