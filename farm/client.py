@@ -16,7 +16,9 @@ socket (:mod:`farm.ingress.commands`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,20 +26,23 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from farm.protocol.events import Event, EventError, topic_for
+from farm.protocol.events import SUBSCRIBED, Event, EventError, topic_for
 
 
 __all__ = ["events", "Subscription", "Commands", "CommandError", "DEFAULT_EVENTS", "DEFAULT_COMMANDS"]
 
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
 DEFAULT_COMMANDS = "tcp://127.0.0.1:5557"
+# How long entering a Subscription waits for the farm to confirm it.
+SUBSCRIBE_TIMEOUT_S = 5.0
 
 
 class Subscription:
     """A live subscription to the events of one call (or all calls).
 
     Open it *before* the call starts (ZeroMQ drops what a subscriber was not yet
-    subscribed to), e.g. ``async with Subscription(url, call_id) as sub:``.
+    subscribed to), e.g. ``async with Subscription(url, call_id) as sub:``, which
+    returns once the farm has confirmed the subscription (:meth:`ready`).
     """
 
     def __init__(
@@ -51,20 +56,49 @@ class Subscription:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.sock.connect(endpoint)
-        self.sock.setsockopt(zmq.SUBSCRIBE, topic_for(call_id) if call_id else b"")
+        self.topic = topic_for(call_id) if call_id else b""
+        self.sock.setsockopt(zmq.SUBSCRIBE, self.topic)
+        self._early: deque[Event] = deque()  # events that came while waiting for the answer
+        self.subscribed = False
 
     async def __aenter__(self) -> Subscription:
-        # Let the subscription reach the publisher before the caller starts the call.
-        await asyncio.sleep(0.2)
+        await self.ready()
         return self
+
+    async def ready(self, timeout: float = SUBSCRIBE_TIMEOUT_S) -> bool:
+        """Wait until the farm has the subscription: nothing published after this is missed.
+
+        The farm's relay answers each subscription on its own topic. Returns False if
+        no answer came within ``timeout`` seconds (a farm too old to answer, or not
+        running): the subscription stays open and takes what comes.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.subscribed:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            try:
+                topic, raw = await asyncio.wait_for(self.sock.recv_multipart(), left)
+            except TimeoutError:
+                return False
+            if raw == SUBSCRIBED:
+                self.subscribed = self.subscribed or topic == self.topic
+                continue
+            with contextlib.suppress(EventError):
+                self._early.append(Event.from_json(raw))
+        return True
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     async def next(self, timeout: float | None = None) -> Event:
         """The next event; raises TimeoutError after ``timeout`` seconds."""
+        if self._early:
+            return self._early.popleft()
         while True:
             _topic, raw = await asyncio.wait_for(self.sock.recv_multipart(), timeout)
+            if raw == SUBSCRIBED:
+                continue  # the relay answering this or another subscriber's subscription
             try:
                 return Event.from_json(raw)
             except EventError:

@@ -9,9 +9,11 @@ loopback sockets. Timeouts are in units of ``MS`` scaled by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,8 +33,13 @@ from farm.config import default_model_dir
 from farm.protocol.events import Event
 from farm.sender import SendResult, metadata_for, read_wav, send_pcm
 
+from . import leftovers
+
 
 MS = 0.001 * float(os.environ.get("FARM_TESTS_TIMEOUT_FACTOR", "1"))
+# Every process the tests start inherits this marker, so what outlives them can be found.
+SESSION_MARKER = f"FARM_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["FARM_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
 DATA = Path(__file__).parent / "data"
 CAPTURES = Path(__file__).parent / "captures"
 TEXTS: dict[str, Any] = json.loads((DATA / "texts.json").read_text()) if (DATA / "texts.json").exists() else {}
@@ -70,8 +77,6 @@ class Node:
 
     def pids(self, role: str) -> list[int]:
         """Pids of one role, read from the node's own log lines."""
-        import re
-
         if role == "worker":
             found = re.findall(r"worker \d+ \(pid (\d+)\) started", self.log())
         else:
@@ -128,6 +133,7 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
     node = Node(
         proc, port, f"tcp://127.0.0.1:{events_port}", log_path, args, esl_port, f"tcp://127.0.0.1:{commands_port}"
     )
+    NODES.append(node)
     if wait:
         deadline = time.monotonic() + 60_000 * MS
         while "farm up (pid" not in node.log():
@@ -139,6 +145,47 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
         while node.log().count(") ready") < workers and time.monotonic() < deadline:
             time.sleep(0.05)
     return node
+
+
+NODES: list[Node] = []  # every node this run started: their pids own their rings
+
+
+def node_pids() -> set[int]:
+    pids = set()
+    for n in NODES:
+        pids.add(n.proc.pid)
+        with contextlib.suppress(OSError):
+            pids.update(int(p) for p in re.findall(r"\(pid (\d+)\)", n.log()))
+    return pids
+
+
+def _check_leftovers(before: leftovers.Snapshot, what: str) -> None:
+    """Fail if ``what`` left processes, rings or listening sockets; then clear them away."""
+    left = leftovers.leftovers_since(before, SESSION_MARKER, node_pids(), wait=20_000 * MS)
+    if not left:
+        return
+    for pid, _ in leftovers._marked_processes(SESSION_MARKER.encode()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for line in left:
+        if line.startswith("ring "):
+            with contextlib.suppress(OSError):
+                os.unlink(line.split()[1])
+    pytest.fail(f"{what} left behind:\n" + "\n".join(left), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_run_leaves_nothing_behind() -> Iterator[None]:
+    before = leftovers.snapshot()
+    yield
+    _check_leftovers(before, "the test run")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _each_module_stops_what_it_started(request: pytest.FixtureRequest) -> Iterator[None]:
+    before = leftovers.snapshot()
+    yield
+    _check_leftovers(before, request.module.__name__)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def assert_alive(farm: Farm) -> None:
     assert (status, body) == (200, b"ok\n")
 
 
-def rings_gone(farm: Farm, timeout: float = 3_000 * MS) -> list[str]:
+def rings_gone(farm: Farm, timeout: float = 30_000 * MS) -> list[str]:
     deadline = time.monotonic() + timeout
     while farm_segments(farm.ingress) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -112,10 +112,10 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n".encode()
     )
     await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5_000 * MS)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20_000 * MS)
     status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5_000 * MS)
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 20_000 * MS)
     writer.close()
     return int(status_line.split()[1]), headers, body
 
@@ -211,8 +211,8 @@ def test_a_10_mb_message_is_refused_with_1009_and_logged(farm: Farm) -> None:
                 await peer.send_binary(bytes(10 * 1024 * 1024))
             except ConnectionError:
                 pass  # the server may reset while the 10 MB are still on their way
-            await asyncio.wait_for(peer.closed.wait(), 5_000 * MS)
-            await asyncio.wait_for(peer.eof.wait(), 5_000 * MS)
+            await asyncio.wait_for(peer.closed.wait(), 20_000 * MS)
+            await asyncio.wait_for(peer.eof.wait(), 20_000 * MS)
             peer.abort()
             return peer, await events_until_end(sub)
 
@@ -280,8 +280,8 @@ def test_an_unknown_rate_in_the_url_is_closed_with_1003_naming_the_rate(farm: Fa
     async def one(query: str) -> AudioStreamPeer:
         peer = await AudioStreamPeer("127.0.0.1", farm.node.port, f"/stream/{uuid.uuid4()}{query}").connect()
         await peer.send_binary(bytes(640))  # audio already on its way, as libwsc queues it
-        await asyncio.wait_for(peer.closed.wait(), 5_000 * MS)
-        await asyncio.wait_for(peer.eof.wait(), 5_000 * MS)
+        await asyncio.wait_for(peer.closed.wait(), 20_000 * MS)
+        await asyncio.wait_for(peer.eof.wait(), 20_000 * MS)
         peer.abort()
         return peer
 
@@ -312,8 +312,8 @@ def test_an_unknown_rate_in_the_url_is_closed_with_1003_naming_the_rate(farm: Fa
 
 def test_a_client_that_connects_and_sends_nothing_is_harmless_and_closed_by_the_server(farm: Farm) -> None:
     """One bare TCP connection (no upgrade) and one amigniter peer that upgrades and
-    then sends nothing: the good call is served meanwhile; the server closes both
-    within its first-message timeout (10 s), well within 15 s."""
+    then sends nothing: the good call is served meanwhile; the server closes both once
+    its first-message timeout (10 s) has run, not before."""
 
     async def bad() -> tuple[bytes, float, AudioStreamPeer, float]:
         t0 = time.monotonic()
@@ -322,18 +322,17 @@ def test_a_client_that_connects_and_sends_nothing_is_harmless_and_closed_by_the_
         # Harmless while the good call streams: still open after 3 s.
         await asyncio.sleep(3.0)
         assert not reader.at_eof() and not peer.closed.is_set()
-        data = await asyncio.wait_for(reader.read(), 15_000 * MS)
+        data = await asyncio.wait_for(reader.read(), 60_000 * MS)
         tcp_closed = time.monotonic() - t0
         writer.close()
-        await asyncio.wait_for(peer.eof.wait(), max(0.01, 15_000 * MS - (time.monotonic() - t0)))
+        await asyncio.wait_for(peer.eof.wait(), 60_000 * MS)
         peer_closed = time.monotonic() - t0
         peer.abort()
         return data, tcp_closed, peer, peer_closed
 
     good, (data, tcp_closed, peer, peer_closed) = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
     assert data == b""  # closed without an answer
-    assert 3.0 < tcp_closed < 15.0
-    assert 3.0 < peer_closed < 15.0
+    assert tcp_closed >= 9.9 and peer_closed >= 9.9  # the 10 s timeout (timers round to ms), from after t0
     assert peer.close_code == 1008, (peer.close_code, peer.close_reason)
     assert "no message in" in peer.close_reason
     assert_good(farm, good)

@@ -35,7 +35,6 @@ def _dead_pid() -> int:
 
 
 def test_a_missing_model_stops_farm_at_once_with_a_clear_message(tmp_path: Path) -> None:
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "farm.cli", "up", "--model", str(tmp_path / "nope"), "--port", str(free_port())],
         capture_output=True,
@@ -44,8 +43,7 @@ def test_a_missing_model_stops_farm_at_once_with_a_clear_message(tmp_path: Path)
     )
     assert proc.returncode == 4
     assert f"model directory {tmp_path / 'nope'} does not exist" in proc.stderr
-    assert "started worker" not in proc.stderr  # no respawn loop: nothing was started
-    assert time.monotonic() - t0 < 30
+    assert "started" not in proc.stderr  # no respawn loop: nothing was started
 
 
 def test_a_broken_model_stops_farm_with_the_model_load_exit_code(tmp_path: Path) -> None:
@@ -134,9 +132,10 @@ def test_a_killed_worker_is_replaced_and_the_node_keeps_serving(tmp_path: Path) 
     try:
         victim = n.pids("worker")[0]
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 10_000 * MS
+        deadline = time.monotonic() + 30_000 * MS
         while n.log().count(") started on cpu") < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert n.log().count(") started on cpu") == 3, "no replacement worker started"
         assert f"killed by SIGKILL (pid {victim})" in n.log()
         assert victim not in n.pids("worker") and len(n.pids("worker")) == 2
         wav = DATA / "ko_01.wav"
@@ -151,22 +150,32 @@ def test_sigterm_lets_utterances_in_flight_finish_and_leaves_no_ring(tmp_path: P
     ingress = n.pids("ingress")
     wav = DATA / "ko_dialog_16k.wav"
 
-    async def calls_then_sigterm() -> list:
+    async def calls_then_sigterm() -> tuple[list, int]:
         async with Subscription(n.events) as watch:
             tasks = [asyncio.create_task(run_call(n, wav, realtime=True)) for _ in range(3)]
             while (await watch.next(timeout=20_000 * MS)).type != "speech_start":
                 pass
+            sent_at = time.monotonic_ns()
             n.proc.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks, return_exceptions=True)
+            return await asyncio.gather(*tasks, return_exceptions=True), sent_at
 
-    runs = asyncio.run(calls_then_sigterm())
+    runs, sigterm_ns = asyncio.run(calls_then_sigterm())
     assert n.proc.wait(60) == 0
+    in_flight = 0
     for run in runs:
         assert not isinstance(run, BaseException), run
-        # The utterance under way when SIGTERM came was finished and finalised.
-        assert run.of("final") and run.of("final")[0]["text"]
-        assert len(run.of("speech_start")) == len(run.of("speech_end"))
+        starts, ends = run.of("speech_start"), run.of("speech_end")
+        closing = [e for e in run.of("final") if e["reason"] != "endpoint"]
+        # Every utterance was closed and finalised, the one under way at SIGTERM included
+        # (a call that was between utterances then is simply closed: how far each call
+        # had got depends on how busy the machine was).
+        assert len(starts) == len(ends) == len(closing)
+        for start, end, final in zip(starts, ends, closing):
+            if start.stamps["publish"] < sigterm_ns < end.stamps["vad"]:
+                in_flight += 1
+                assert final["text"]
         assert run.sent is not None and run.sent.close_code == 1001
+    assert in_flight >= 1  # the speech_start that triggered the SIGTERM, at least
     assert "ingress draining" in n.log() and "farm stopped" in n.log()
     assert not any(farm_segments(pid) for pid in ingress)
 
@@ -181,14 +190,17 @@ def test_new_connections_are_refused_while_draining(tmp_path: Path) -> None:
             while (await watch.next(timeout=20_000 * MS)).type != "speech_start":
                 pass
         n.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
         import urllib.request
 
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{n.port}/readyz", timeout=2)
-            status = 200
-        except OSError as exc:
-            status = getattr(exc, "code", None)
+        # The ingress gets the signal a moment later: poll until it stops saying ready.
+        deadline = time.monotonic() + 20_000 * MS
+        status: int | None = 200
+        while status == 200 and time.monotonic() < deadline:
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{n.port}/readyz", timeout=5)
+                await asyncio.sleep(0.05)
+            except OSError as exc:
+                status = getattr(exc, "code", None)
         await first
         return status
 
@@ -202,16 +214,18 @@ def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_pat
 
     n = start_node(tmp_path, workers=2)
     try:
-        deadline = time.monotonic() + 10_000 * MS
-        while True:
+        # 503 until the ingress has heard from the broker; then the count rises as workers
+        # register. Wait for the state, then check it.
+        deadline = time.monotonic() + 30_000 * MS
+        body = ""
+        while body != "ready: 2 workers\n":
+            assert time.monotonic() < deadline, f"/readyz never said 2 workers (last: {body!r})"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/readyz", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/readyz", timeout=5) as r:
                     body = r.read().decode()
-                break
-            except OSError:  # 503 until the ingress has heard from the broker
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        assert body == "ready: 2 workers\n"
+            except OSError:
+                body = ""
+            time.sleep(0.1)
         with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/metrics", timeout=2) as r:
             metrics = r.read().decode()
         assert "farm_workers_live 2" in metrics

@@ -73,7 +73,7 @@ async def session(
         for i in range(0, len(pcm), chunk_bytes):
             chunk = pcm[i : i + chunk_bytes]
             await ws.send(chunk)
-            replies.append(await asyncio.wait_for(ws.recv(), 10_000 * MS))
+            replies.append(await asyncio.wait_for(ws.recv(), 30_000 * MS))
             if realtime:
                 ahead = start + (i + len(chunk)) / (2 * rate) - time.monotonic()
                 if ahead > 0:
@@ -81,7 +81,7 @@ async def session(
         await ws.send(eof)
         final = await asyncio.wait_for(ws.recv(), 60_000 * MS)
         with pytest.raises(ConnectionClosed):
-            await asyncio.wait_for(ws.recv(), 10_000 * MS)
+            await asyncio.wait_for(ws.recv(), 30_000 * MS)
         return replies, final, ws.close_code
 
 
@@ -168,9 +168,9 @@ def test_eof_with_no_audio_gives_vosks_empty_result_and_a_normal_close(vnode: No
         async with websockets.connect(url(vnode)) as ws:
             await ws.send('{ "config" : { "sample_rate" : 16000 } }')
             await ws.send('{"eof" : 1}')
-            reply = await asyncio.wait_for(ws.recv(), 10_000 * MS)
+            reply = await asyncio.wait_for(ws.recv(), 30_000 * MS)
             with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(ws.recv(), 10_000 * MS)
+                await asyncio.wait_for(ws.recv(), 30_000 * MS)
             return reply, ws.close_code
 
     assert asyncio.run(run()) == ('{"text": ""}', 1000)
@@ -185,7 +185,7 @@ def test_bad_json_closes_that_connection_with_a_reason_while_another_goes_on(vno
             await ws.recv()
             await ws.send('{"config": {"sample_rate": 8000')
             with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 10_000 * MS)
+                await asyncio.wait_for(ws.recv(), 30_000 * MS)
             return closed.value.rcvd
 
     async def both() -> tuple[Any, Any, list[Any]]:
@@ -195,7 +195,7 @@ def test_bad_json_closes_that_connection_with_a_reason_while_another_goes_on(vno
             closed = await bad()
             errors = []
             while not errors:
-                event = await sub.next(timeout=10_000 * MS)
+                event = await sub.next(timeout=30_000 * MS)
                 if event.type == "error":
                     errors.append(event)
             return closed, await good, errors
@@ -211,7 +211,7 @@ def test_an_unsupported_sample_rate_is_refused_with_a_reason(vnode: Node) -> Non
         async with websockets.connect(url(vnode)) as ws:
             await ws.send('{"config" : {"sample_rate" : 11025}}')
             with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 10_000 * MS)
+                await asyncio.wait_for(ws.recv(), 30_000 * MS)
             return closed.value.rcvd
 
     rcvd = asyncio.run(run())
@@ -247,7 +247,7 @@ def test_reset_answers_with_a_result_and_the_stream_goes_on(vnode: Node) -> None
             await ws.recv()
             await asyncio.sleep(3000 * MS)
             await ws.send('{"reset" : 1}')
-            reset = await asyncio.wait_for(ws.recv(), 10_000 * MS)
+            reset = await asyncio.wait_for(ws.recv(), 30_000 * MS)
             after = []
             for _ in range(2):
                 await ws.send(b"\0" * 8000)

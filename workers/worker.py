@@ -31,6 +31,7 @@ from workers.engines.vosk import RecognizerPool
 __all__ = ["Worker", "HeartbeatTable"]
 
 TICK_S = 0.01  # ring poll period: a frame is 20 ms, so speech is seen within half a frame
+RELAY_WAIT_S = 10.0  # at start, for the broker's relay to subscribe to this worker's events
 
 
 class HeartbeatTable:
@@ -58,7 +59,9 @@ class Worker:
         self.heartbeats = heartbeats
         self.log = logging.LoggerAdapter(logging.getLogger("farm.worker"), {"worker": index})
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB, not PUB: it hears the relay's subscription, so the worker knows when its
+        # events reach the relay (a PUB drops what it sends before that).
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 1000)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.connect(config.endpoint("events_in"))
@@ -141,6 +144,14 @@ class Worker:
 
     # -- events ----------------------------------------------------------------
 
+    def await_relay(self, timeout: float) -> bool:
+        """Wait until the broker's relay subscribes to this worker's events (sent at connect)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.pub.poll(int(left * 1000)) and self.pub.recv()[:1] == b"\x01":
+                return True
+        return False
+
     def publish(self, event: Event) -> None:
         self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
 
@@ -191,6 +202,8 @@ class Worker:
                 "worker %d: %d recognisers warmed in %.1f s", self.index, self.pool.idle, time.monotonic() - t0
             )
         self.heartbeats.beat(self.index)
+        if not self.await_relay(RELAY_WAIT_S):
+            self.log.warning("the event relay did not subscribe within %.0f s: events may be lost", RELAY_WAIT_S)
         self.connect()
         next_tick = time.monotonic()
         while self.running:
@@ -210,6 +223,8 @@ class Worker:
                 self.heartbeats.beat(self.index)
                 if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
                     self.send(wire.W_HEARTBEAT, str(len(self.sessions)))
+                    while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
+                        self.pub.recv()
                 if now > self.broker_expiry:
                     self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
                     self.connect()

@@ -18,6 +18,7 @@ import zmq
 
 from farm.broker import wire
 from farm.config import Config
+from farm.protocol.events import SUBSCRIBED
 
 
 __all__ = ["Broker", "main"]
@@ -44,17 +45,35 @@ class _Call:
 
 
 def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str) -> None:
-    """XSUB <-> XPUB relay, on its own thread: events never wait for control traffic."""
+    """XSUB -> XPUB relay, on its own thread: events never wait for control traffic.
+
+    Upstream it subscribes to everything once, so a new subscriber's filter lives only
+    here and not in every producer's PUB as well (one hop, not two). Each subscription
+    is answered on its own topic with ``[topic, SUBSCRIBED]``: the subscriber then
+    knows nothing published afterwards can miss it (``farm.client.Subscription``).
+    """
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
     for s in (xsub, xpub):
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
+    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, repeated ones too, gets its answer
     xsub.bind(events_in)
     xpub.bind(events_out)
+    xsub.send(b"\x01")  # subscribe upstream to every topic
+    poller = zmq.Poller()
+    poller.register(xsub, zmq.POLLIN)
+    poller.register(xpub, zmq.POLLIN)
     try:
-        zmq.proxy(xsub, xpub)
+        while True:
+            for sock, _ in poller.poll():
+                if sock is xsub:
+                    xpub.send_multipart(xsub.recv_multipart(copy=False), copy=False)
+                    continue
+                message = xpub.recv()
+                if message[:1] == b"\x01":  # a subscription (0 is an unsubscription)
+                    xpub.send_multipart([message[1:], SUBSCRIBED])
     except zmq.ContextTerminated:
         pass
     finally:

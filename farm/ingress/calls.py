@@ -22,7 +22,7 @@ import zmq.asyncio
 
 from farm.broker import wire
 from farm.config import Config
-from farm.protocol.events import Event, EventError
+from farm.protocol.events import SUBSCRIBED, Event, EventError
 from farm.ring import Ring, segment_name
 
 
@@ -82,7 +82,8 @@ class CallRegistry:
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.connect(config.endpoint("ingress"))
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB, not PUB: it hears the relay's subscription, so readiness can wait for it.
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 500)
         self.pub.connect(config.endpoint("events_in"))
         self.sub = self.ctx.socket(zmq.SUB)
@@ -98,12 +99,14 @@ class CallRegistry:
         self._late: dict[str, Call] = {}  # finished calls still relaying events (LATE_EVENTS_S)
         self.workers_live = 0  # from the broker's I_STATUS
         self.broker_seen = 0.0  # when the broker last answered
+        self.relay_subscribed = False  # the broker's relay takes our events
 
     def start(self) -> None:
         self.tasks = [
             asyncio.create_task(self._broker_loop(), name="broker-link"),
             asyncio.create_task(self._event_loop(), name="event-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._relay_link(), name="relay-link"),
         ]
 
     # -- calls -------------------------------------------------------------------
@@ -210,9 +213,17 @@ class CallRegistry:
                 self.workers_live = int(body[0])
                 self.broker_seen = time.monotonic()
 
+    async def _relay_link(self) -> None:
+        """The relay subscribes to our events when it (re)connects: from then on they reach it."""
+        while True:
+            if (await self.pub.recv())[:1] == b"\x01":
+                self.relay_subscribed = True
+
     async def _event_loop(self) -> None:
         while True:
             _topic, raw = await self.sub.recv_multipart()
+            if raw == SUBSCRIBED:
+                continue  # the relay confirming some subscriber's subscription
             try:
                 event = Event.from_json(raw)
             except EventError as exc:
@@ -240,6 +251,8 @@ class CallRegistry:
         """Why calls cannot be transcribed now, ``""`` when they can (for /readyz)."""
         if time.monotonic() - self.broker_seen > 3 * HEARTBEAT_S:
             return "broker not answering"
+        if not self.relay_subscribed:
+            return "event relay not connected"
         if not self.workers_live:
             return "no recognition worker"
         return ""

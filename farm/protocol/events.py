@@ -16,6 +16,11 @@ flat::
 ``t`` holds ``time.monotonic_ns()`` values of the stages the event passed through
 (CLOCK_MONOTONIC is shared by every process of a host, so consumers can subtract
 them). Type-specific members sit next to the common ones.
+
+The broker's relay also acknowledges every subscription it receives with
+``[topic, SUBSCRIBED]`` (an empty body) on the subscribed topic itself, so a
+subscriber can know that it will miss nothing published from then on (ZeroMQ drops
+what is published before a subscription arrives). Consumers skip such messages.
 """
 
 from __future__ import annotations
@@ -34,9 +39,13 @@ __all__ = [
     "EventError",
     "topic_for",
     "call_id_from_topic",
+    "SUBSCRIBED",
 ]
 
 SCHEMA_VERSION = 1
+
+# The body of the relay's acknowledgement of a subscription (see the module docstring).
+SUBSCRIBED = b""
 
 EVENT_TYPES = frozenset(
     {
