@@ -24,12 +24,14 @@ Segment layout (little-endian; every header field is 8-byte aligned)::
     104  created_ns        u64      creator  time.monotonic_ns() at create
     112  writer_pid        u64      creator  pid of the creating process
     120  write_horizon     u64      writer   end of the write in progress (set first)
-    128  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
+    128  finalize          u64      writer   1 + the cursor where the writer asked the reader to end the
+                                             utterance in progress (an explicit end of speech); 0: never
+    136  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
                            frame k lives in slot k % slots
-    128 + 24*slots         payload, capacity bytes
+    136 + 24*slots         payload, capacity bytes
 
-``write_horizon`` (formerly reserved) exposes a write that is overwriting bytes a reader is copying,
-which ``write_cursor``, published after the copy, cannot. Relies on in-order store visibility (x86-64).
+``write_horizon`` exposes a write that is overwriting bytes a reader is copying, which
+``write_cursor``, published after the copy, cannot. Relies on in-order store visibility (x86-64).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ _OFFSET_EVENT_SEQ = 96
 _OFFSET_CREATED = 104
 _OFFSET_WRITER_PID = 112
 _OFFSET_WRITE_HORIZON = 120
-_OFFSET_TABLE = 128
+_OFFSET_FINALIZE = 128
+_OFFSET_TABLE = 136
 _SLOT_SIZE = 24
 
 _WRITER_CLOSED = 1
@@ -351,6 +354,19 @@ class Ring:
         if not (begin <= cursor < end) or max(lo - 1, 0) <= _get(buf, _OFFSET_FRAMES)[0] - slots:
             return None
         return recv_ns, commit_ns
+
+    def request_finalize(self) -> int:
+        """Ask the reader to end the utterance in progress where the audio written so far ends
+        (writer only); returns that cursor. A later request replaces an earlier one."""
+        cursor: int = _get(self._buf, _OFFSET_WRITE)[0]
+        _put(self._buf, _OFFSET_FINALIZE, cursor + 1)
+        return cursor
+
+    @property
+    def finalize_at(self) -> int | None:
+        """The cursor of the latest :meth:`request_finalize`, None if there was none."""
+        value: int = _get(self._buf, _OFFSET_FINALIZE)[0]
+        return value - 1 if value else None
 
     def mark_closed(self) -> None:
         """Tell the reader that no more audio will come (writer only)."""

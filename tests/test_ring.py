@@ -105,7 +105,7 @@ def test_create_rounds_capacity_and_attach_reads_every_header_field(make_ring: C
         assert (reader.write_cursor, reader.read_cursor, reader.committed, reader.frames) == (0, 0, 0, 0)
         assert (reader.overrun_bytes, reader.overrun_count) == (0, 0)
         assert not reader.closed and not reader.in_speech
-        assert SHM.joinpath(writer.name).stat().st_size == 128 + 64 * 24 + 1008
+        assert SHM.joinpath(writer.name).stat().st_size == 136 + 64 * 24 + 1008
         assert isinstance(Ring.write_cursor, ring_mod._Field)  # class access yields the descriptor
     finally:
         reader.close()
@@ -122,8 +122,25 @@ def test_header_fields_sit_at_the_documented_offsets(make_ring: Callable[..., Ri
     assert raw[:8] == b"FARMRNG1"
     assert (u64(8), u64(16), u64(80), u64(88), u64(96), u64(112), u64(120)) == (64, 3, 1, 4, 3, os.getpid(), 3)
     assert int.from_bytes(raw[40:44], "little") == 48000 and int.from_bytes(raw[44:48], "little") == 2
-    assert u64(128) == 3 and u64(136) == 5  # slot 0: end_cursor, recv_ns
-    assert raw[128 + 4 * 24 : 128 + 4 * 24 + 3] == b"abc"
+    assert u64(128) == 0  # no finalize asked
+    assert u64(136) == 3 and u64(144) == 5  # slot 0: end_cursor, recv_ns
+    assert raw[136 + 4 * 24 : 136 + 4 * 24 + 3] == b"abc"
+    assert ring.request_finalize() == 3
+    assert int.from_bytes(SHM.joinpath(ring.name).read_bytes()[128:136], "little") == 4  # 1 + the cursor
+
+
+def test_a_finalize_request_marks_the_cursor_the_reader_sees(make_ring: Callable[..., Ring]) -> None:
+    ring = make_ring(capacity=64)
+    reader = Ring.attach(ring.name)
+    try:
+        assert reader.finalize_at is None
+        assert ring.request_finalize() == 0  # before any audio: cursor 0 is a real request
+        assert reader.finalize_at == 0
+        ring.write(b"x" * 10, recv_ns=1)
+        assert ring.request_finalize() == 10
+        assert reader.finalize_at == 10  # the latest request replaces the earlier
+    finally:
+        reader.close()
 
 
 def test_create_rejects_bad_arguments_and_existing_names(make_ring: Callable[..., Ring]) -> None:
