@@ -190,6 +190,11 @@ class Commands:
         """Cut what plays now and drop what is queued."""
         return await self.request({"op": "flush", "call_id": call_id})
 
+    async def finalize(self, call_id: str) -> dict[str, Any]:
+        """End the caller's utterance now (your own endpointer decided): its final follows
+        at once on the event stream, reason ``reset``."""
+        return await self.request({"op": "finalize", "call_id": call_id})
+
     async def state(self, call_id: str) -> dict[str, Any]:
         """Whether the call is playing, which clip, what is queued."""
         return await self.request({"op": "state", "call_id": call_id})

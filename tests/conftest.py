@@ -317,12 +317,19 @@ def direct_decode(wav: str | Path, *, partial_every: int = 0) -> list[str]:
 def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, channel: int = 0) -> list[str]:
     """The reference for a VAD-gated call: each utterance decoded straight with Vosk
     from exactly the audio the farm says its recogniser heard (``audio_ms`` of the
-    finals: the preroll, the speech and the hangover)."""
+    finals: the preroll, the speech and the quiet up to the pause it was finalised at;
+    ``pieces_ms`` when it was finalised piece by piece at the caller's pauses)."""
     samples = _samples16k(wav)
     out: list[str] = []
     span: list[int] = []
     for e in run.of("final"):
         if e.channel != channel:
+            continue
+        if "pieces_ms" in e.data:
+            # finalised at the caller's pauses: each piece as a fresh recogniser decodes it
+            texts = [t for a, b in e["pieces_ms"] for t in decode_pcm(samples[a * 16 : b * 16].tobytes(), partial_every=partial_every)]
+            out += [" ".join(texts)] if texts else []
+            span = []
             continue
         a, b = e["audio_ms"]
         span = [span[0] if span else a, b]

@@ -25,7 +25,19 @@ from websockets.exceptions import ConnectionClosed
 
 from farm.client import Subscription
 
-from .conftest import DATA, MS, TEXTS, Node, direct_decode, farm_segments, free_port, start_node
+from .conftest import (
+    DATA,
+    MS,
+    TEXTS,
+    Node,
+    _samples16k,
+    decode_pcm,
+    direct_decode,
+    farm_segments,
+    free_port,
+    similarity,
+    start_node,
+)
 
 
 PARTIAL_FRAMES = 10  # the default --partial-interval-ms 200, in 20 ms frames
@@ -241,11 +253,10 @@ def test_reset_answers_with_a_result_and_the_stream_goes_on(vnode: Node) -> None
 
     async def run() -> tuple[str, list[str], str]:
         async with websockets.connect(url(vnode)) as ws:
-            # Speech and 2 s of silence in one message: Vosk's endpoint ends the
-            # utterance and its final is pending when the reset comes.
+            # Speech and 2 s of silence in one message: the utterance has ended (or ends
+            # while the reset waits) and its final goes out with the reset's reply.
             await ws.send(pcm + b"\0" * 32000)
             await ws.recv()
-            await asyncio.sleep(3000 * MS)
             await ws.send('{"reset" : 1}')
             reset = await asyncio.wait_for(ws.recv(), 30_000 * MS)
             after = []
@@ -278,3 +289,40 @@ def test_a_client_that_closes_right_after_eof_like_vosk_asterisk_leaves_no_ring(
     while farm_segments(ingress) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert farm_segments(ingress) == []
+
+
+def test_reset_mid_utterance_ends_it_there_and_answers_with_its_words(vnode: Node) -> None:
+    """What a client with its own endpointer needs: reset is FinalResult(), so the reply
+    carries the utterance in progress, not only what was final before (and not one reply
+    late). The words are Vosk's own for exactly the audio up to the reset."""
+    wav = DATA / "ko_dialog_8k.wav"
+    pcm, rate = pcm_of(wav)
+    first = TEXTS["ko_dialog_8k.wav"]["vosk"][0]
+    # the first sentence, cut two thirds in: still speaking when the reset comes
+    cut = int(len(pcm) * 0.2) // 2 * 2
+
+    async def run() -> tuple[str, list[Any]]:
+        async with Subscription(vnode.events) as sub, websockets.connect(url(vnode)) as ws:
+            for i in range(0, cut, 1600):
+                await ws.send(pcm[i : min(i + 1600, cut)])
+                await ws.recv()
+            await ws.send('{"reset" : 1}')
+            reply = await asyncio.wait_for(ws.recv(), 30_000 * MS)
+            await ws.send('{"eof" : 1}')
+            await asyncio.wait_for(ws.recv(), 60_000 * MS)
+            events = []
+            while not events or events[-1].type != "call_end":
+                events.append(await sub.next(timeout=30_000 * MS))
+            return reply, events
+
+    reply, events = asyncio.run(run())
+    resets = [e for e in events if e.type == "final" and e["reason"] == "reset"]
+    assert len(resets) == 1 and resets[0]["text"], events
+    assert json.loads(reply)["text"] == resets[0]["text"]
+    assert resets[0]["audio_ms"][1] <= cut * 1000 // (2 * rate) + 20  # nothing after the reset
+    assert similarity(resets[0]["text"], first) < 1.0 or len(first.split()) <= 2  # a part of the sentence
+    samples = _samples16k(wav)
+    a, b = resets[0]["audio_ms"]
+    assert [resets[0]["text"]] == decode_pcm(samples[a * 16 : b * 16].tobytes(), partial_every=PARTIAL_FRAMES)
+    ends = [e for e in events if e.type == "speech_end"]
+    assert ends and ends[0].offset_ms <= cut * 1000 // (2 * rate) + 20

@@ -42,6 +42,7 @@ class AsrOutput:
     fed_until: int = 0  # ring cursor of the end of the audio heard
     asr_ns: int = 0
     heard_ms: tuple[int, int] = (0, 0)  # finals: call time span of the audio this final decoded
+    pieces_ms: tuple[tuple[int, int], ...] = ()  # finals of several pieces: each piece's span
 
 
 class ResultQueue:
@@ -71,14 +72,23 @@ class ResultQueue:
 
 @dataclass(frozen=True)
 class _Item:
-    """Queued by the main loop: audio of an utterance, or its end."""
+    """Queued by the main loop: audio of an utterance, a pause in it, or its end."""
 
-    kind: str  # "audio" | "end"
+    kind: str  # "audio" | "cut" | "end"
     pcm: bytes  # audio: model-rate int16 mono
-    reason: str  # end: "vad" | "end"
+    reason: str  # end: "vad" | "end" | "reset"
     offset_ms: int  # audio: call offset of its first sample
     utterance: int  # ring cursor that opened the utterance
     end_cursor: int  # ring cursor just after this audio
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """What FinalResult gave for one piece of an utterance (up to a pause), words in call time."""
+
+    text: str
+    words: list[dict[str, Any]]
+    heard_ms: tuple[int, int]
 
 
 _SLICE = 10  # frames (200 ms of audio) per turn on a pool thread
@@ -90,6 +100,13 @@ class AsrStream:
     Call :meth:`feed` with model-rate audio and :meth:`end` when the VAD closes an
     utterance, from the main loop only. ``hold`` keeps one recogniser for the whole
     call (no VAD gating: Vosk hears everything and its own endpoint ends utterances).
+
+    :meth:`cut` at a pause inside an utterance finalises what was fed so far now, while
+    the caller may still go on: if they do, the utterance continues as a new piece on the
+    same recogniser; if the VAD ends it, :meth:`end` publishes at once, without a
+    FinalResult of its own. The final is the pieces joined. (After FinalResult Vosk
+    starts a fresh feature pipeline, so each piece decodes as a fresh recogniser would
+    decode that audio alone.)
     """
 
     def __init__(
@@ -118,8 +135,9 @@ class AsrStream:
         self._last_partial = ""
         self._since_partial = 0
         self._fed_until = 0
-        self._heard_from = -1  # call time of the first audio since the last final
+        self._heard_from = -1  # call time of the first audio since the last final or cut
         self._heard_to = 0
+        self._pieces: list[_Piece] = []  # finalised at pauses of the utterance in progress
         self.closed = False
 
     # -- main loop side --------------------------------------------------------
@@ -127,6 +145,10 @@ class AsrStream:
     def feed(self, pcm: bytes, offset_ms: int, utterance: int, end_cursor: int) -> None:
         """Queue audio of the utterance that started at ring cursor ``utterance``."""
         self._push(_Item("audio", pcm, "", offset_ms, utterance, end_cursor))
+
+    def cut(self, utterance: int, end_cursor: int) -> None:
+        """A pause in the utterance: finalise what was fed so far, the utterance may go on."""
+        self._push(_Item("cut", b"", "", 0, utterance, end_cursor))
 
     def end(self, reason: str, utterance: int, end_cursor: int) -> None:
         """Close the current utterance: the stream will publish its final."""
@@ -172,6 +194,8 @@ class AsrStream:
             item = self._items.popleft()
             if item.kind == "audio":
                 self._accept(item)
+            elif item.kind == "cut":
+                self._cut(item.utterance, item.end_cursor)
             else:
                 self._finish(item.reason, item.utterance, item.end_cursor)
         # Time slice over: go to the back of the pool's queue, so a call with a
@@ -214,7 +238,7 @@ class AsrStream:
         self._since_partial += 1
         if self.partial_frames and self._since_partial >= self.partial_frames:
             self._since_partial = 0
-            text = self._rec.partial()
+            text = self._joined(self._rec.partial())
             if text and text != self._last_partial:
                 self._last_partial = text
                 self.results.put(
@@ -229,6 +253,27 @@ class AsrStream:
                     )
                 )
 
+    def _joined(self, text: str) -> str:
+        return " ".join([*(p.text for p in self._pieces if p.text), *([text] if text else [])])
+
+    def _piece(self, result: Result) -> _Piece:
+        """The piece the recogniser just finalised, words on the call's clock; starts the next."""
+        words = [
+            {**w, "start_ms": w["start_ms"] + self._origin_ms, "end_ms": w["end_ms"] + self._origin_ms}
+            for w in result.words
+        ]
+        piece = _Piece(result.text, words, (max(self._heard_from, 0), self._heard_to))
+        self._heard_from = -1
+        return piece
+
+    def _cut(self, utterance: int, end_cursor: int) -> None:
+        if self._rec is None or self._heard_from < 0:
+            return  # nothing fed since the utterance began or since the last cut
+        self._utterance = utterance
+        self._fed_until = max(self._fed_until, end_cursor)
+        self._pieces.append(self._piece(self._rec.final()))
+        self._since_partial = 0  # partials of the next piece count from its start, as after an endpoint
+
     def _finish(self, reason: str, utterance: int, end_cursor: int) -> None:
         if self._rec is None:
             # Nothing was fed (the VAD end came before any audio): an empty final keeps
@@ -237,29 +282,33 @@ class AsrStream:
             return
         self._utterance = utterance
         self._fed_until = max(self._fed_until, end_cursor)
-        self._emit_final(self._rec.final(), reason)
+        if self._heard_from >= 0 or not self._pieces:  # audio since the last cut: finalise it
+            self._pieces.append(self._piece(self._rec.final()))
+        self._emit_final(None, reason)
         self._last_partial = ""
         if not self.hold or reason == "end":
             rec, self._rec = self._rec, None
             self.pool.give_back(rec)
 
-    def _emit_final(self, result: Result, reason: str) -> None:
-        words = [
-            {**w, "start_ms": w["start_ms"] + self._origin_ms, "end_ms": w["end_ms"] + self._origin_ms}
-            for w in result.words
-        ]
+    def _emit_final(self, result: Result | None, reason: str) -> None:
+        """Publish the utterance's pieces (and ``result``, Vosk's own endpoint) as one final."""
+        if result is not None:
+            self._pieces.append(self._piece(result))
+        pieces, self._pieces = self._pieces, []
+        said = [p for p in pieces if p.text]
+        words = [w for p in said for w in p.words]
         self.results.put(
             AsrOutput(
                 self,
                 "final",
                 words[0]["start_ms"] if words else self._first_ms,
-                result.text,
+                " ".join(p.text for p in said),
                 words,
                 reason,
                 self._utterance,
                 self._fed_until,
                 time.monotonic_ns(),
-                (max(self._heard_from, 0), self._heard_to),
+                (pieces[0].heard_ms[0], pieces[-1].heard_ms[1]),
+                tuple(p.heard_ms for p in pieces) if len(pieces) > 1 else (),
             )
         )
-        self._heard_from = -1

@@ -27,7 +27,7 @@ from farm.protocol.events import Event
 from farm.ring import Ring
 from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
-from workers.vad import SpeechEnd, SpeechStart, Vad, VadConfig, VadState
+from workers.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart, Vad, VadConfig, VadState
 
 
 __all__ = ["CallSession", "vad_config_for"]
@@ -45,6 +45,9 @@ def vad_config_for(config: Config) -> VadConfig:
         onset_window_ms=max(100, config.vad_onset_ms),
         hangover_ms=config.vad_hangover_ms,
         preroll_ms=config.vad_preroll_ms,
+        tail_margin_db=config.vad_tail_margin_db,
+        tail_range_db=config.vad_tail_range_db,
+        tentative_ms=config.vad_tentative_ms,
     )
 
 
@@ -82,6 +85,9 @@ class _Channel:
         self.preroll: list[bytes] = []  # recent silent frames, fed when speech starts
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
+        # After a SpeechPause: the quiet frames since, held back from the recogniser (its
+        # piece is finalised); fed if the caller resumes, dropped if the utterance ends.
+        self.held: list[tuple[bytes, int, int]] | None = None
         self.onset_frame = 0  # SpeechStart.frame of the current utterance
         # Barge-in is the caller's (channel 0) to make, once per utterance.
         self.barge_in_done = index != 0 or not session.config.barge_in
@@ -148,16 +154,28 @@ class _Channel:
                     self.asr.feed(old, s.offset_ms(first + j), self.utterance, s.cursor_of(first + j + 1))
                 self.preroll.clear()
                 self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
-        elif self.vad.state is VadState.SPEECH:
-            if s.config.gating:
+        elif self.vad.state is VadState.SPEECH and s.config.gating:
+            if isinstance(decision, SpeechPause):
+                # The caller may be done: finalise now (what was fed, this frame included),
+                # so the final is ready when the hangover confirms the end.
+                self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
+                self.asr.cut(self.utterance, cursor_end)
+                self.held = []
+            elif self.held is not None and not isinstance(decision, SpeechResume):
+                self.held.append((frame, s.offset_ms(k), cursor_end))
+            else:
+                for old, offset, end in self.held or ():
+                    self.asr.feed(old, offset, self.utterance, end)
+                self.held = None
                 self.asr.feed(frame, s.offset_ms(k), self.utterance, cursor_end)
         else:
             if isinstance(decision, SpeechEnd):
                 drafts.append(self._speech_end(decision, read_ns))
                 if s.config.gating:
-                    # The hangover frames were fed already; this one is silence.
+                    # Fed up to the pause (or through the hangover); this frame is silence.
                     self.asr.end("vad", self.utterance, cursor_end)
                     self.utterance = -1
+                    self.held = None
             if s.config.gating:
                 self.preroll.append(frame)
                 if len(self.preroll) > self.vad.preroll_frames:
@@ -208,6 +226,22 @@ class _Channel:
             self.index,
         )
 
+    def finalize(self, read_ns: int) -> list[_Draft]:
+        """An explicit end of utterance (a vosk-server reset, a finalize command): end the
+        utterance in progress here and give its final now; with none in progress, an
+        empty final, so whoever asked gets an answer."""
+        drafts: list[_Draft] = []
+        s = self.session
+        cursor = s.cursor_of(self.vad.frames)
+        if self.vad.state is VadState.SPEECH:
+            end = self.vad.frames
+            self.vad.reset()
+            drafts.append(self._speech_end(SpeechEnd(end, end - 1, end - self.onset_frame, False), read_ns))
+        self.asr.end("reset", self.utterance, cursor)
+        self.utterance = -1  # without gating, the next frame opens the next one
+        self.held = None
+        return drafts
+
     def finish(self, read_ns: int) -> list[_Draft]:
         """The ring is closed and drained: flush everything into a last final."""
         drafts = self.push(np.zeros(0, dtype="<i2"), read_ns, last=True) if self.resampler else []
@@ -218,6 +252,7 @@ class _Channel:
         if self.utterance >= 0:
             self.asr.end("end", self.utterance, cursor)
             self.utterance = -1
+            self.held = None
         return drafts
 
 
@@ -271,6 +306,9 @@ class CallSession:
         ]
         self.by_index = {ch.index: ch for ch in self.channels}
         self.finishing = False
+        # Explicit ends of utterance (Ring.request_finalize) at cursors before ours were
+        # honoured by the worker before us, or belong to audio we replay: not again.
+        self.finalized_until = self.base
 
     # -- cursor arithmetic -----------------------------------------------------
 
@@ -295,7 +333,11 @@ class CallSession:
         if self.finishing:
             return []
         closed = self.ring.closed  # read before the data so no audio is missed
-        start, data = self.ring.read()
+        finalize_at = self.ring.finalize_at
+        if finalize_at is not None and finalize_at < self.finalized_until:
+            finalize_at = None  # done already
+        # Read no further than an explicit end of utterance: the audio after it is the next one's.
+        start, data = self.ring.read(None if finalize_at is None else finalize_at - self.ring.read_cursor)
         read_ns = time.monotonic_ns()
         drafts: list[_Draft] = []
         overrun = self.ring.overrun_bytes
@@ -312,6 +354,10 @@ class CallSession:
             self.overrun_seen = overrun
         if data:
             drafts.extend(self._consume(start, data, read_ns))
+        if finalize_at is not None and self.ring.read_cursor >= finalize_at:
+            self.finalized_until = finalize_at + 1
+            for ch in self.channels:
+                drafts.extend(ch.finalize(read_ns))
         if closed and self.ring.read_cursor >= self.ring.write_cursor:
             self.finishing = True
             for ch in self.channels:
@@ -355,7 +401,9 @@ class CallSession:
             data["words"] = out.words
             data["reason"] = out.reason
             data["audio_ms"] = list(out.heard_ms)  # what the recogniser heard for this final
-            eos = self.end_of_speech.pop(ch, 0) if out.reason in ("vad", "end") else 0
+            if out.pieces_ms:  # finalised piece by piece at the caller's pauses
+                data["pieces_ms"] = [list(p) for p in out.pieces_ms]
+            eos = self.end_of_speech.pop(ch, 0) if out.reason in ("vad", "end", "reset") else 0
             if eos:
                 stamps["recv"] = eos  # end of speech -> final is what a dialer waits on
             channel = self.by_index[ch]

@@ -4,9 +4,23 @@ Sans-I/O: the caller feeds 20 ms frames and gets decisions back; the Vad keeps
 no audio and reads no clock. Positions are frame indices since creation (x 20 ms).
 
 webrtcvad pads every voiced run with its own hangover (4-6 frames in modes 2-3,
-5-8 in modes 0-1) and flags ~5 frames at any noise onset. So a 20 ms click reads
-as ~100 ms of voicing and passes a 60 ms onset (use onset_ms >= 120 or the
-`short` flag), and SpeechEnd.frame lands ~100 ms after the speech really stops.
+5-8 in modes 0-1), flags ~5 frames at any noise onset, and voices straight through
+pauses of 150-200 ms. So a 20 ms click reads as ~100 ms of voicing and passes a 60 ms
+onset (use onset_ms >= 120 or the `short` flag), and an end decided on its voicing
+alone lands ~100 ms after the speech really stops.
+
+The end is therefore decided on *loud* frames: a voiced frame extends the utterance
+only when its energy is well above the call's noise floor and not far below the
+utterance's loudest frame (``tail_margin_db``, ``tail_range_db``). Measured on the
+committed pause fixtures and recordings, that finds the last spoken 20 ms exactly on
+espeak speech and measures 150-300 ms pauses to within a frame, so the hangover can
+be the longest pause a sentence may hold (320 ms bridges 300) with nothing added. An
+utterance that never rises clearly above the floor (a quiet caller on a noisy line)
+keeps webrtcvad's voicing as its end, as before.
+
+Inside an utterance a quiet run of ``tentative_ms`` gives a :class:`SpeechPause` (the
+caller may have finished: a recogniser can prepare its final now) and loud speech
+after it a :class:`SpeechResume`; the hangover still decides the :class:`SpeechEnd`.
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ __all__ = [
     "SILENCE",
     "SPEECH",
     "SpeechEnd",
+    "SpeechPause",
+    "SpeechResume",
     "SpeechStart",
     "Vad",
     "VadConfig",
@@ -28,6 +44,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Final, TypeAlias
 
+import numpy as np
 import webrtcvad  # ships no type information
 
 
@@ -49,7 +66,8 @@ SPEECH: Final = VadState.SPEECH
 class _Input(Enum):
     """What can happen to the state machine; only `Vad._step` interprets these."""
 
-    VOICED = "voiced"
+    LOUD = "loud"  # voiced, and loud enough to be speech (see the module docstring)
+    VOICED = "voiced"  # voiced by webrtcvad only: its padding, a breath, room noise
     UNVOICED = "unvoiced"
     FLUSH = "flush"
     RESET = "reset"
@@ -69,6 +87,10 @@ class VadConfig:
             recogniser hears the first phoneme (the Vad keeps no audio).
         min_speech_ms: utterances shorter than this (start to end) are flagged
             `short=True` in their SpeechEnd; 0 flags nothing.
+        tail_margin_db: a voiced frame extends an utterance only if its energy is
+            this far above the noise floor; 0 lets webrtcvad's voicing alone decide.
+        tail_range_db: ... and no further than this below the utterance's loudest frame.
+        tentative_ms: quiet audio inside an utterance that gives a SpeechPause; 0: never.
 
     Raises:
         ValueError: on any invalid value; the message carries the numbers.
@@ -77,14 +99,21 @@ class VadConfig:
     aggressiveness: int = 2
     onset_ms: int = 60
     onset_window_ms: int = 100
-    hangover_ms: int = 300
+    hangover_ms: int = 320
     preroll_ms: int = 300
     min_speech_ms: int = 0
+    tail_margin_db: float = 9.0
+    tail_range_db: float = 35.0
+    tentative_ms: int = 100
 
     def __post_init__(self) -> None:
         if not 0 <= self.aggressiveness <= 3:
             raise ValueError(f"aggressiveness must be 0..3, got {self.aggressiveness}")
-        for name in ("onset_ms", "onset_window_ms", "hangover_ms", "preroll_ms", "min_speech_ms"):
+        if self.tail_margin_db < 0 or self.tail_range_db <= 0:
+            raise ValueError(
+                f"tail_margin_db must be >= 0 and tail_range_db > 0, got {self.tail_margin_db} and {self.tail_range_db}"
+            )
+        for name in ("onset_ms", "onset_window_ms", "hangover_ms", "preroll_ms", "min_speech_ms", "tentative_ms"):
             value: int = getattr(self, name)
             if value < 0 or value % _FRAME_MS:
                 raise ValueError(f"{name} must be a non-negative multiple of 20 ms, got {value}")
@@ -126,7 +155,75 @@ class SpeechEnd:
     short: bool
 
 
-VadEvent: TypeAlias = SpeechStart | SpeechEnd
+@dataclass(frozen=True)
+class SpeechPause:
+    """Quiet for `tentative_ms` inside an utterance: it may be over (the hangover decides).
+
+    Attributes:
+        frame: index just after the last loud frame, where the utterance would end.
+        decided_frame: index of the frame that completed the quiet run.
+    """
+
+    frame: int
+    decided_frame: int
+
+
+@dataclass(frozen=True)
+class SpeechResume:
+    """Loud speech again after a SpeechPause, before the hangover ran out: same utterance.
+
+    Attributes:
+        frame: index of the loud frame.
+    """
+
+    frame: int
+
+
+VadEvent: TypeAlias = SpeechStart | SpeechEnd | SpeechPause | SpeechResume
+
+
+class _Level:
+    """The call's noise floor and the utterance's peak, in dB, to tell loud frames (sans-I/O).
+
+    The floor follows non-loud frames: down fast (a quieter frame is closer to the
+    floor), up slowly (a rising noise level is followed within seconds, a quiet
+    phoneme hardly moves it).
+    """
+
+    _DOWN = 0.3
+    _UP = 0.01
+
+    def __init__(self, margin_db: float, range_db: float) -> None:
+        self.margin_db = margin_db
+        self.range_db = range_db
+        self.floor: float | None = None
+        self.peak = -np.inf  # of the current utterance; -inf until it has a loud frame
+
+    @staticmethod
+    def energy_db(frame: bytes) -> float:
+        x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
+        return float(10.0 * np.log10(float(x @ x) / max(len(x), 1) + 1.0))
+
+    def loud(self, frame: bytes) -> bool:
+        """Is this voiced frame loud? Non-loud frames teach the floor."""
+        e = self.energy_db(frame)
+        if self.floor is None:
+            self.floor = e
+        if e >= max(self.floor + self.margin_db, self.peak - self.range_db):
+            self.peak = max(self.peak, e)
+            return True
+        self.quiet(e)
+        return False
+
+    def quiet(self, e: float) -> None:
+        assert self.floor is not None
+        self.floor += (self._DOWN if e < self.floor else self._UP) * (e - self.floor)
+
+    def unvoiced(self, frame: bytes) -> None:
+        e = self.energy_db(frame)
+        if self.floor is None:
+            self.floor = e
+        self.quiet(e)
 
 
 class Vad:
@@ -149,12 +246,15 @@ class Vad:
         self._hangover_frames = config.hangover_ms // _FRAME_MS
         self._min_speech_frames = config.min_speech_ms // _FRAME_MS
         self._preroll_frames = config.preroll_ms // _FRAME_MS
+        self._tentative_frames = config.tentative_ms // _FRAME_MS
         self._webrtc = webrtcvad.Vad(config.aggressiveness)
+        self._level = _Level(config.tail_margin_db, config.tail_range_db) if config.tail_margin_db else None
         self._state = SILENCE
         self._frames = 0
         self._onset_voiced: deque[int] = deque()  # indices of voiced frames in the onset window
         self._start = 0  # SpeechStart.frame of the current utterance (valid in SPEECH)
-        self._last_voiced = 0  # index of the latest voiced frame (valid in SPEECH)
+        self._last_loud = 0  # index of the latest loud frame (valid in SPEECH)
+        self._paused = False  # a SpeechPause was given and no loud frame came since
         self._resume_at = 0  # onset frame given to resume_speech
         self._voiced = 0  # voiced frames in the current utterance (valid in SPEECH)
 
@@ -203,19 +303,35 @@ class Vad:
         """Feed the next 20 ms frame, in order, for every frame of the call.
 
         Returns:
-            SpeechStart or SpeechEnd when this frame decides one, else None.
+            The SpeechStart, SpeechPause, SpeechResume or SpeechEnd this frame decides, else None.
 
         Raises:
             ValueError: if `frame` is not exactly `frame_bytes` long (nothing is counted).
         """
-        voiced = self.is_voiced(frame)
+        kind = self._classify(frame, self.is_voiced(frame))
         self._frames += 1
-        return self._step(_Input.VOICED if voiced else _Input.UNVOICED)
+        return self._step(kind)
+
+    def _classify(self, frame: bytes, voiced: bool) -> _Input:
+        """LOUD, VOICED or UNVOICED (see the module docstring); keeps the level up to date."""
+        level = self._level
+        if level is None:
+            return _Input.LOUD if voiced else _Input.UNVOICED
+        if not voiced:
+            level.unvoiced(frame)
+            if self._state is SILENCE:
+                level.peak = -np.inf  # the next utterance's peak starts with its onset
+            return _Input.UNVOICED
+        if level.loud(frame):
+            return _Input.LOUD
+        # Nothing loud in this utterance yet: the caller is quiet for this line, so
+        # webrtcvad's voicing decides as it did before levels were looked at.
+        return _Input.LOUD if self._state is SPEECH and level.peak == -np.inf else _Input.VOICED
 
     def flush(self) -> SpeechEnd | None:
         """Call at end of stream (hangup). Returns the SpeechEnd of an open utterance, else None.
 
-        The utterance ends just after its last voiced frame, as a hangover end would.
+        The utterance ends just after its last loud frame, as a hangover end would.
         """
         event = self._step(_Input.FLUSH)
         assert event is None or isinstance(event, SpeechEnd)  # only SILENCE->SPEECH starts
@@ -235,37 +351,49 @@ class Vad:
 
         Another worker already published that utterance's SpeechStart; this one
         enters SPEECH without an event, as if the onset had been at `onset_frame`,
-        so the hangover only counts unvoiced frames after it.
+        so the hangover only counts quiet frames after it.
         """
         self._resume_at = onset_frame
         self._step(_Input.RESUME)
 
     # ---- State machine: the only code that changes self._state. -------------
-    # SILENCE + voiced:   note it, forget voiced frames older than the onset window; once
+    # SILENCE + loud/voiced: note it, forget voiced frames older than the onset window; once
     #                     onset_frames remain -> SPEECH, emit SpeechStart(frame = oldest of them).
     # SILENCE + unvoiced: nothing (the window is pruned by index on the next voiced frame).
     # SILENCE + flush/reset: clear the window, so no onset spans the break.
-    # SPEECH + voiced:    note it as the last voiced frame.
-    # SPEECH + unvoiced:  after hangover_frames unvoiced in a row -> SILENCE, emit
-    #                     SpeechEnd(frame = last voiced + 1). SPEECH + flush: the same, at once.
-    # SPEECH + reset:     -> SILENCE, no event.
-    # SILENCE + resume:   -> SPEECH, no event, onset (and last voiced frame) at the given frame.
+    # SPEECH + loud:      note it as the last loud frame; after a SpeechPause, emit SpeechResume.
+    # SPEECH + voiced/unvoiced (quiet): after tentative_frames quiet in a row emit SpeechPause
+    #                     (once); after hangover_frames -> SILENCE, emit SpeechEnd(frame = last
+    #                     loud + 1). A voiced frame still counts toward voiced_ms.
+    # SPEECH + flush:     -> SILENCE, emit SpeechEnd at once. SPEECH + reset: -> SILENCE, no event.
+    # SILENCE + resume:   -> SPEECH, no event, onset (and last loud frame) at the given frame.
     def _step(self, event: _Input) -> VadEvent | None:
         now = self._frames - 1  # index of the latest frame processed
         if self._state is SPEECH:
-            if event is _Input.VOICED:
-                self._last_voiced = max(self._last_voiced, now)
+            if event is _Input.LOUD:
+                self._last_loud = max(self._last_loud, now)
                 self._voiced += 1
+                if self._paused:
+                    self._paused = False
+                    return SpeechResume(now)
                 return None
-            if event is _Input.UNVOICED and now - self._last_voiced < self._hangover_frames:
-                return None
+            if event is _Input.VOICED:
+                self._voiced += 1
+            if event is _Input.VOICED or event is _Input.UNVOICED:
+                quiet = now - self._last_loud
+                if quiet < self._hangover_frames:
+                    if quiet == self._tentative_frames and not self._paused:
+                        self._paused = True
+                        return SpeechPause(self._last_loud + 1, now)
+                    return None
             self._state = SILENCE
+            self._paused = False
             if event is _Input.RESET:
                 return None
-            end = self._last_voiced + 1
+            end = self._last_loud + 1
             duration = end - self._start
             return SpeechEnd(end, now, duration, duration < self._min_speech_frames)
-        if event is _Input.VOICED:
+        if event is _Input.LOUD or event is _Input.VOICED:
             voiced = self._onset_voiced
             voiced.append(now)
             while voiced[0] <= now - self._window_frames:  # never empties: `now` stays
@@ -273,13 +401,13 @@ class Vad:
             if len(voiced) >= self._onset_frames:
                 self._state = SPEECH
                 self._start = voiced[0]
-                self._last_voiced = now
+                self._last_loud = now
                 self._voiced = len(voiced)
                 voiced.clear()
                 return SpeechStart(self._start, now)
         elif event is _Input.RESUME:
             self._state = SPEECH
-            self._start = self._last_voiced = self._resume_at
+            self._start = self._last_loud = self._resume_at
             self._voiced = 0  # the predecessor's count is lost; barge-in counts afresh
             self._onset_voiced.clear()
         elif event is not _Input.UNVOICED:

@@ -10,6 +10,10 @@ the reply is ``[b"", reply-json]``. Requests (``op``):
   Reply ``{"ok": true, "id", "duration_ms", "starts_in_ms"}``.
 * ``flush``: ``call_id``. Cuts what plays; ``{"ok": true, "flushed": bool, ...}``.
 * ``state``: ``call_id``. ``{"ok": true, "playing", "id", "queued", "queued_ms", ...}``.
+* ``finalize``: ``call_id``. An explicit end of utterance (a dialer with its own
+  endpointer): the utterance in progress ends where the audio received so far ends and
+  its ``final`` (reason ``reset``; an empty one if none was in progress) follows at once
+  on the event stream. ``{"ok": true, "at_ms": offset}``. Any protocol.
 * ``calls``: every live call with its protocol and whether it plays.
 
 Failures answer ``{"ok": false, "error": "..."}``; the socket never dies of a bad request.
@@ -94,6 +98,9 @@ class CommandServer:
             call = self.registry.calls.get(call_id)
         if call is None or call.closed_at:
             raise PlaybackError(f"no live call {call_id!r}")
+        if op == "finalize":
+            cursor = call.ring.request_finalize()
+            return {"ok": True, "at_ms": cursor * 1000 // (call.ring.rate * 2 * call.ring.channels)}
         if call.player is None:
             raise PlaybackError(f"call {call_id} ({call.protocol}) cannot play audio")
         if op == "play":
@@ -113,7 +120,7 @@ class CommandServer:
             return {"ok": True, **call.player.flush()}
         if op == "state":
             return {"ok": True, **call.player.state()}
-        raise PlaybackError(f"unknown op {op!r}: expected play, flush, state or calls")
+        raise PlaybackError(f"unknown op {op!r}: expected play, flush, state, finalize or calls")
 
     def _calls(self) -> list[dict[str, Any]]:
         return [

@@ -33,6 +33,8 @@ log = logging.getLogger("farm.ingress.vosk")
 # After eof, how long the client waits for the worker to finish the call's audio
 # (a fast client may be many seconds of audio ahead of recognition).
 EOF_WAIT_S = 60.0
+# After reset, likewise for the final of the utterance the reset ended.
+RESET_WAIT_S = 60.0
 
 
 class _Connection:
@@ -47,6 +49,7 @@ class _Connection:
         self.call: Call | None = None
         self.carry = SampleCarry(2)
         self.ended = asyncio.Event()  # the worker's call_end for this call
+        self.reset_final = asyncio.Event()  # the final of the utterance a reset ended
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {"call_id": self.call_id})
 
@@ -92,7 +95,7 @@ class _Connection:
             if command is proto.CONFIG:
                 self._note_config(message, audio_seen)
             elif command is proto.RESET:
-                await self.ws.send(self.session.final_reply())
+                await self._reset()
             else:
                 await self._eof()
                 return
@@ -143,6 +146,20 @@ class _Connection:
         self.session.receive_event(event.type, event.data)
         if event.type == "call_end":
             self.ended.set()
+        elif event.type == "final" and event.get("reason") == "reset":
+            self.reset_final.set()
+
+    async def _reset(self) -> None:
+        """vosk-server's FinalResult(): end the utterance in progress and answer with its
+        final (and any other not yet sent), not with what was final before the reset."""
+        if self.call is not None:
+            self.reset_final.clear()
+            self.call.ring.request_finalize()
+            try:
+                await asyncio.wait_for(self.reset_final.wait(), RESET_WAIT_S)
+            except TimeoutError:
+                self.log.warning("call %s: no final %.0f s after reset, replying", self.call_id, RESET_WAIT_S)
+        await self.ws.send(self.session.final_reply())
 
     async def _eof(self) -> None:
         """No more audio: wait for the worker to finish the call, reply, close normally."""

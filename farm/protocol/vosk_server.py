@@ -12,7 +12,9 @@ c2e82f0; replies are vosk-api's own JSON):
 - every binary message gets exactly one reply (:71-72): a result if an utterance
   ended since the previous reply, else ``{"partial": ...}``;
 - ``{"eof" : 1}`` gets the final result, then the server closes normally (:14-15, 73);
-- ``{"reset" : 1}`` gets the final result and the stream goes on (:16-17).
+- ``{"reset" : 1}`` gets the final result and the stream goes on (:16-17): like
+  vosk-server's ``FinalResult()``, the utterance in progress ends there and its words
+  are in the reply (the ingress waits for that final before answering).
 
 vosk-server compares eof and reset as exact strings and hands anything else that
 is not a config to the recogniser, which fails the connection; here any JSON
