@@ -252,6 +252,13 @@ class Config:
     asr_threads: int = field(
         default=3, metadata=knob("recognition threads per worker", group="recognition", check=_at_least(1))
     )
+    pin_workers: bool = field(
+        default=False,
+        metadata=knob(
+            "pin worker i to CPU i (off: the kernel spreads every worker's threads over all CPUs)",
+            group="recognition",
+        ),
+    )
     gating: bool = field(default=True, metadata=knob("feed Vosk only speech and a little padding", group="recognition"))
     vad_aggressiveness: int = field(
         default=2, metadata=knob("webrtcvad mode", group="recognition", choices=(0, 1, 2, 3))
@@ -294,10 +301,29 @@ class Config:
         default=200, metadata=knob("partials every this much audio (0: none)", group="recognition", check=_ms_step)
     )
     recognizer_max_audio_s: float = field(
-        default=90.0, metadata=knob("retire a recogniser after this much audio (memory)", group="recognition")
+        default=600.0, metadata=knob("retire a recogniser after this much calls' audio", group="recognition")
     )
     recognizer_warm: int = field(
-        default=2, metadata=knob("recognisers per worker warmed at start", group="recognition")
+        default=1, metadata=knob("recognisers per worker warmed before it takes calls", group="recognition")
+    )
+    recognizer_warm_s: float = field(
+        default=6.0,
+        metadata=knob("seconds of the warm-up speech each of those hears", group="recognition", check=_at_least(0)),
+    )
+    recognizer_warm_later: int = field(
+        default=3,
+        metadata=knob(
+            "recognisers per worker warmed after it takes calls, at the lowest CPU priority, on all of it",
+            group="recognition",
+        ),
+    )
+    recognizer_memory_mb: float = field(
+        default=1500.0,
+        metadata=knob(
+            "a worker holding more than this (resident MB) retires recognisers as they come back (0: no budget)",
+            group="recognition",
+            check=_at_least(0),
+        ),
     )
     dither: float = field(
         default=0.0,

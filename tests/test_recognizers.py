@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
+from workers.scheduler import AsrScheduler
 
 from .conftest import DATA, MS, _samples16k, decode_pcm, model
 
@@ -43,8 +43,9 @@ def test_a_recogniser_is_reused_after_reset_and_retired_after_max_audio() -> Non
 def test_a_stream_gives_finals_with_words_in_call_time_and_the_recogniser_back() -> None:
     pool = RecognizerPool(model(), 16000, max_audio_s=60, keep=2)
     results = ResultQueue()
-    with ThreadPoolExecutor(2) as executor:
-        stream = AsrStream(pool, executor, results, partial_frames=10, hold=False, tag=("c", 0))
+    scheduler = AsrScheduler(2)
+    try:
+        stream = AsrStream(pool, scheduler, results, partial_frames=10, hold=False, tag=("c", 0))
         pcm = _samples16k(DATA / "ko_02.wav").tobytes()
         # The same utterance twice, the second one 60 s into the call.
         for base_ms in (0, 60_000):
@@ -52,6 +53,8 @@ def test_a_stream_gives_finals_with_words_in_call_time_and_the_recogniser_back()
                 stream.feed(frame, base_ms + 20 * i, utterance=base_ms, end_cursor=0)
             stream.end("vad", utterance=base_ms, end_cursor=0)
         got = _collect(results, until=2)
+    finally:
+        scheduler.shutdown()
     finals = [o for o in got if o.kind == "final"]
     assert [o.text for o in finals] == [decode_pcm(pcm, partial_every=10)[-1]] * 2
     first, second = finals
@@ -67,11 +70,15 @@ def test_a_stream_gives_finals_with_words_in_call_time_and_the_recogniser_back()
 def test_releasing_a_busy_stream_waits_for_vosk_before_reuse() -> None:
     pool = RecognizerPool(model(), 16000, max_audio_s=60, keep=2)
     results = ResultQueue()
-    with ThreadPoolExecutor(1) as executor:
-        stream = AsrStream(pool, executor, results, partial_frames=0, hold=True, tag=("c", 0))
-        for i, frame in enumerate(_frames(_samples16k(DATA / "ko_03.wav").tobytes())):
-            stream.feed(frame, 20 * i, utterance=0, end_cursor=0)
-        stream.release()  # the job may still be inside AcceptWaveform
-        assert pool.idle == 0 or not stream.pending
-    assert pool.idle == 1  # given back once the job stopped, exactly once
+    scheduler = AsrScheduler(1)
+    stream = AsrStream(pool, scheduler, results, partial_frames=0, hold=True, tag=("c", 0))
+    for i, frame in enumerate(_frames(_samples16k(DATA / "ko_03.wav").tobytes())):
+        stream.feed(frame, 20 * i, utterance=0, end_cursor=0)
+    stream.release()  # the slice may still be inside AcceptWaveform
+    assert pool.idle == 0 or not stream.pending
+    deadline = time.monotonic() + 30_000 * MS
+    while stream.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scheduler.shutdown()
+    assert pool.idle == 1  # given back once the slice stopped, exactly once
     results.close()

@@ -4,8 +4,9 @@ Vosk's AcceptWaveform is bursty (p99 ~200 ms, max ~0.9 s per 20 ms chunk here: t
 network runs in 240 ms batches). If the worker fed every call from its main loop,
 one call's burst would freeze VAD decisions, heartbeats and the other calls of the
 worker. So the main loop only queues audio; each :class:`AsrStream` drains its queue
-on a small thread pool (the vosk binding releases the GIL), one job at a time per
-stream so a call's audio stays in order, several streams in parallel.
+on the worker's recognition threads (:mod:`workers.scheduler`; the vosk binding
+releases the GIL), one slice at a time per stream so a call's audio stays in order,
+several streams in parallel, streams whose final is awaited first.
 
 Results go back to the main loop through a queue plus an eventfd the loop polls,
 because ZeroMQ sockets and sequence numbers belong to the main thread.
@@ -17,12 +18,12 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any
 
 from workers.engines.vosk import Recognizer, RecognizerPool, Result
+from workers.scheduler import AsrScheduler
 
 
 __all__ = ["AsrOutput", "AsrStream", "ResultQueue"]
@@ -91,7 +92,11 @@ class _Piece:
     heard_ms: tuple[int, int]
 
 
-_SLICE = 10  # frames (200 ms of audio) per turn on a pool thread
+_SLICE = 10  # frames (200 ms of audio) per turn on a recognition thread
+# A stream this many frames behind does not publish its partials: stale by the time they
+# would go out, and the first thing given up under load (finals keep their priority). They
+# are still asked of Vosk, whose words depend on where partials are asked for.
+PARTIAL_BACKLOG = 25  # 500 ms
 
 
 class AsrStream:
@@ -112,7 +117,7 @@ class AsrStream:
     def __init__(
         self,
         pool: RecognizerPool,
-        executor: ThreadPoolExecutor,
+        scheduler: AsrScheduler,
         results: ResultQueue,
         *,
         partial_frames: int,
@@ -120,14 +125,16 @@ class AsrStream:
         tag: Any = None,
     ) -> None:
         self.pool = pool
-        self.executor = executor
+        self.scheduler = scheduler
         self.results = results
         self.partial_frames = partial_frames  # ask for a partial every N frames; 0 = never
         self.hold = hold
         self.tag = tag
         self._items: deque[_Item] = deque()
         self._lock = threading.Lock()
-        self._scheduled = False
+        self._scheduled = False  # queued for a slice, or running one
+        self._awaited = 0  # cut and end items queued: a final is awaited
+        self.partials_skipped = 0
         self._rec: Recognizer | None = None
         self._origin_ms = 0  # call offset of the recogniser's time zero
         self._first_ms = 0  # call offset of the first audio of the utterance
@@ -155,12 +162,17 @@ class AsrStream:
         self._push(_Item("end", b"", reason, 0, utterance, end_cursor))
 
     def _push(self, item: _Item) -> None:
-        self._items.append(item)
+        awaited = item.kind != "audio"
         with self._lock:
+            self._items.append(item)
+            self._awaited += awaited
             if self._scheduled:
+                if awaited:
+                    self.scheduler.promote(self)
                 return
             self._scheduled = True
-        self.executor.submit(self._run)
+            urgent = self._awaited > 0
+        self.scheduler.submit(self, urgent)
 
     @property
     def pending(self) -> bool:
@@ -183,7 +195,8 @@ class AsrStream:
 
     # -- thread pool side ------------------------------------------------------
 
-    def _run(self) -> None:
+    def run_slice(self) -> None:
+        """One turn on a recognition thread: up to a slice of this stream's work."""
         for _ in range(_SLICE):
             with self._lock:
                 if not self._items or self.closed:
@@ -191,21 +204,25 @@ class AsrStream:
                     if self.closed:
                         self._give_back()
                     return
-            item = self._items.popleft()
+                item = self._items.popleft()
+                self._awaited -= item.kind != "audio"
             if item.kind == "audio":
                 self._accept(item)
             elif item.kind == "cut":
                 self._cut(item.utterance, item.end_cursor)
             else:
                 self._finish(item.reason, item.utterance, item.end_cursor)
-        # Time slice over: go to the back of the pool's queue, so a call with a
-        # backlog (a catch-up, a Vosk stall) does not hold a thread other calls'
+        # Time slice over: queue again, behind the others of our class, so a call with
+        # a backlog (a catch-up, a Vosk stall) does not hold a thread other calls'
         # finals are waiting for.
-        try:
-            self.executor.submit(self._run)
-        except RuntimeError:  # the worker is shutting down: nothing more to decode
-            with self._lock:
+        with self._lock:
+            if not self._items or self.closed:
                 self._scheduled = False
+                if self.closed:
+                    self._give_back()
+                return
+            urgent = self._awaited > 0
+        self.scheduler.submit(self, urgent)
 
     def _accept(self, item: _Item) -> None:
         # One AcceptWaveform per 20 ms frame and partials every `partial_frames`
@@ -239,6 +256,9 @@ class AsrStream:
         if self.partial_frames and self._since_partial >= self.partial_frames:
             self._since_partial = 0
             text = self._joined(self._rec.partial())
+            if len(self._items) > PARTIAL_BACKLOG:
+                self.partials_skipped += 1
+                return
             if text and text != self._last_partial:
                 self._last_partial = text
                 self.results.put(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from farm.protocol.events import Event
 from farm.ring import Ring
 from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
+from workers.scheduler import AsrScheduler
 from workers.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart, Vad, VadConfig, VadState
 
 
@@ -267,7 +267,7 @@ class CallSession:
         config: Config,
         *,
         pool: RecognizerPool,
-        executor: ThreadPoolExecutor,
+        scheduler: AsrScheduler,
         results: ResultQueue,
     ) -> None:
         self.call_id = call_id
@@ -295,7 +295,7 @@ class CallSession:
                 c,
                 AsrStream(
                     pool,
-                    executor,
+                    scheduler,
                     results,
                     partial_frames=config.partial_interval_ms // FRAME_MS,
                     hold=not config.gating,

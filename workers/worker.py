@@ -14,7 +14,6 @@ import os
 import signal
 import struct
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -25,7 +24,8 @@ from farm.protocol.events import Event
 from farm.ring import Ring, RingError
 from workers.asr import ResultQueue
 from workers.call import CallSession
-from workers.engines.vosk import RecognizerPool
+from workers.engines.vosk import RecognizerPool, limit_malloc_arenas, warmup_audio
+from workers.scheduler import AsrScheduler
 
 
 __all__ = ["Worker", "HeartbeatTable"]
@@ -71,9 +71,10 @@ class Worker:
             model_rate,
             max_audio_s=config.recognizer_max_audio_s,
             keep=config.recognizer_pool,
+            memory_mb=config.recognizer_memory_mb,
             reuse=config.recognizer_reuse,
         )
-        self.executor = ThreadPoolExecutor(max(1, config.asr_threads), thread_name_prefix=f"asr{index}")
+        self.scheduler = AsrScheduler(config.asr_threads, name=f"asr{index}")
         self.results = ResultQueue()
         self.sessions: dict[str, CallSession] = {}
         self.running = True
@@ -130,7 +131,7 @@ class Worker:
             self.send(wire.W_DONE, call_id)
             return
         session = CallSession(
-            call_id, ring, info, self.config, pool=self.pool, executor=self.executor, results=self.results
+            call_id, ring, info, self.config, pool=self.pool, scheduler=self.scheduler, results=self.results
         )
         self.sessions[call_id] = session
         self.log.info(
@@ -194,10 +195,12 @@ class Worker:
     def run(self) -> int:
         self.poller = zmq.Poller()
         self.poller.register(self.results.fd, zmq.POLLIN)
-        if self.config.recognizer_reuse and self.config.recognizer_warm:
+        warmup = warmup_audio(self.pool.rate) if self.config.recognizer_reuse else b""
+        if warmup and self.config.recognizer_warm:
             # Before W_READY: the broker sends calls only to a worker that is warm.
             t0 = time.monotonic()
-            self.pool.warm(self.config.recognizer_warm)
+            first = warmup[: int(self.config.recognizer_warm_s * self.pool.rate) * 2]
+            self.pool.warm(self.config.recognizer_warm, first)
             self.log.info(
                 "worker %d: %d recognisers warmed in %.1f s", self.index, self.pool.idle, time.monotonic() - t0
             )
@@ -205,33 +208,31 @@ class Worker:
         if not self.await_relay(RELAY_WAIT_S):
             self.log.warning("the event relay did not subscribe within %.0f s: events may be lost", RELAY_WAIT_S)
         self.connect()
-        next_tick = time.monotonic()
+        if warmup and self.config.recognizer_warm_later:
+            self.pool.warm_in_background(self.config.recognizer_warm_later, warmup)
+        next_tick = next_beat = time.monotonic()
         while self.running:
-            timeout = max(0.0, next_tick - time.monotonic())
-            for sock, _ in self.poller.poll(int(timeout * 1000)):
-                if sock is self.dealer:
-                    while self.dealer is not None:
-                        try:
-                            frames = self.dealer.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.on_broker(frames)
-            self.on_results()
+            # With calls, look at their rings every tick; without, sleep until the next
+            # heartbeat (an idle worker wakes 4 times a second, not 100).
+            due = min(next_tick, next_beat) if self.sessions else next_beat
+            ready = dict(self.poller.poll(max(0, int((due - time.monotonic()) * 1000))))
+            if self.dealer is not None and self.dealer in ready:
+                while self.dealer is not None:
+                    try:
+                        frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.on_broker(frames)
+            if self.results.fd in ready:
+                self.on_results()
             now = time.monotonic()
-            if now >= next_tick:
+            if self.sessions and now >= next_tick:
                 self.pump()
-                self.heartbeats.beat(self.index)
-                if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
-                    self.send(wire.W_HEARTBEAT, str(len(self.sessions)))
-                    while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
-                        self.pub.recv()
-                if now > self.broker_expiry:
-                    self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
-                    self.connect()
-                if os.getppid() != self.parent:
-                    self.log.warning("supervisor is gone: exiting")
-                    return 1
                 next_tick = now + TICK_S
+            if now >= next_beat:
+                if not self.housekeeping(now):
+                    return 1
+                next_beat = now + wire.HEARTBEAT_INTERVAL / 2
         if self.dealer is not None:
             self.send(wire.W_DISCONNECT)
         self.log.info(
@@ -243,12 +244,27 @@ class Worker:
         )
         return 0
 
+    def housekeeping(self, now: float) -> bool:
+        """Liveness both ways, from the loop itself; False when the worker must exit."""
+        self.heartbeats.beat(self.index)
+        if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
+            self.send(wire.W_HEARTBEAT, str(len(self.sessions)))
+            while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
+                self.pub.recv()
+        if now > self.broker_expiry:
+            self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
+            self.connect()
+        if os.getppid() != self.parent:
+            self.log.warning("supervisor is gone: exiting")
+            return False
+        return True
+
     def close(self) -> None:
         for session in self.sessions.values():
             session.close()
-        # Jobs stop at their next frame once their stream is closed; wait for them so
+        # Slices stop at their next frame once their stream is closed; wait for them so
         # no Vosk call is still running while the interpreter tears down.
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.shutdown()
         self.ctx.destroy(linger=500)
 
 
@@ -260,11 +276,14 @@ def worker_main(
 
     setup_logging(config.log_level, f"worker{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    if cpu is not None:
+    limit_malloc_arenas()
+    if cpu is not None and config.pin_workers:
         try:
             os.sched_setaffinity(0, {cpu})
         except OSError:
             pass
+    else:
+        cpu = None
     worker = Worker(index, config, model, model_rate, heartbeats)
 
     def stop(signum: int, frame: object) -> None:

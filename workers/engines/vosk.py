@@ -11,21 +11,44 @@ overlaps, not one per call.
 Reset() keeps Vosk's adaptation state (and its clock), so a reused recogniser may
 word an utterance slightly differently from a fresh one; ``reuse=False`` trades the
 capacity for bit-exact repeatability.
+
+Why warm recognisers matter so much (bench/results/profile-12calls.md): with a model
+that ships HCLr.fst and Gr.fst (the small ones), each recogniser composes its decoding
+graph as it decodes and caches what it built; that composition is ~75 % of a worker's
+CPU, and a recogniser's first second of audio costs ~5x what its twentieth does. The
+cache is also most of its memory, and glibc keeps a retired recogniser's memory unless
+asked to give it back (``malloc_trim``). So the pool warms recognisers on speech before
+calls come, reuses the warmest first, and retires one only when the worker holds more
+memory than its budget (or it has heard ``max_audio_s``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import threading
+import wave
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import vosk
 
 
-__all__ = ["ModelError", "load_model", "model_rate", "model_view", "Recognizer", "RecognizerPool", "Result"]
+__all__ = [
+    "ModelError",
+    "load_model",
+    "model_rate",
+    "model_view",
+    "Recognizer",
+    "RecognizerPool",
+    "Result",
+    "warmup_audio",
+    "limit_malloc_arenas",
+]
 
 log = logging.getLogger("farm.worker.vosk")
 
@@ -90,6 +113,36 @@ def load_model(path: str) -> vosk.Model:
         raise ModelError(f"vosk could not load the model in {path}: {exc}") from None
 
 
+WARMUP = Path(__file__).resolve().parent.parent / "data" / "warmup_8k.wav"  # made by data/make_warmup.sh
+
+_libc = ctypes.CDLL(None)
+_M_ARENA_MAX = -8  # mallopt(3)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Fewer glibc arenas for the recognition threads: memory a retired recogniser gave
+    back is reused, and ``malloc_trim`` can return it, instead of sitting in a thread's
+    own arena. Call once at worker start."""
+    _libc.mallopt(_M_ARENA_MAX, arenas)
+
+
+def warmup_audio(rate: int, path: Path = WARMUP) -> bytes:
+    """The warm-up speech (int16 mono) at ``rate``."""
+    with wave.open(str(path), "rb") as w:
+        pcm, src = w.readframes(w.getnframes()), w.getframerate()
+    if src == rate:
+        return pcm
+    import soxr
+
+    out: bytes = soxr.resample(np.frombuffer(pcm, dtype="<i2"), src, rate).astype("<i2").tobytes()
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 @dataclass(frozen=True)
 class Result:
     """What a recogniser said, times relative to the start of its utterance."""
@@ -119,11 +172,13 @@ class Recognizer:
         self._rec = vosk.KaldiRecognizer(model, rate)
         self._rec.SetWords(True)
         self.rate = rate
-        self.heard_bytes = 0
+        self.heard_bytes = 0  # since creation: Vosk's word times count from there
+        self.warm_bytes = 0  # of which warm-up audio
 
     @property
     def heard_s(self) -> float:
-        return self.heard_bytes / (2 * self.rate)
+        """Calls' audio heard, warm-up not counted (what retirement goes by)."""
+        return (self.heard_bytes - self.warm_bytes) / (2 * self.rate)
 
     @property
     def heard_ms(self) -> int:
@@ -151,53 +206,94 @@ class Recognizer:
 
 
 class RecognizerPool:
-    """Warm recognisers of one worker, leased per utterance; thread-safe."""
+    """Warm recognisers of one worker, leased per utterance; thread-safe.
 
-    def __init__(self, model: vosk.Model, rate: int, *, max_audio_s: float, keep: int, reuse: bool = True) -> None:
+    Args:
+        max_audio_s: retire a recogniser that has heard this much audio.
+        keep: idle recognisers kept at most.
+        memory_mb: retire a returned recogniser while the worker holds more than this
+            (resident MB; 0: no budget). Retiring trims the heap so the memory goes back.
+        reuse: False gives each utterance a fresh recogniser (repeatable, slower).
+    """
+
+    def __init__(
+        self,
+        model: vosk.Model,
+        rate: int,
+        *,
+        max_audio_s: float,
+        keep: int,
+        memory_mb: float = 0.0,
+        reuse: bool = True,
+    ) -> None:
         self.model = model
         self.rate = rate
         self.max_audio_s = max_audio_s
         self.keep = keep
+        self.memory_mb = memory_mb
         self.reuse = reuse
-        self._idle: list[Recognizer] = []
+        self._idle: list[Recognizer] = []  # the warmest (most recently used) last
         self._lock = threading.Lock()
         self.created = 0
         self.retired = 0
+        self.leased = 0
 
     def lease(self) -> Recognizer:
         with self._lock:
+            self.leased += 1
             if self._idle:
                 return self._idle.pop()
             self.created += 1
         return Recognizer(self.model, self.rate)
 
     def give_back(self, rec: Recognizer) -> None:
-        """Return a recogniser after its utterance; retire it if it has heard too much."""
+        """Return a recogniser after its utterance; retire it if it has heard too much, or
+        the worker is over its memory budget, or enough are idle."""
         with self._lock:
-            if not self.reuse or rec.heard_s >= self.max_audio_s or len(self._idle) >= self.keep:
+            self.leased -= 1
+            over_budget = bool(self.memory_mb) and _rss_mb() > self.memory_mb
+            if not self.reuse or rec.heard_s >= self.max_audio_s or len(self._idle) >= self.keep or over_budget:
                 self.retired += 1
-                return  # dropped: its memory goes with it
+                retire = True
+            else:
+                retire = False
+        if retire:
+            del rec  # its graph cache goes with it...
+            _libc.malloc_trim(0)  # ...back to the system, not into glibc's free lists
+            return
         rec.reset()
         with self._lock:
             self._idle.append(rec)
 
-    def warm(self, count: int, seconds: float = 1.0) -> None:
-        """Create ``count`` recognisers and pay their first-audio stall now, not on a call.
-
-        A new recogniser spent 1.45 s CPU on its first 2 s of speech here, one warmed
-        with 1 s of noise 0.99 s, a reused one 0.17 s (MEASUREMENTS.md; workers/asr.py).
-        """
-        import numpy as np
-
-        noise = (np.random.default_rng(0).standard_normal(int(self.rate * seconds)) * 300).astype("<i2").tobytes()
-        warmed = []
-        for _ in range(count):
-            rec = self.lease()
-            rec.accept(noise)
+    def warm(self, count: int, pcm: bytes) -> None:
+        """Create ``count`` recognisers and pay their first-audio cost now, on ``pcm`` (speech
+        at the model's rate), fed as a worker feeds calls: 20 ms frames, partials every 200 ms."""
+        frame = self.rate // 50 * 2
+        warmed = [self.lease() for _ in range(count)]
+        for rec in warmed:
+            for i, start in enumerate(range(0, len(pcm) - frame + 1, frame)):
+                rec.accept(pcm[start : start + frame])
+                if i % 10 == 9:
+                    rec.partial()
             rec.final()
-            warmed.append(rec)
+            rec.warm_bytes = rec.heard_bytes  # not a call's audio: it does not count toward retirement
         for rec in warmed:
             self.give_back(rec)
+
+    def warm_in_background(self, count: int, pcm: bytes) -> threading.Thread:
+        """:meth:`warm` on a thread at the lowest CPU priority: calls' decoding goes first."""
+
+        def run() -> None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except OSError:  # pragma: no cover - not allowed here; warm at normal priority
+                pass
+            self.warm(count, pcm)
+            log.info("%d more recognisers warmed in the background (%d idle)", count, self.idle)
+
+        thread = threading.Thread(target=run, name="warm", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def idle(self) -> int:
