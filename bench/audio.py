@@ -11,16 +11,26 @@ farm's VAD.
 Speech spans inside each sentence file come from its energy envelope: espeak-ng's
 speech is tens of dB above the fixtures' white-noise floor (tests/data/README.md), so
 a fixed threshold finds the first and last spoken 10 ms exactly; no VAD is needed.
+The recorded clips (tests/data/recorded) have a room-noise floor of their own: their
+spans come from recorded.json, measured with a threshold per clip.
+
+Corpora (``--corpus``): ``espeak`` the ten single sentences; ``pauses`` ten replies with
+150-300 ms pauses inside (tests/data/pauses.json: one utterance each, or the farm split
+it); ``recorded`` seven clips of recorded human (English) speech; ``mixed`` all of them,
+the default: the more varied the speech, the less a recogniser's graph cache flatters
+the run (bench/results/profile-12calls.md).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +44,7 @@ __all__ = [
     "speech_span",
     "build_script",
     "SENTENCES",
+    "CORPORA",
     "prompt_pcm",
     "resample_script",
 ]
@@ -41,6 +52,25 @@ __all__ = [
 # The repository's fixtures; FARM_BENCH_DATA points an installed bench at a copy of them.
 DATA = Path(os.environ.get("FARM_BENCH_DATA") or Path(__file__).resolve().parent.parent / "tests" / "data")
 SENTENCES = tuple(f"ko_{i:02d}" for i in range(1, 11))
+PAUSE_SENTENCES = tuple(f"pause_{i:02d}" for i in range(1, 11))
+RECORDED = tuple(
+    f"recorded/{name}"
+    for name in (
+        "librivox_0870",
+        "librivox_0890",
+        "arctic_awb_a0007",
+        "arctic_a0009",
+        "cmu_goforward",
+        "cmu_numbers",
+        "cmu_cards_005",
+    )
+)
+CORPORA = {
+    "espeak": SENTENCES,
+    "pauses": PAUSE_SENTENCES,
+    "recorded": RECORDED,
+    "mixed": SENTENCES + PAUSE_SENTENCES + RECORDED,
+}
 
 # Line noise in the pauses: the level of the dialog fixtures (sox ``whitenoise vol 0.002``).
 _NOISE_PEAK = int(0.002 * 32767)
@@ -105,16 +135,31 @@ def speech_span(samples: np.ndarray, rate: int) -> tuple[int, int]:
 @functools.cache
 def sentence(name: str, rate: int) -> np.ndarray:
     """The spoken part of fixture ``name`` at ``rate`` (int16), leading/trailing silence cut."""
-    native = DATA / f"{name}_8k.wav" if rate == 8000 else DATA / f"{name}.wav"
-    if not native.exists():
-        native = DATA / f"{name}.wav"
+    if name.startswith("recorded/"):
+        native = DATA / f"{name}_{rate // 1000}k.wav"
+        if not native.exists():
+            native = DATA / f"{name}_16k.wav"
+    else:
+        native = DATA / f"{name}_8k.wav" if rate == 8000 else DATA / f"{name}.wav"
+        if not native.exists():
+            native = DATA / f"{name}.wav"
     samples, src = read_mono(native)
     if src != rate:
         import soxr
 
         samples = soxr.resample(samples, src, rate).astype("<i2")
-    a, b = speech_span(samples, rate)
+    if name.startswith("recorded/"):
+        spans = _recorded()[native.name]["speech"]
+        a, b = spans[0][0] * rate // 1000, spans[-1][1] * rate // 1000
+    else:
+        a, b = speech_span(samples, rate)
     return samples[a:b]
+
+
+@functools.cache
+def _recorded() -> dict[str, dict[str, Any]]:
+    data: dict[str, dict[str, Any]] = json.loads((DATA / "recorded" / "recorded.json").read_text())
+    return data
 
 
 def build_script(
@@ -124,7 +169,7 @@ def build_script(
     duration_s: float,
     speech_fraction: float,
     rng: random.Random,
-    sentences: tuple[str, ...] = SENTENCES,
+    sentences: tuple[str, ...] = CORPORA["mixed"],
 ) -> CallScript:
     """A call of ``duration_s`` seconds: prompt pauses and sentences, from a random offset.
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.audio import CORPORA
 from bench.senders import PROTOCOLS
 
 
@@ -61,6 +62,12 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
         "--speech-fraction", type=float, default=0.4, help="share of caller speech (default %(default)s)"
     )
     audio.add_argument("--seed", type=int, default=1, help="random offsets, sentences and pauses (default %(default)s)")
+    audio.add_argument(
+        "--corpus",
+        choices=tuple(CORPORA),
+        default="mixed",
+        help="the caller's sentences: espeak, pauses (with pauses inside), recorded (human), mixed (default)",
+    )
     audio.add_argument("--stagger", type=float, default=2.0, help="calls start within this many seconds")
     audio.add_argument("--jitter-ms", type=float, default=0.0, help="each frame leaves up to this much late")
     audio.add_argument("--burst-ms", type=int, default=40, help="sptmru message size (40 or 80 ms)")
@@ -111,6 +118,7 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> Any:
         duration_s=args.duration,
         rate=args.rate,
         speech_fraction=args.speech_fraction,
+        corpus=args.corpus,
         seed=args.seed,
         stagger_s=args.stagger,
         jitter_ms=args.jitter_ms,

@@ -47,7 +47,7 @@ from bench.senders import CallRecord
 from bench.stats import percentile
 
 
-__all__ = ["STAGES", "GROUND_TRUTH", "call_samples", "CallVerdict", "verdict"]
+__all__ = ["STAGES", "GROUND_TRUTH", "call_samples", "finals_per_utterance", "CallVerdict", "verdict"]
 
 # Stage key -> label, in the order of the report.
 STAGES: dict[str, str] = {
@@ -130,6 +130,22 @@ def call_samples(record: CallRecord) -> dict[str, list[float]]:
                     out["first_partial"].append(_ms(o.got_ns - start_ns))
                 break
     return {k: v for k, v in out.items() if v}
+
+
+def finals_per_utterance(record: CallRecord) -> list[tuple[str, int]]:
+    """How many finals each measured utterance (a scripted sentence) got: 1 is right, more
+    means the farm split it at a pause inside it. A final belongs to the sentence its words
+    start in; Vosk's own mid-utterance endpoints do not count (they are not splits)."""
+    finals = [o for o in record.observations if o.kind == "final" and o.reason != "endpoint" and o.text]
+    return [
+        (
+            u.source,
+            sum(
+                1 for o in finals if o.offset_ms is not None and u.start_ms - _ONSET_SLACK_MS <= o.offset_ms < u.end_ms
+            ),
+        )
+        for u in record.script.measured()
+    ]
 
 
 def _flush_samples(record: CallRecord) -> list[float]:

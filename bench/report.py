@@ -30,12 +30,16 @@ def _procs_table(procs: Mapping[str, Any]) -> str:
 
 def step_report(step: Mapping[str, Any]) -> str:
     """The full terminal report of one step."""
+    per, pauses = step["finals_per_sentence"], step["finals_per_pause_sentence"]
     lines = [
-        f"{step['calls']} calls, {step['protocol']}, {step['rate']} Hz, {step['duration_s']:g} s each "
-        f"(wall {step['wall_s']:g} s)",
+        f"{step['calls']} calls, {step['protocol']}, {step['rate']} Hz, {step['duration_s']:g} s each, "
+        f"{step['corpus']} sentences (wall {step['wall_s']:g} s)",
         "",
         stage_table(step["stages"], STAGES),
         "",
+        f"finals per sentence: {per['mean'] if per['mean'] is not None else '-'} over {per['sentences']} "
+        f"({per['split']} split, {per['without_final']} without a final); sentences with pauses inside: "
+        f"{pauses['mean'] if pauses['mean'] is not None else '-'} over {pauses['sentences']} ({pauses['split']} split)",
         f"audio messages: sent {step['messages_sent']}, received {step['messages_received']}, "
         f"lost {step['lost_messages']}; overruns {step['overrun_bytes']} bytes; "
         f"utterances without a final {step['missed_finals']}",

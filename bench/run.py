@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench.audio import build_script
-from bench.measure import STAGES, call_samples, verdict
+from bench.audio import CORPORA, build_script
+from bench.measure import STAGES, call_samples, finals_per_utterance, verdict
 from bench.procs import ProcMonitor, cpu_seconds, farm_pids
 from bench.senders import SENDERS, CallRecord, EventRouter, SenderOptions, chunk_ms_for
 from bench.stats import summarize
@@ -64,6 +64,7 @@ class BenchConfig:
     duration_s: float = 60.0
     rate: int = 8000
     speech_fraction: float = 0.4
+    corpus: str = "mixed"  # bench.audio.CORPORA
     seed: int = 1
     stagger_s: float = 2.0
     jitter_ms: float = 0.0
@@ -238,7 +239,12 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     for i in range(calls):
         call_id = f"bench-{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}-{i}"
         script = build_script(
-            call_id, rate=cfg.rate, duration_s=cfg.duration_s, speech_fraction=cfg.speech_fraction, rng=rng
+            call_id,
+            rate=cfg.rate,
+            duration_s=cfg.duration_s,
+            speech_fraction=cfg.speech_fraction,
+            rng=rng,
+            sentences=CORPORA[cfg.corpus],
         )
         records.append(CallRecord(script, cfg.protocol, chunk_ms_for(cfg.protocol, options)))
     starts = [rng.uniform(0, cfg.stagger_s) for _ in records]
@@ -265,7 +271,9 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     call_seconds = calls * cfg.duration_s
     samples: dict[str, list[float]] = {k: [] for k in STAGES}
     details = []
+    per_sentence: list[tuple[str, int]] = []
     for r in records:
+        per_sentence += finals_per_utterance(r)
         s = call_samples(r)
         for k, values in s.items():
             samples[k].extend(values)
@@ -289,6 +297,10 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     step: dict[str, Any] = {
         "calls": calls,
         "protocol": cfg.protocol,
+        "corpus": cfg.corpus,
+        # a sentence split at a pause inside it gets more than one final (goal: 1.00 on average)
+        "finals_per_sentence": _finals_summary(per_sentence),
+        "finals_per_pause_sentence": _finals_summary([p for p in per_sentence if p[0].startswith("pause_")]),
         "duration_s": cfg.duration_s,
         "rate": records[0].script.rate if records else cfg.rate,  # on the wire (socket_audio: 16 kHz)
         "wall_s": round(wall, 1),
@@ -316,6 +328,16 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     }
     step["slo"] = check_slo(step, cfg.slo)
     return step
+
+
+def _finals_summary(counts: list[tuple[str, int]]) -> dict[str, Any]:
+    n = [c for _, c in counts]
+    return {
+        "sentences": len(n),
+        "mean": round(sum(n) / len(n), 3) if n else None,
+        "split": sum(1 for c in n if c > 1),
+        "without_final": sum(1 for c in n if c == 0),
+    }
 
 
 _MAX_SAMPLES = 5000  # per stage in the JSON file: vosk's per-message reply lags run to 100 000s

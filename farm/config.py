@@ -248,6 +248,15 @@ class Config:
     ring_seconds: float = field(
         default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=_at_least(1))
     )
+    admission_lag_ms: int = field(
+        default=1000,
+        metadata=knob(
+            "refuse new calls while even the least loaded worker has this much audio waiting for recognition "
+            "(0: never)",
+            group="node",
+            check=_at_least(0),
+        ),
+    )
     # -- workers
     asr_threads: int = field(
         default=3, metadata=knob("recognition threads per worker", group="recognition", check=_at_least(1))
@@ -290,7 +299,7 @@ class Config:
         metadata=knob("... and within this of the utterance's loudest frame", group="recognition", check=_at_least(1)),
     )
     vad_tentative_ms: int = field(
-        default=100,
+        default=160,
         metadata=knob(
             "quiet after which the final is prepared, before the hangover confirms it (0: at the end)",
             group="recognition",

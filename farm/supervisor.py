@@ -6,8 +6,9 @@ beating, and brings the worker count back to N. The Vosk model is loaded here, o
 before the workers are forked, so all of them share one copy (copy-on-write). The
 broker and the ingress need no model and run as fresh interpreters.
 
-Exit codes: 0 clean stop, 4 the model could not be loaded, 5 a farm process could not
-start (port in use, bad endpoint), 1 anything else.
+Exit codes: 0 clean stop, 3 workers die as they start (gunicorn's WORKER_BOOT_ERROR), 4
+the model could not be loaded, 5 a farm process could not start (port in use, bad
+endpoint), 1 anything else.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from farm.config import Config
 from farm.ring import sweep_stale
 
 
-__all__ = ["Supervisor", "HaltServer", "MODEL_LOAD_ERROR", "START_ERROR"]
+__all__ = ["Supervisor", "HaltServer", "WORKER_BOOT_ERROR", "MODEL_LOAD_ERROR", "START_ERROR"]
 
 log = logging.getLogger("farm.supervisor")
 
+WORKER_BOOT_ERROR = 3
 MODEL_LOAD_ERROR = 4
 START_ERROR = 5
 
 # A process that dies this soon after its start is broken, not unlucky: halt.
 _EARLY_DEATH_S = 3.0
+# Workers dying this many times in a row right after their start: halt, do not respawn forever.
+_WORKER_BOOT_FAILURES = 5
 
 
 class HaltServer(BaseException):
@@ -81,6 +85,7 @@ class Supervisor:
         self.heartbeats: object = None
         self.cpus = sorted(os.sched_getaffinity(0))
         self.stopping = False
+        self.boot_failures = 0  # workers in a row that died right after their start
 
     # -- start -------------------------------------------------------------------
 
@@ -284,6 +289,12 @@ class Supervisor:
             early = time.monotonic() - child.started < _EARLY_DEATH_S
             if child.role == "worker":
                 self.heartbeats.clear(child.index)  # type: ignore[attr-defined]
+                self.boot_failures = self.boot_failures + 1 if early else 0
+                if self.boot_failures >= _WORKER_BOOT_FAILURES:
+                    raise HaltServer(
+                        f"{self.boot_failures} workers in a row died right after their start: see the log above",
+                        WORKER_BOOT_ERROR,
+                    )
             elif early:
                 hint = f": is port {self.config.ws_port} in use?" if child.role == "ingress" else ""
                 raise HaltServer(f"the {child.role} {cause} right after its start{hint}", START_ERROR)

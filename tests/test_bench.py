@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from bench import cli
-from bench.audio import CallScript, Utterance, build_script, sentence, speech_span
-from bench.measure import call_samples, verdict
+from bench.audio import CORPORA, DATA, CallScript, Utterance, build_script, sentence, speech_span
+from bench.measure import call_samples, finals_per_utterance, verdict
 from bench.run import BenchConfig, Slo, capacity_at, check_slo, run_step
 from bench.senders import VOSK_EOF, VOSK_RESET, CallRecord, Observation, prompt_schedule
 from bench.stats import percentile, summarize
@@ -127,6 +127,22 @@ class TestCallScripts:
         again = build_script("a", rate=8000, duration_s=20, speech_fraction=0.4, rng=random.Random(1))
         assert again == a, "the seed makes a run repeatable"
 
+    @pytest.mark.parametrize("rate", [8000, 16000])
+    def test_every_corpus_sentence_is_its_spoken_part_pauses_inside_kept(self, rate: int) -> None:
+        pauses = json.loads((DATA / "pauses.json").read_text())
+        for name in CORPORA["mixed"]:
+            s = sentence(name, rate)
+            assert 0.5 < len(s) / rate < 8, name
+            if name.startswith("pause_"):
+                a, b = pauses[f"{name}.wav"]["phrases"][0][0], pauses[f"{name}.wav"]["phrases"][-1][1]
+                assert abs(len(s) * 1000 / rate - (b - a)) <= 20, name  # first to last phrase, pauses in
+        assert set(CORPORA["mixed"]) == {*CORPORA["espeak"], *CORPORA["pauses"], *CORPORA["recorded"]}
+
+    def test_a_script_draws_from_the_corpus_it_is_given(self) -> None:
+        s = build_script("c", rate=8000, duration_s=60, speech_fraction=0.5, rng=random.Random(2),
+                         sentences=CORPORA["pauses"])
+        assert {u.source for u in s.utterances} <= set(CORPORA["pauses"])
+
     def test_speech_fraction_must_be_a_fraction(self) -> None:
         with pytest.raises(ValueError):
             build_script("c", rate=8000, duration_s=5, speech_fraction=0, rng=random.Random(1))
@@ -180,6 +196,17 @@ class TestPairing:
         assert s["eos_final_farm"] == [390.0]
         assert s["publish"] == [1.0]
         assert s["ingress"] == [1.0] and s["dispatch"] == [60.0] and s["vad"] == [1.0]
+
+    def test_finals_per_sentence_count_splits_but_not_vosk_endpoints(self) -> None:
+        u1, u2, u3 = Utterance(1000, 3000, "pause_01"), Utterance(5000, 7000, "ko_02"), Utterance(8000, 9000, "ko_03")
+        obs = [
+            Observation("final", _at(2000), 1100, "네", reason="vad"),  # split at a pause inside u1...
+            Observation("final", _at(3400), 2100, "좋아요", reason="vad"),  # ... and its second half
+            Observation("final", _at(6000), 5000, "안녕", reason="endpoint"),  # Vosk's own: not a split
+            Observation("final", _at(7400), 5600, "하세요", reason="vad"),
+            Observation("final", _at(7500), 6100, "", reason="vad"),  # empty: nothing said
+        ]
+        assert finals_per_utterance(_record([u1, u2, u3], obs)) == [("pause_01", 2), ("ko_02", 1), ("ko_03", 0)]
 
     def test_incomplete_utterances_are_not_measured_and_a_final_answers_one_utterance(self) -> None:
         cut = Utterance(0, 800, "ko_01", complete=False)
@@ -255,6 +282,9 @@ def _check_the_verdicts_add_up(step: dict[str, Any], calls: int) -> None:
     assert len(step["samples"]["eos_final"]) == sum(d["utterances"] for d in details) - step["missed_finals"]
     # the SLO verdict follows from the same numbers
     assert step["slo"]["held"] == (not step["slo"]["broken"])
+    per = step["finals_per_sentence"]
+    assert per["sentences"] == sum(d["utterances"] for d in details)
+    assert per["split"] <= per["sentences"] and per["without_final"] <= per["sentences"]
 
 
 def test_prompts_start_in_the_pause_and_the_caller_speaks_over_them() -> None:

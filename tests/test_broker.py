@@ -1,4 +1,4 @@
-"""The broker process against real ZeroMQ peers speaking FARMW01 (no farm workers).
+"""The broker process against real ZeroMQ peers speaking FARMW02 (no farm workers).
 
 The peers here are test stand-ins for workers and the ingress: plain DEALER sockets
 that send the contract's frames, so the broker is exercised exactly as on a node.
@@ -65,7 +65,7 @@ class Peer:
     def heartbeat_for(self, seconds: float, calls: int) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            self.send(wire.W_HEARTBEAT, str(calls))
+            self.send(wire.W_HEARTBEAT, wire.Load(calls).encode())
             time.sleep(wire.HEARTBEAT_INTERVAL / 2)
 
 
@@ -74,7 +74,7 @@ def wait_for_workers(ingress: Peer, n: int, timeout: float = 10_000 * MS) -> Non
     deadline = time.monotonic() + timeout
     while True:
         ingress.send(wire.I_HEARTBEAT)
-        if ingress.expect(wire.I_STATUS) == [str(n)]:
+        if wire.Status.decode(ingress.expect(wire.I_STATUS)[0]).workers == n:
             return
         assert time.monotonic() < deadline, f"the broker never had {n} workers"
         time.sleep(0.05)
@@ -123,7 +123,7 @@ def test_a_silent_worker_loses_its_calls_after_its_liveness_runs_out(
     deadline = time.monotonic() + 20_000 * MS
     # `alive` keeps beating until the call comes its way.
     while True:
-        alive.send(wire.W_HEARTBEAT, "0")
+        alive.send(wire.W_HEARTBEAT, wire.Load().encode())
         if alive.sock.poll(int(wire.HEARTBEAT_INTERVAL * 500)):
             command, body = wire.parse(alive.sock.recv_multipart())
             if command == wire.B_ASSIGN:
@@ -134,7 +134,7 @@ def test_a_silent_worker_loses_its_calls_after_its_liveness_runs_out(
     # can only make this later.
     assert time.monotonic() - last_word >= wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
     # The silent worker, back from the dead, is told to start over.
-    quiet.send(wire.W_HEARTBEAT, "1")
+    quiet.send(wire.W_HEARTBEAT, wire.Load(1).encode())
     quiet.expect(wire.B_DISCONNECT)
 
 
@@ -234,7 +234,82 @@ def test_the_ingress_heartbeat_is_answered_with_the_number_of_live_workers(
 ) -> None:
     ingress = Peer(ctx, broker.endpoint("ingress"))
     ingress.send(wire.I_HEARTBEAT)
-    assert ingress.expect(wire.I_STATUS) == ["0"]
+    assert wire.Status.decode(ingress.expect(wire.I_STATUS)[0]) == wire.Status(0, 0, 0)
     w = Peer(ctx, broker.endpoint("workers"))
     w.send(wire.W_READY, "0", "100")
     wait_for_workers(ingress, 1)
+
+
+def test_a_malformed_ready_or_heartbeat_is_dropped_and_the_broker_serves_on(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    bad = Peer(ctx, broker.endpoint("workers"))
+    bad.send(wire.W_READY, "zero", "100")  # int() of this used to end the broker
+    bad.send(wire.W_READY, "-1", "100")
+    good = Peer(ctx, broker.endpoint("workers"))
+    good.send(wire.W_READY, "0", "100")
+    good.send(wire.W_HEARTBEAT, "{not json")
+    good.send(wire.W_HEARTBEAT, '{"calls": -3}')
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    wait_for_workers(ingress, 1)  # only the good one registered
+    ingress.send(wire.I_OPEN, "ok", "r", "{}")
+    assert good.expect(wire.B_ASSIGN)[0] == "ok"
+
+
+def test_the_status_carries_the_least_loaded_workers_lag_and_the_calls(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    w0, w1 = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("workers"))
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    w0.send(wire.W_READY, "0", "100")
+    w1.send(wire.W_READY, "1", "101")
+    wait_for_workers(ingress, 2)
+    ingress.send(wire.I_OPEN, "c", "r", "{}")
+    busy = w0 if w0.sock.poll(int(WAIT_MS)) else w1
+    assert busy.expect(wire.B_ASSIGN)[0] == "c"
+    w0.send(wire.W_HEARTBEAT, wire.Load(1 if busy is w0 else 0, 1500, 1).encode())
+    w1.send(wire.W_HEARTBEAT, wire.Load(1 if busy is w1 else 0, 300, 0).encode())
+    deadline = time.monotonic() + 10_000 * MS
+    while True:
+        ingress.send(wire.I_HEARTBEAT)
+        status = wire.Status.decode(ingress.expect(wire.I_STATUS)[0])
+        if status.lag_ms == 300:
+            break
+        assert time.monotonic() < deadline, status
+    assert status == wire.Status(2, 300, 1)
+
+
+def test_calls_queued_before_the_second_worker_spread_when_it_registers(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """Six calls all went to the only worker ready; when the second registers, the broker
+    moves calls over one at a time (B_RELEASE, then B_ASSIGN once released) until they
+    differ by at most one."""
+    first, late = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("workers"))
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    first.send(wire.W_READY, "0", "100")
+    wait_for_workers(ingress, 1)
+    for n in range(6):
+        ingress.send(wire.I_OPEN, f"call-{n}", f"ring-{n}", "{}")
+    held = {first.expect(wire.B_ASSIGN)[0] for _ in range(6)}
+    late.send(wire.W_READY, "1", "101")
+    moved: set[str] = set()
+    deadline = time.monotonic() + 20_000 * MS
+    while len(moved) < 3:
+        assert time.monotonic() < deadline, f"moved {moved}"
+        first.send(wire.W_HEARTBEAT, wire.Load(len(held)).encode())
+        late.send(wire.W_HEARTBEAT, wire.Load(len(moved)).encode())
+        if first.sock.poll(100):
+            command, body = wire.parse(first.sock.recv_multipart())
+            if command == wire.B_RELEASE:
+                held.discard(body[0])
+                first.send(wire.W_RELEASED, body[0])  # at its next pause
+                moved.add(late.expect(wire.B_ASSIGN)[0])
+    assert len(held) == len(moved) == 3
+    # balanced: no further release comes
+    for _ in range(6):
+        first.send(wire.W_HEARTBEAT, wire.Load(3).encode())
+        late.send(wire.W_HEARTBEAT, wire.Load(3).encode())
+        assert not any(
+            wire.parse(first.sock.recv_multipart())[0] == wire.B_RELEASE for _ in range(10) if first.sock.poll(50)
+        )

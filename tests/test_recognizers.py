@@ -74,6 +74,10 @@ def test_releasing_a_busy_stream_waits_for_vosk_before_reuse() -> None:
     stream = AsrStream(pool, scheduler, results, partial_frames=0, hold=True, tag=("c", 0))
     for i, frame in enumerate(_frames(_samples16k(DATA / "ko_03.wav").tobytes())):
         stream.feed(frame, 20 * i, utterance=0, end_cursor=0)
+    deadline = time.monotonic() + 30_000 * MS
+    while not pool.leased:  # a slice took a recogniser: Vosk is at work
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     stream.release()  # the slice may still be inside AcceptWaveform
     assert pool.idle == 0 or not stream.pending
     deadline = time.monotonic() + 30_000 * MS

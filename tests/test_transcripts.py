@@ -76,12 +76,12 @@ def test_a_gated_call_in_real_time_gives_close_finals_and_paired_vad_events(node
     assert run.finals == decode_heard(wav, run)
     # Gating leaves out only silence: every stretch of speech was heard, with the
     # preroll before it and the quiet after it up to where its final was prepared
-    # (--vad-tentative-ms 100; the rest of the hangover is not decoded).
+    # (--vad-tentative-ms 160; the rest of the hangover is not decoded).
     heard = [e["audio_ms"] for e in run.of("final") if e["reason"] != "endpoint"]
     spans = list(zip([e.offset_ms for e in run.of("speech_start")], [e.offset_ms for e in run.of("speech_end")]))
     assert len(heard) == len(spans)
     for (a, b), (start, end) in zip(heard, spans):
-        assert a <= start - 200 and b >= end + 100, (heard, spans)
+        assert a <= start - 200 and b >= end + 160, (heard, spans)
     starts, ends = run.of("speech_start"), run.of("speech_end")
     # Three sentences separated by 1.2 s pauses: three utterances, each closed.
     assert len(starts) == len(ends) == 3

@@ -178,6 +178,11 @@ class AsrStream:
     def pending(self) -> bool:
         return bool(self._items) or self._scheduled
 
+    @property
+    def backlog_ms(self) -> int:
+        """Audio queued and not yet decoded (each item is a 20 ms frame, or an end)."""
+        return len(self._items) * 20
+
     def release(self) -> None:
         """Drop what is queued and give the recogniser back, now or when the job
         running on the pool ends: never while Vosk is still using it."""

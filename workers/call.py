@@ -306,6 +306,7 @@ class CallSession:
         ]
         self.by_index = {ch.index: ch for ch in self.channels}
         self.finishing = False
+        self.release_asked = False  # the broker moves this call to another worker at its next pause
         # Explicit ends of utterance (Ring.request_finalize) at cursors before ours were
         # honoured by the worker before us, or belong to audio we replay: not again.
         self.finalized_until = self.base
@@ -429,6 +430,21 @@ class CallSession:
     @property
     def idle(self) -> bool:
         return self.finishing and not any(ch.asr.pending for ch in self.channels)
+
+    @property
+    def between_utterances(self) -> bool:
+        """Nothing in flight: a worker that takes the call over now repeats no work."""
+        return not self.finishing and all(
+            ch.vad.state is VadState.SILENCE and ch.utterance < 0 and not ch.asr.pending for ch in self.channels
+        )
+
+    @property
+    def backlog_ms(self) -> int:
+        return max(ch.asr.backlog_ms for ch in self.channels)
+
+    @property
+    def in_speech(self) -> int:
+        return sum(ch.vad.state is VadState.SPEECH for ch in self.channels)
 
     def event(self, draft: _Draft) -> Event:
         """Give a draft its sequence number; the counter lives in the ring so a

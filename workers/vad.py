@@ -104,7 +104,7 @@ class VadConfig:
     min_speech_ms: int = 0
     tail_margin_db: float = 9.0
     tail_range_db: float = 35.0
-    tentative_ms: int = 100
+    tentative_ms: int = 160
 
     def __post_init__(self) -> None:
         if not 0 <= self.aggressiveness <= 3:

@@ -109,6 +109,10 @@ class Worker:
         self.broker_expiry = time.monotonic() + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
         if command == wire.B_ASSIGN:
             self.assign(*body)
+        elif command == wire.B_RELEASE:
+            session = self.sessions.get(body[0])
+            if session is not None:
+                session.release_asked = True
         elif command == wire.B_DISCONNECT:
             self.log.warning(
                 "broker does not know this worker: dropping %d calls, registering again", len(self.sessions)
@@ -162,8 +166,21 @@ class Worker:
                 self.publish(session.event(draft))
             if session.idle:
                 self.end(call_id, session)
-            else:
-                session.ring.committed = max(session.ring.committed, session.committed_cursor())
+                continue
+            session.ring.committed = max(session.ring.committed, session.committed_cursor())
+            if session.release_asked and session.between_utterances:
+                # Rebalancing: another worker resumes from the committed cursor just written.
+                del self.sessions[call_id]
+                session.close()
+                self.send(wire.W_RELEASED, call_id)
+                self.log.info("call %s: released to another worker", call_id)
+
+    def load(self) -> wire.Load:
+        return wire.Load(
+            calls=len(self.sessions),
+            lag_ms=max((s.backlog_ms for s in self.sessions.values()), default=0),
+            utterances=sum(s.in_speech for s in self.sessions.values()),
+        )
 
     def on_results(self) -> None:
         for out in self.results.drain():
@@ -248,7 +265,7 @@ class Worker:
         """Liveness both ways, from the loop itself; False when the worker must exit."""
         self.heartbeats.beat(self.index)
         if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
-            self.send(wire.W_HEARTBEAT, str(len(self.sessions)))
+            self.send(wire.W_HEARTBEAT, self.load().encode())
             while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
                 self.pub.recv()
         if now > self.broker_expiry:

@@ -1,6 +1,7 @@
-"""The broker process: assigns calls to workers, watches their liveness, relays events.
+"""The broker process: assigns calls to workers, watches their liveness, balances their
+load, relays events.
 
-Follows the FARMW01 contract in :mod:`farm.broker.wire`. Everything that changes the
+Follows the FARMW02 contract in :mod:`farm.broker.wire`. Everything that changes the
 call table or the worker table lives in this file.
 """
 
@@ -26,6 +27,10 @@ __all__ = ["Broker", "main"]
 log = logging.getLogger("farm.broker")
 
 
+# A release the worker has not answered in this long is given up (the call stays put).
+RELEASE_TIMEOUT_S = 30.0
+
+
 @dataclass
 class _Worker:
     identity: bytes
@@ -34,6 +39,12 @@ class _Worker:
     expiry: float
     calls: set[str] = field(default_factory=set)
     last_sent: float = 0.0
+    load: wire.Load = field(default_factory=wire.Load)
+
+    @property
+    def busy(self) -> tuple[int, int, int]:
+        """Order of preference for a new call: fewest calls, then least behind."""
+        return (len(self.calls), self.load.lag_ms, self.index)
 
 
 @dataclass
@@ -42,6 +53,7 @@ class _Call:
     ring: str
     info: str
     worker: bytes | None = None
+    released_by: bytes | None = None  # the worker a release moved it from
 
 
 def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str) -> None:
@@ -103,6 +115,7 @@ class Broker:
         self.pending: deque[str] = deque()
         self.ingress_identity: bytes | None = None
         self.running = True
+        self.releasing: tuple[str, bytes, float] | None = None  # (call, from worker, since): one move at a time
 
     # -- sending -----------------------------------------------------------
 
@@ -117,11 +130,13 @@ class Broker:
     # -- call table ----------------------------------------------------------
 
     def _assign(self, call: _Call) -> bool:
-        live = [w for w in self.workers.values()]
-        if not live:
+        if not self.workers:
             return False
-        worker = min(live, key=lambda w: (len(w.calls), w.index))
+        # A released call goes elsewhere when there is anywhere else to go.
+        others = [w for w in self.workers.values() if w.identity != call.released_by] or list(self.workers.values())
+        worker = min(others, key=lambda w: w.busy)
         call.worker = worker.identity
+        call.released_by = None
         worker.calls.add(call.call_id)
         self._send_worker(worker, wire.B_ASSIGN, call.call_id, call.ring, call.info)
         log.info(
@@ -138,6 +153,33 @@ class Broker:
             call = self.calls.get(self.pending.popleft())
             if call is not None and call.worker is None:
                 self._assign(call)
+
+    def _rebalance(self, now: float) -> None:
+        """Move one call from the busiest worker to the least busy when they differ by two or
+        more calls (see the contract's "Balance"); one release in flight at a time."""
+        if self.releasing is not None:
+            call_id, source, since = self.releasing
+            call = self.calls.get(call_id)
+            if call is not None and call.worker == source and now - since < RELEASE_TIMEOUT_S:
+                return
+            self.releasing = None  # moved, ended, or not answered in time: next
+        if len(self.workers) < 2:
+            return
+        busiest = max(self.workers.values(), key=lambda w: w.busy)
+        idlest = min(self.workers.values(), key=lambda w: w.busy)
+        if len(busiest.calls) - len(idlest.calls) < 2:
+            return
+        call_id = min(busiest.calls)
+        self.releasing = (call_id, busiest.identity, now)
+        self._send_worker(busiest, wire.B_RELEASE, call_id)
+        log.info(
+            "call %s: moving it off worker %d (%d calls) to balance with worker %d (%d calls)",
+            call_id,
+            busiest.index,
+            len(busiest.calls),
+            idlest.index,
+            len(idlest.calls),
+        )
 
     def _forget_worker(self, worker: _Worker, why: str) -> None:
         del self.workers[worker.identity]
@@ -174,7 +216,11 @@ class Broker:
         expiry = now + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
         worker = self.workers.get(identity)
         if command == wire.W_READY:
-            index, pid = int(body[0]), int(body[1])
+            try:
+                index, pid = wire.parse_ready(body)
+            except wire.WireError as exc:
+                log.warning("dropped a message from a worker: %s", exc)
+                return
             self.workers[identity] = _Worker(identity, index, pid, expiry)
             log.info("worker %d (pid %d) ready", index, pid)
             self._assign_pending()
@@ -184,14 +230,26 @@ class Broker:
             self.workers_sock.send_multipart([identity, *wire.message(wire.B_DISCONNECT)])
             return
         worker.expiry = expiry
-        if command == wire.W_DONE:
+        if command == wire.W_HEARTBEAT:
+            try:
+                worker.load = wire.Load.decode(body[0])
+            except wire.WireError as exc:
+                log.warning("worker %d: dropped a heartbeat's load: %s", worker.index, exc)
+        elif command == wire.W_DONE:
             call_id = body[0]
             worker.calls.discard(call_id)
             self.calls.pop(call_id, None)
             self._send_ingress(wire.I_DONE, call_id)
+        elif command == wire.W_RELEASED:
+            call = self.calls.get(body[0])
+            if call is not None and call.worker == identity:
+                worker.calls.discard(call.call_id)
+                call.worker = None
+                call.released_by = identity
+                self._assign(call)
         elif command == wire.W_DISCONNECT:
             self._forget_worker(worker, "disconnected")
-        elif command != wire.W_HEARTBEAT:
+        else:
             log.warning("worker %d sent unexpected %s", worker.index, wire.name(command))
 
     def handle_ingress(self, frames: list[bytes]) -> None:
@@ -211,7 +269,9 @@ class Broker:
                 log.info("call %s queued: no worker ready", call_id)
                 self.pending.append(call_id)
         elif command == wire.I_HEARTBEAT:
-            self._send_ingress(wire.I_STATUS, str(len(self.workers)))
+            lag = min((w.load.lag_ms for w in self.workers.values()), default=0)
+            status = wire.Status(len(self.workers), lag, sum(len(w.calls) for w in self.workers.values()))
+            self._send_ingress(wire.I_STATUS, status.encode())
         else:
             log.warning("ingress sent unexpected %s", wire.name(command))
 
@@ -223,6 +283,7 @@ class Broker:
                 self._forget_worker(worker, "missed its heartbeats")
             elif now - worker.last_sent >= wire.HEARTBEAT_INTERVAL:
                 self._send_worker(worker, wire.B_HEARTBEAT)
+        self._rebalance(now)
 
     def run(self) -> None:
         self.relay.start()

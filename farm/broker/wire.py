@@ -1,4 +1,4 @@
-"""FARMW01: the broker's wire contract. Constants and frame builders/parsers only.
+"""FARMW02: the broker's wire contract. Constants, typed bodies, frame builders/parsers only.
 
 Spec (one page; the code below follows it, nothing else defines it)
 -------------------------------------------------------------------
@@ -7,31 +7,39 @@ Sockets, all owned (bound) by the broker:
 
 * ``workers``  ROUTER. Each worker connects one DEALER.
 * ``ingress``  ROUTER. The ingress connects one DEALER.
-* ``events_in`` XSUB. Every event producer (workers, ingress) connects a PUB.
+* ``events_in`` XSUB. Every event producer (workers, ingress) connects an XPUB.
 * ``events``   XPUB. Any subscriber (ingress, dialer apps, bench) connects a SUB.
-  The broker relays XSUB <-> XPUB unchanged (topic = call id + NUL, see
-  :mod:`farm.protocol.events`).
+  The broker relays XSUB -> XPUB unchanged (topic = call id + NUL, see
+  :mod:`farm.protocol.events`) and answers each subscription on its own topic.
 
 Every control message a DEALER sends is ``[b"", HEADER, command, *body]``; the
 ROUTER sees ``[identity, b"", HEADER, command, *body]``. Body frames are UTF-8
-text or JSON. A message with another header is dropped and logged. Audio never
-crosses these sockets: only call ids and ring names do (all messages are far
-below ``zmq.COPY_THRESHOLD``, so they are copied).
+text or JSON. A message that does not follow this spec (another header, an unknown
+command, the wrong number of frames, a body that does not parse) is dropped and
+logged by whoever receives it: :func:`parse` and the body parsers raise
+:class:`WireError` and nothing else. Audio never crosses these sockets: only call
+ids and ring names do (all messages are far below ``zmq.COPY_THRESHOLD``, so they
+are copied).
 
 Worker -> broker:
 
-* ``W_READY index pid``          register (also after a reconnect).
-* ``W_HEARTBEAT calls``          sent from the worker's recognition loop every
-  ``HEARTBEAT_INTERVAL``; ``calls`` is the number of calls it serves. Any
-  message from a worker counts as a heartbeat.
+* ``W_READY index pid``          register (also after a reconnect); two integers >= 0.
+* ``W_HEARTBEAT load``           sent from the worker's recognition loop every
+  ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load`. Any message from a
+  worker counts as a heartbeat.
 * ``W_DONE call_id``             the call's ring is closed and fully processed,
   its ``call_end`` event is published.
+* ``W_RELEASED call_id``         after ``B_RELEASE``: the worker stopped serving the
+  call between two utterances; the ring's committed cursor is where the next
+  worker resumes (no event was published for the move).
 * ``W_DISCONNECT``               the worker is leaving; reassign its calls now.
 
 Broker -> worker:
 
 * ``B_ASSIGN call_id ring info`` serve this call: attach ``ring``, resume at its
   committed cursor. ``info`` is JSON (protocol, metadata, transcribe options).
+* ``B_RELEASE call_id``          hand this call back at its next pause (rebalancing:
+  the broker moves calls from a busier worker to a less busy one, one at a time).
 * ``B_HEARTBEAT``                sent when the broker has been silent to a worker.
 * ``B_DISCONNECT``               the broker does not know this worker (it was
   declared dead): drop every call and send ``W_READY`` again on a new DEALER.
@@ -39,26 +47,34 @@ Broker -> worker:
 Ingress -> broker:
 
 * ``I_OPEN call_id ring info``   a new call; the broker assigns it to the live
-  worker with the fewest calls, or queues it until a worker is ready.
+  worker with the fewest calls (then the least behind), or queues it until a
+  worker is ready.
 * ``I_HEARTBEAT``                liveness of the ingress.
 
 Broker -> ingress:
 
 * ``I_DONE call_id``             relayed ``W_DONE``: the ingress may unlink the ring.
-* ``I_STATUS workers``           answer to ``I_HEARTBEAT``: how many workers are live
-  (the ingress is ready for calls only while some are, and the broker answers).
+* ``I_STATUS status``            answer to ``I_HEARTBEAT``: a JSON :class:`Status`
+  (the ingress is ready for calls only while some worker is live and the broker
+  answers, and takes new ones only while recognition keeps up).
 
 Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 ``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS`` seconds is dead: the broker forgets
-it and reassigns its calls (the new worker resumes from the ring's committed
-cursor, so no words are lost). Workers treat the broker the same way and
-reconnect by re-creating their DEALER.
+it and reassigns its calls, one by one to the least loaded live worker (the new
+worker resumes from the ring's committed cursor, so no words are lost). Workers
+treat the broker the same way and reconnect by re-creating their DEALER.
+
+Balance: whenever a worker serves two or more calls more than another, the broker
+releases one of its calls (``B_RELEASE``) and assigns it to the least loaded worker
+once released; so calls queued before the workers were all ready, or moved off a
+dead worker, spread again, and a returning worker takes its share.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -70,7 +86,9 @@ __all__ = [
     "W_HEARTBEAT",
     "W_DONE",
     "W_DISCONNECT",
+    "W_RELEASED",
     "B_ASSIGN",
+    "B_RELEASE",
     "B_HEARTBEAT",
     "B_DISCONNECT",
     "I_OPEN",
@@ -82,9 +100,12 @@ __all__ = [
     "parse",
     "encode_info",
     "decode_info",
+    "Load",
+    "Status",
+    "parse_ready",
 ]
 
-HEADER = b"FARMW01"
+HEADER = b"FARMW02"
 
 HEARTBEAT_INTERVAL = 0.25  # seconds
 HEARTBEAT_LIVENESS = 4  # missed intervals before a peer is dead (about 1 s)
@@ -93,10 +114,12 @@ W_READY = b"\x01"
 W_HEARTBEAT = b"\x02"
 W_DONE = b"\x03"
 W_DISCONNECT = b"\x04"
+W_RELEASED = b"\x05"
 
 B_ASSIGN = b"\x11"
 B_HEARTBEAT = b"\x12"
 B_DISCONNECT = b"\x13"
+B_RELEASE = b"\x14"
 
 I_OPEN = b"\x21"
 I_HEARTBEAT = b"\x22"
@@ -108,7 +131,9 @@ _NAMES = {
     W_HEARTBEAT: "W_HEARTBEAT",
     W_DONE: "W_DONE",
     W_DISCONNECT: "W_DISCONNECT",
+    W_RELEASED: "W_RELEASED",
     B_ASSIGN: "B_ASSIGN",
+    B_RELEASE: "B_RELEASE",
     B_HEARTBEAT: "B_HEARTBEAT",
     B_DISCONNECT: "B_DISCONNECT",
     I_OPEN: "I_OPEN",
@@ -123,7 +148,9 @@ _ARITY = {
     W_HEARTBEAT: 1,
     W_DONE: 1,
     W_DISCONNECT: 0,
+    W_RELEASED: 1,
     B_ASSIGN: 3,
+    B_RELEASE: 1,
     B_HEARTBEAT: 0,
     B_DISCONNECT: 0,
     I_OPEN: 3,
@@ -182,3 +209,65 @@ def decode_info(raw: str) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise WireError("call info is not a JSON object")
     return info
+
+
+def _json_object(raw: str, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise WireError(f"{what} is not JSON: {raw[:40]!r}") from None
+    if not isinstance(obj, dict):
+        raise WireError(f"{what} is not a JSON object")
+    return obj
+
+
+def _count(obj: dict[str, Any], key: str, what: str) -> int:
+    value = obj.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise WireError(f"{what} {key} is {value!r}, expected an integer >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Load:
+    """A worker's ``W_HEARTBEAT`` body: what it serves and how far recognition trails."""
+
+    calls: int = 0
+    lag_ms: int = 0  # the most audio any of its calls has waiting for recognition
+    utterances: int = 0  # utterances in progress
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str) -> Load:
+        obj = _json_object(raw, "load")
+        return cls(*(_count(obj, k, "load") for k in ("calls", "lag_ms", "utterances")))
+
+
+@dataclass(frozen=True)
+class Status:
+    """The broker's ``I_STATUS`` body: the node's recognition side as the ingress needs it."""
+
+    workers: int = 0  # live workers
+    lag_ms: int = 0  # the least loaded worker's lag: what a new call would meet
+    calls: int = 0  # calls assigned to workers
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str) -> Status:
+        obj = _json_object(raw, "status")
+        return cls(*(_count(obj, k, "status") for k in ("workers", "lag_ms", "calls")))
+
+
+def parse_ready(body: Sequence[str]) -> tuple[int, int]:
+    """``W_READY``'s ``(index, pid)``."""
+    try:
+        index, pid = int(body[0]), int(body[1])
+    except (ValueError, IndexError):
+        raise WireError(f"W_READY body {list(body)[:2]!r} is not two integers") from None
+    if index < 0 or pid <= 0:
+        raise WireError(f"W_READY index {index}, pid {pid}: out of range")
+    return index, pid

@@ -293,6 +293,8 @@ class AudioStreamSite:
                 if self.draining:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
                 why = self.registry.recognition_ready
+                if not why and self.registry.overloaded:
+                    why = f"at capacity: recognition {self.registry.status.lag_ms} ms behind"
                 if why:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
                 return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")
@@ -311,6 +313,9 @@ class AudioStreamSite:
         if len(self.live) >= self.config.max_connections:
             self.metrics.reject("too many calls")
             return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "farm is at its call limit\n")
+        why = self.registry.admission()
+        if why:
+            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"farm cannot take the call: {why}\n")
         return None
 
     def metrics_text(self) -> str:
@@ -332,6 +337,10 @@ class AudioStreamSite:
             f"farm_barge_ins_total {m.barge_ins}",
             "# TYPE farm_workers_live gauge",
             f"farm_workers_live {self.registry.workers_live}",
+            "# TYPE farm_recognition_lag_ms gauge",
+            f"farm_recognition_lag_ms {self.registry.status.lag_ms}",
+            "# TYPE farm_overloaded gauge",
+            f"farm_overloaded {int(self.registry.overloaded)}",
             "# TYPE farm_calls_total counter",
             f"farm_calls_total {m.calls_total}",
             "# TYPE farm_audio_bytes_total counter",

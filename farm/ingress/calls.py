@@ -97,8 +97,10 @@ class CallRegistry:
         self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
         self._late: dict[str, Call] = {}  # finished calls still relaying events (LATE_EVENTS_S)
-        self.workers_live = 0  # from the broker's I_STATUS
+        self.status = wire.Status()  # the broker's last I_STATUS
         self.broker_seen = 0.0  # when the broker last answered
+        self.overloaded = False  # recognition too far behind: new calls are refused
+        self._lag_reports = 0  # I_STATUS in a row over the admission lag
         self.relay_subscribed = False  # the broker's relay takes our events
 
     def start(self) -> None:
@@ -210,8 +212,13 @@ class CallRegistry:
             if command == wire.I_DONE:
                 self._finish(body[0], "worker done")
             elif command == wire.I_STATUS:
-                self.workers_live = int(body[0])
+                try:
+                    self.status = wire.Status.decode(body[0])
+                except wire.WireError as exc:
+                    log.warning("dropped a broker status: %s", exc)
+                    continue
                 self.broker_seen = time.monotonic()
+                self._note_lag(self.status.lag_ms)
 
     async def _relay_link(self) -> None:
         """The relay subscribes to our events when it (re)connects: from then on they reach it."""
@@ -245,6 +252,35 @@ class CallRegistry:
                 if call.closed_at and now - call.closed_at > DONE_TIMEOUT_S:
                     log.warning("call %s: no worker finished it in %.0f s; ring unlinked", call.call_id, DONE_TIMEOUT_S)
                     self._finish(call.call_id, "timeout")
+
+    @property
+    def workers_live(self) -> int:
+        return self.status.workers
+
+    def _note_lag(self, lag_ms: int) -> None:
+        """Overloaded after two reports in a row over the admission lag (a Vosk stall is one);
+        back under half of it ends it. Said once in the log each way."""
+        limit = self.config.admission_lag_ms
+        if not limit:
+            return
+        self._lag_reports = self._lag_reports + 1 if lag_ms > limit else 0
+        if not self.overloaded and self._lag_reports >= 2:
+            self.overloaded = True
+            log.warning(
+                "at capacity: recognition is %d ms behind on the least loaded worker; refusing new calls", lag_ms
+            )
+        elif self.overloaded and lag_ms <= limit // 2:
+            self.overloaded = False
+            log.warning("below capacity again (recognition %d ms behind): taking new calls", lag_ms)
+
+    def admission(self) -> str:
+        """Why a new call is refused now, ``""`` when it is taken (counted as a refusal by reason)."""
+        why = self.recognition_ready
+        if not why and self.overloaded:
+            why = f"at capacity (recognition {self.status.lag_ms} ms behind)"
+        if why:
+            self.metrics.reject(why.split(" (")[0])
+        return why
 
     @property
     def recognition_ready(self) -> str:

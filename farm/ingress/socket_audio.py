@@ -109,6 +109,11 @@ class _Session:
         try:
             if not await self._take_control():
                 return
+            why = self.site.registry.admission()
+            if why:
+                self._fail(f"farm cannot take the call: {why}", refused=False)  # counted by admission()
+                await self._fall_back()
+                return
             audio = await self._start_audio()
             if audio is None:
                 return

@@ -217,6 +217,9 @@ class VoskServerSite:
         if len(self.live) >= self.config.max_connections:
             self.metrics.reject("too many calls")
             return conn.respond(503, "farm is at its call limit\n")
+        why = self.registry.admission()
+        if why:
+            return conn.respond(503, f"farm cannot take the call: {why}\n")
         return None
 
     async def drain(self, timeout: float) -> None:
