@@ -177,10 +177,13 @@ def build_script(
     ``f`` of the call is speech on average. The script is built from a random point
     of its own cycle, so concurrent calls are not in lockstep.
     """
-    if not 0 < speech_fraction <= 1:
-        raise ValueError(f"speech fraction {speech_fraction} is not in (0, 1]")
+    if not 0 <= speech_fraction <= 1:
+        raise ValueError(f"speech fraction {speech_fraction} is not in [0, 1]")
     total = int(duration_s * rate)
     ms = rate // 1000
+    if not speech_fraction:  # a silent caller: line noise only (ringing, prompts, hold)
+        noise = np.random.default_rng(rng.getrandbits(32)).integers(-_NOISE_PEAK, _NOISE_PEAK + 1, total)
+        return CallScript(call_id, rate, noise.astype("<i2").tobytes(), ())
     offset = int(rng.uniform(0, 8.0) * rate)  # up to one pause + one sentence skipped
     pieces: list[np.ndarray] = []
     spans: list[tuple[int, int, str]] = []

@@ -173,10 +173,13 @@ class CallVerdict:
     errors: tuple[str, ...]
     bench_late_ms: float  # this bench's own worst pacing lateness
     real_time: bool
+    refused: str = ""  # the server refused the call, with this reason (not an error: admission)
 
 
 def verdict(record: CallRecord, samples: dict[str, list[float]], lag_limit_ms: float) -> CallVerdict:
     """Did the server keep up with this call? (see the module docstring)"""
+    if record.refused:
+        return CallVerdict(record.call_id, 0.0, 0, 0, 0, (), round(record.late_ms_max, 1), False, record.refused)
     series = [
         (o.stamps["asr"] - o.stamps["recv"]) / 1e6
         for o in record.observations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ class _Proc:
     cpu1: float = 0.0
     rss_kb_peak: int = 0
     pss_kb_peak: int = 0
-    samples: list[tuple[int, int]] = field(default_factory=list)  # (rss, pss)
+    pss_kb_idle: int = 0  # when the run started, before any call
+    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (s since start, rss, pss)
 
 
 class ProcMonitor:
@@ -81,15 +83,18 @@ class ProcMonitor:
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.t0 = time.monotonic()
         for pid, p in self.procs.items():
             p.cpu0 = cpu_seconds(pid)
+            p.pss_kb_idle = pss_kb(pid)
         self.task = asyncio.create_task(self._sample_forever())
 
     def _sample(self) -> None:
+        now = time.monotonic() - self.t0
         for pid, p in self.procs.items():
             rss, pss = rss_kb(pid), pss_kb(pid)
             if rss:
-                p.samples.append((rss, pss))
+                p.samples.append((now, rss, pss))
                 p.rss_kb_peak, p.pss_kb_peak = max(p.rss_kb_peak, rss), max(p.pss_kb_peak, pss)
 
     async def _sample_forever(self) -> None:
@@ -111,8 +116,8 @@ class ProcMonitor:
         roles: dict[str, dict[str, float]] = {}
         for pid, p in self.procs.items():
             cpu = max(0.0, p.cpu1 - p.cpu0)
-            mean_rss = sum(s[0] for s in p.samples) / len(p.samples) if p.samples else 0
-            mean_pss = sum(s[1] for s in p.samples) / len(p.samples) if p.samples else 0
+            mean_rss = sum(s[1] for s in p.samples) / len(p.samples) if p.samples else 0
+            mean_pss = sum(s[2] for s in p.samples) / len(p.samples) if p.samples else 0
             per_proc[f"{p.role} ({pid})"] = {
                 "pid": pid,
                 "role": p.role,
@@ -120,14 +125,30 @@ class ProcMonitor:
                 "cpu_s_per_call_s": round(cpu / call_seconds, 4) if call_seconds else 0.0,
                 "rss_mb_peak": round(p.rss_kb_peak / 1024, 1),
                 "pss_mb_peak": round(p.pss_kb_peak / 1024, 1),
+                "pss_mb_idle": round(p.pss_kb_idle / 1024, 1),
                 "rss_mb_mean": round(mean_rss / 1024, 1),
                 "pss_mb_mean": round(mean_pss / 1024, 1),
+                # over time (at most 120 points): is memory flat once warm?
+                "pss_mb_series": [[round(t, 1), round(pss / 1024, 1)] for t, _, pss in _thin(p.samples, 120)],
             }
             role = p.role.split("-")[0]
-            r = roles.setdefault(role, {"processes": 0, "cpu_s": 0.0, "cpu_s_per_call_s": 0.0, "pss_mb_peak": 0.0})
+            r = roles.setdefault(
+                role, {"processes": 0, "cpu_s": 0.0, "cpu_s_per_call_s": 0.0, "pss_mb_peak": 0.0, "pss_mb_idle": 0.0}
+            )
             r["processes"] += 1
             r["cpu_s"] = round(r["cpu_s"] + cpu, 2)
             r["cpu_s_per_call_s"] = round(r["cpu_s_per_call_s"] + (cpu / call_seconds if call_seconds else 0), 4)
             r["pss_mb_peak"] = round(r["pss_mb_peak"] + p.pss_kb_peak / 1024, 1)
+            r["pss_mb_idle"] = round(r["pss_mb_idle"] + p.pss_kb_idle / 1024, 1)
         total_pss = sum(v["pss_mb_peak"] for v in roles.values())
-        return {"processes": per_proc, "roles": roles, "pss_mb_peak_total": round(total_pss, 1)}
+        return {
+            "processes": per_proc,
+            "roles": roles,
+            "pss_mb_peak_total": round(total_pss, 1),
+            "pss_mb_idle_total": round(sum(v["pss_mb_idle"] for v in roles.values()), 1),
+        }
+
+
+def _thin(samples: list[tuple[float, int, int]], at_most: int) -> list[tuple[float, int, int]]:
+    step = max(1, -(-len(samples) // at_most))
+    return samples[::step]

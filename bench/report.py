@@ -53,6 +53,12 @@ def step_report(step: Mapping[str, Any]) -> str:
             f"flushes while idle {step['flush_idle']}, prompt frames played after a flush "
             f"{step['prompt_after_flush']}, playback violations {len(step['playback_violations'])}"
         )
+    if step.get("refused"):
+        lines.append(
+            f"refused by the server: {step['refused']} calls ("
+            + "; ".join(f"{n} x {why}" for why, n in step["refusals"].items())
+            + ")"
+        )
     if step["errors"]:
         lines.append("errors: " + "; ".join(step["errors"][:5]))
     if step.get("procs"):

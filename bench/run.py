@@ -11,6 +11,7 @@ stops at the first step that breaks the SLO.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import platform
@@ -225,7 +226,9 @@ def check_slo(step: dict[str, Any], slo: Slo) -> dict[str, Any]:
         broken.append(
             f"{step['flush_idle']} flushes while idle, {step['prompt_after_flush']} prompt frames after a flush"
         )
-    if slo.real_time and step["real_time_calls"] < step["calls"]:
+    if step.get("refused"):
+        broken.append(f"{step['refused']} calls refused")
+    elif slo.real_time and step["real_time_calls"] < step["calls"]:
         broken.append(f"{step['calls'] - step['real_time_calls']} calls behind real time")
     return {"held": not broken, "broken": broken, **asdict(slo)}
 
@@ -273,8 +276,9 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     details = []
     per_sentence: list[tuple[str, int]] = []
     for r in records:
-        per_sentence += finals_per_utterance(r)
-        s = call_samples(r)
+        # a refused call (admission) streamed nothing: nothing to measure but the refusal
+        per_sentence += [] if r.refused else finals_per_utterance(r)
+        s = {} if r.refused else call_samples(r)
         for k, values in s.items():
             samples[k].extend(values)
         details.append(
@@ -284,7 +288,7 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
                 "messages_received": r.messages_received,
                 "bytes_sent": r.bytes_sent,
                 "bytes_received": r.bytes_received,
-                "utterances": len(r.script.measured()),
+                "utterances": 0 if r.refused else len(r.script.measured()),
                 "prompts": len(r.prompted_ms),
                 "flushes": len(r.flush_ns),
                 "flush_idle": r.flush_idle,
@@ -320,6 +324,9 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
         "prompt_after_flush": sum(d["prompt_after_flush"] for d in details),
         "playback_violations": [v for d in details for v in d["playback_violations"]][:20],
         "real_time_calls": sum(1 for d in details if d["real_time"]),
+        # admission: calls the server refused (503 before the upgrade), by reason
+        "refused": sum(1 for d in details if d["refused"]),
+        "refusals": dict(collections.Counter(d["refused"] for d in details if d["refused"])),
         "worst_lag_ms": max((d["lag_ms"] for d in details), default=0.0),
         "bench_late_ms_max": max((d["bench_late_ms"] for d in details), default=0.0),
         "bench_cpu_s_per_call_s": round((cpu_seconds(os.getpid()) - bench_cpu0) / call_seconds, 4),

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bench.audio import PROMPT_RATE, CallScript, prompt_pcm, resample_script
 
@@ -94,6 +94,7 @@ class CallRecord:
     end_ns: int = 0  # last audio message sent
     done_ns: int = 0  # call_end (farm) or the reply to eof (vosk) received; 0: never
     errors: list[str] = field(default_factory=list)
+    refused: str = ""  # the server refused the call (HTTP 503 before the upgrade): its reason
     # socket_audio: prompts played over the caller (barge-in), as the peer saw them
     prompted_ms: list[int] = field(default_factory=list)  # start_ms of the utterances a prompt was under
     flush_ns: list[int] = field(default_factory=list)  # each uuid_socket_audio_flush, when it fully arrived
@@ -256,6 +257,12 @@ class _AudioStreamSender(Sender):
                 await self.pace(record, ws.send)
                 await ws.close(1000, "Normal closure")
                 reader.cancel()
+        except InvalidStatus as exc:
+            if exc.response.status_code != 503:
+                record.errors.append(f"stream: {type(exc).__name__}: {exc}")
+                return
+            record.refused = exc.response.body.decode(errors="replace").strip() or "503"
+            return
         except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
             record.errors.append(f"stream: {type(exc).__name__}: {exc}")
             return
@@ -355,6 +362,11 @@ class VoskSender(Sender):
                     record.errors.append(f"no reply to eof {self.options.tail_timeout_s:.0f} s after the last chunk")
                 await ws.close()
                 reader.cancel()
+        except InvalidStatus as exc:
+            if exc.response.status_code == 503:
+                record.refused = exc.response.body.decode(errors="replace").strip() or "503"
+            else:
+                record.errors.append(f"stream: {type(exc).__name__}: {exc}")
         except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
             record.errors.append(f"stream: {type(exc).__name__}: {exc}")
 

@@ -85,7 +85,10 @@ class Node:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40_000 * MS) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:  # the supervisor cannot stop its children then: kill them all
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -141,10 +144,23 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
                 node.stop(signal.SIGKILL)
                 raise RuntimeError(f"farm did not start:\n{node.log()[-3000:]}")
             time.sleep(0.1)
-        # Workers register with the broker right after they start.
-        while node.log().count(") ready") < workers and time.monotonic() < deadline:
+        # Workers register with the broker after warming up; then /readyz says so.
+        while node.log().count(") ready") < workers or not _ready(node):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                node.stop(signal.SIGKILL)
+                raise RuntimeError(f"farm did not become ready:\n{node.log()[-3000:]}")
             time.sleep(0.05)
     return node
+
+
+def _ready(node: Node) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/readyz", timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 NODES: list[Node] = []  # every node this run started: their pids own their rings
@@ -222,10 +238,13 @@ async def run_call(
     realtime: bool = True,
     path_suffix: str = "",
     timeout: float = 60_000 * MS,
+    pcm: bytes | None = None,
     **send_kw: Any,
 ) -> CallRun:
-    """Stream a WAV file like mod_audio_stream; collect the call's events until call_end."""
-    pcm, rate, channels = read_wav(str(wav))
+    """Stream a WAV file (or ``pcm`` at its rate) like mod_audio_stream; collect the call's
+    events until call_end."""
+    audio, rate, channels = read_wav(str(wav))
+    pcm = audio if pcm is None else pcm
     call_id = call_id or f"t-{uuid.uuid4()}"
     send_kw.setdefault("metadata", metadata_for(call_id, rate, channels))
     async with Subscription(node.events, call_id) as sub:

@@ -145,7 +145,12 @@ class TestCallScripts:
 
     def test_speech_fraction_must_be_a_fraction(self) -> None:
         with pytest.raises(ValueError):
-            build_script("c", rate=8000, duration_s=5, speech_fraction=0, rng=random.Random(1))
+            build_script("c", rate=8000, duration_s=5, speech_fraction=1.5, rng=random.Random(1))
+
+    def test_a_silent_caller_is_line_noise_only(self) -> None:
+        s = build_script("c", rate=8000, duration_s=5, speech_fraction=0, rng=random.Random(1))
+        pcm = np.frombuffer(s.pcm, dtype="<i2")
+        assert s.utterances == () and len(pcm) == 5 * 8000 and 0 < np.abs(pcm).max() <= 70
 
 
 # -- pairing answers with utterances --------------------------------------------------

@@ -127,6 +127,12 @@ class Broker:
         if self.ingress_identity is not None:
             self.ingress_sock.send_multipart([self.ingress_identity, *wire.message(command, *body)])
 
+    def _send_status(self) -> None:
+        """I_STATUS: in answer to the ingress's heartbeat, and at once when workers come or go."""
+        lag = min((w.load.lag_ms for w in self.workers.values()), default=0)
+        status = wire.Status(len(self.workers), lag, sum(len(w.calls) for w in self.workers.values()))
+        self._send_ingress(wire.I_STATUS, status.encode())
+
     # -- call table ----------------------------------------------------------
 
     def _assign(self, call: _Call) -> bool:
@@ -183,6 +189,7 @@ class Broker:
 
     def _forget_worker(self, worker: _Worker, why: str) -> None:
         del self.workers[worker.identity]
+        self._send_status()
         log.warning(
             "worker %d (pid %d) %s; reassigning %d calls",
             worker.index,
@@ -224,6 +231,7 @@ class Broker:
             self.workers[identity] = _Worker(identity, index, pid, expiry)
             log.info("worker %d (pid %d) ready", index, pid)
             self._assign_pending()
+            self._send_status()
             return
         if worker is None:
             # Declared dead earlier (or the broker restarted): make it start over.
@@ -269,9 +277,7 @@ class Broker:
                 log.info("call %s queued: no worker ready", call_id)
                 self.pending.append(call_id)
         elif command == wire.I_HEARTBEAT:
-            lag = min((w.load.lag_ms for w in self.workers.values()), default=0)
-            status = wire.Status(len(self.workers), lag, sum(len(w.calls) for w in self.workers.values()))
-            self._send_ingress(wire.I_STATUS, status.encode())
+            self._send_status()
         else:
             log.warning("ingress sent unexpected %s", wire.name(command))
 

@@ -274,9 +274,17 @@ class CallRegistry:
             log.warning("below capacity again (recognition %d ms behind): taking new calls", lag_ms)
 
     def admission(self) -> str:
-        """Why a new call is refused now, ``""`` when it is taken (counted as a refusal by reason)."""
-        why = self.recognition_ready
-        if not why and self.overloaded:
+        """Why a new call is refused now, ``""`` when it is taken (counted as a refusal by reason).
+
+        Refused: the broker does not answer (nobody would ever serve the call), or recognition
+        is too far behind. Not refused for want of a live worker: the broker queues the call
+        and a worker starting or restarting takes it within seconds (/readyz says not ready
+        meanwhile, so balancers send new calls elsewhere).
+        """
+        why = ""
+        if time.monotonic() - self.broker_seen > 3 * HEARTBEAT_S:
+            why = "broker not answering"
+        elif self.overloaded:
             why = f"at capacity (recognition {self.status.lag_ms} ms behind)"
         if why:
             self.metrics.reject(why.split(" (")[0])
