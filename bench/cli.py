@@ -39,6 +39,20 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
     what.add_argument("--ramp-max", type=int, default=200)
     what.add_argument("--keep-going", action="store_true", help="ramp: run every step even after the SLO broke")
     what.add_argument("--rtf", action="store_true", help="measure the model's single-stream CPU real-time factor")
+    what.add_argument(
+        "--decoder",
+        action="append",
+        default=[],
+        metavar="beam=B,max-active=N",
+        help="--rtf: also measure with these decoder options (repeatable; the model's own always first)",
+    )
+    what.add_argument(
+        "--resampler",
+        action="append",
+        default=[],
+        choices=("LQ", "MQ", "HQ", "VHQ", "none"),
+        help="--rtf at 8 kHz: also measure with this soxr quality instead of the farm's QQ (none: Kaldi's own)",
+    )
 
     server = p.add_argument_group("the server")
     server.add_argument("--target", default="ws://127.0.0.1:8080", help="server URL (default %(default)s)")

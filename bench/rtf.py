@@ -1,13 +1,20 @@
-"""``farm bench --rtf``: the model's single-stream CPU real-time factor on this machine.
+"""``farm bench --rtf``: the model's single-stream CPU cost and accuracy, per decoder setting.
 
 Decodes the fixtures with Vosk in this process, the way a worker feeds it (20 ms
 chunks, a partial every 200 ms of audio, the model loaded with dither 0), and divides
-CPU time by audio time, separately for
-speech (the ten sentences, trimmed) and for silence (line noise at the level of the
-call scripts). The physical limit follows: a node with ``C`` cores can decode at most
+CPU time by audio time, separately for speech (the Korean sentences of the corpus:
+tests/data/ko_*, pause_*) and for silence (line noise at the level of the call scripts).
+The physical limit follows: a node with ``C`` cores can decode at most
 ``C / (RTF_speech x f)`` calls with a fraction ``f`` of caller speech when silence is
 not decoded (the farm's VAD gating), and ``C / (RTF_speech x f + RTF_silence x (1 - f))``
 when every sample is (vosk-server). A bench capacity reads as a fraction of that.
+
+With ``--decoder`` (repeatable, e.g. ``--decoder beam=8 --decoder beam=8,max-active=2000``)
+the same audio is decoded under each setting in the same run, the model's own first,
+and the character error rate against the spoken text (``orthographic`` in texts.json and
+pauses.json, spaces ignored) is given beside the CPU: an on/off pair per lever. The
+espeak-ng corpus is recognised poorly whatever the setting (CER ~0.6), so read the CER
+as the setting's *change* in accuracy, not as the model's accuracy on real callers.
 
 Each run uses a fresh recogniser, warmed up on other speech (tests/data/en_sentence:
 a new recogniser's first seconds cost several times more): measured here, a
@@ -27,48 +34,115 @@ from typing import Any
 
 import numpy as np
 
-from bench.audio import DATA, SENTENCES, read_mono, sentence
+from bench.audio import DATA, PAUSE_SENTENCES, SENTENCES, read_mono, sentence
 
 
-__all__ = ["measure_rtf", "limits", "main"]
+__all__ = ["measure_rtf", "limits", "cer", "parse_decoder", "main"]
 
 _PARTIAL_EVERY = 10  # chunks: the farm's default partial interval (200 ms)
 
 
-def _decode(rec: Any, pcm: bytes, rate: int) -> float:
-    """CPU seconds to decode ``pcm`` as one utterance."""
+def cer(said: str, reference: str) -> float:
+    """Character error rate, spaces ignored (Levenshtein distance / reference length)."""
+    a, b = said.replace(" ", ""), reference.replace(" ", "")
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[len(b)] / max(1, len(b))
+
+
+def parse_decoder(spec: str) -> dict[str, float]:
+    """``"beam=8,max-active=2000"`` -> ``{"beam": 8.0, "max-active": 2000.0}``."""
+    out: dict[str, float] = {}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("beam", "max-active", "lattice-beam") or not value:
+            raise ValueError(f"decoder option {part!r}: expected beam=, max-active= or lattice-beam=")
+        out[key.strip()] = float(value)
+    return out
+
+
+def _decode(rec: Any, pcm: bytes, rate: int) -> tuple[float, str]:
+    """CPU seconds to decode ``pcm`` as one utterance, and what it said."""
     step = rate // 50 * 2
-    t0 = time.process_time()
+    t0 = time.thread_time()
     for i, start in enumerate(range(0, len(pcm), step)):
         rec.AcceptWaveform(pcm[start : start + step])
         if i % _PARTIAL_EVERY == _PARTIAL_EVERY - 1:
             rec.PartialResult()
-    rec.FinalResult()
-    return time.process_time() - t0
+    text = str(json.loads(rec.FinalResult()).get("text", ""))
+    return time.thread_time() - t0, text
 
 
-def measure_rtf(model_dir: str, rate: int, repeats: int = 3, seed: int = 1) -> dict[str, Any]:
+def to_model_rate(samples: np.ndarray, rate: int, model_rate: int, quality: str) -> bytes:
+    """What a worker feeds Vosk: the call's audio resampled with soxr as a stream of 20 ms
+    blocks (``quality`` QQ, the farm's, or LQ/MQ/HQ/VHQ); ``none`` leaves it to Kaldi."""
+    if rate == model_rate or quality == "none":
+        return samples.tobytes()
+    import soxr
+
+    stream = soxr.ResampleStream(rate, model_rate, 1, dtype="int16", quality=quality)
+    block = rate // 50
+    whole = len(samples) - len(samples) % block
+    parts = [stream.resample_chunk(samples[i : i + block]) for i in range(0, whole, block)]
+    parts.append(stream.resample_chunk(samples[whole:], last=True))
+    return np.concatenate(parts).astype("<i2").tobytes()
+
+
+def _references(rate: int) -> list[tuple[np.ndarray, str]]:
+    texts = json.loads((DATA / "texts.json").read_text())
+    pauses = json.loads((DATA / "pauses.json").read_text())
+    out = []
+    for name in SENTENCES:
+        out.append((sentence(name, rate), str(texts[f"{name}.wav"]["orthographic"])))
+    for name in PAUSE_SENTENCES:
+        out.append((sentence(name, rate), " ".join(pauses[f"{name}.wav"]["orthographic"])))
+    return out
+
+
+def measure_rtf(
+    model_dir: str,
+    rate: int,
+    repeats: int = 3,
+    seed: int = 1,
+    decoder: dict[str, float] | None = None,
+    resampler: str = "QQ",
+) -> dict[str, Any]:
     import vosk
 
-    from workers.engines.vosk import model_view
+    from workers.engines.vosk import model_rate, model_view
 
     vosk.SetLogLevel(-1)
     with tempfile.TemporaryDirectory(prefix="farm-bench-rtf-") as view:
-        model = vosk.Model(model_view(model_dir, view))  # read whole at load: the view can go
-    speech = [sentence(name, rate).tobytes() for name in SENTENCES]
-    warm_up = read_mono(DATA / ("en_sentence_8k.wav" if rate == 8000 else "en_sentence_16k.wav"))[0].tobytes()
+        model = vosk.Model(model_view(model_dir, view, decoder=decoder))  # read whole at load: the view can go
+    fed = rate if resampler == "none" else model_rate(model_dir)
+    speech = [(to_model_rate(s, rate, fed, resampler), ref) for s, ref in _references(rate)]
+    warm_up, warm_rate = read_mono(DATA / ("en_sentence_8k.wav" if rate == 8000 else "en_sentence_16k.wav"))
+    warm = to_model_rate(warm_up, warm_rate, fed, resampler)
     noise_peak = int(0.002 * 32767)
-    silence = np.random.default_rng(seed).integers(-noise_peak, noise_peak + 1, 10 * rate).astype("<i2").tobytes()
-    speech_s = sum(len(p) for p in speech) / (2 * rate)
-    silence_s = len(silence) / (2 * rate)
-    runs_speech, runs_silence = [], []
-    for _ in range(repeats):
-        rec = vosk.KaldiRecognizer(model, rate)
-        _decode(rec, warm_up, rate)
-        runs_speech.append(sum(_decode(rec, p, rate) for p in speech) / speech_s)
-        runs_silence.append(_decode(rec, silence, rate) / silence_s)
+    silence = to_model_rate(
+        np.random.default_rng(seed).integers(-noise_peak, noise_peak + 1, 10 * rate).astype("<i2"), rate, fed, resampler
+    )
+    speech_s = sum(len(p) for p, _ in speech) / (2 * fed)
+    silence_s = len(silence) / (2 * fed)
+    runs_speech, runs_silence, errors = [], [], []
+    for r in range(repeats):
+        rec = vosk.KaldiRecognizer(model, fed)
+        _decode(rec, warm, fed)
+        cpu = 0.0
+        for pcm, reference in speech:
+            spent, said = _decode(rec, pcm, fed)
+            cpu += spent
+            if r == 0:
+                errors.append(cer(said, reference))
+        runs_speech.append(cpu / speech_s)
+        runs_silence.append(_decode(rec, silence, fed)[0] / silence_s)
     return {
         "rate": rate,
+        "resampler": resampler,
+        "decoder": decoder or {},
         "speech_audio_s": round(speech_s, 2),
         "silence_audio_s": round(silence_s, 2),
         "repeats": repeats,
@@ -76,6 +150,7 @@ def measure_rtf(model_dir: str, rate: int, repeats: int = 3, seed: int = 1) -> d
         "rtf_silence": round(statistics.median(runs_silence), 4),
         "rtf_speech_runs": [round(x, 4) for x in runs_speech],
         "rtf_silence_runs": [round(x, 4) for x in runs_silence],
+        "cer": round(statistics.mean(errors), 4),
     }
 
 
@@ -95,24 +170,27 @@ def main(args: argparse.Namespace) -> int:
     from farm.config import default_model_dir
 
     model = getattr(args, "model", "") or os.environ.get("FARM_MODEL") or default_model_dir() or ""
-    r = measure_rtf(model, args.rate, seed=args.seed)
+    decoders: list[dict[str, float]] = [{}] + [parse_decoder(spec) for spec in getattr(args, "decoder", None) or []]
+    others = (getattr(args, "resampler", None) or []) if args.rate != 16000 else []
+    settings = [(d, "QQ") for d in decoders] + [({}, q) for q in others]
     cores = len(os.sched_getaffinity(0))
-    lim = limits(r["rtf_speech"], r["rtf_silence"], cores, args.speech_fraction)
-    print(f"model {model}, {args.rate} Hz, one stream, {r['repeats']} runs (median)")
-    print(f"  speech : {r['rtf_speech']:.3f} CPU s per audio s ({r['speech_audio_s']:.1f} s of speech per run)")
-    print(f"  silence: {r['rtf_silence']:.3f} CPU s per audio s ({r['silence_audio_s']:.1f} s of line noise per run)")
-    print(
-        f"physical limit on {cores} cores at {args.speech_fraction:.0%} speech: "
-        f"{lim['gated_calls']:.1f} calls when only speech is decoded = cores / (RTF x speech fraction) (farm), "
-        f"{lim['ungated_calls']:.1f} when silence is decoded too (vosk-server)"
-    )
+    rows = []
+    print(f"model {model}, {args.rate} Hz, one stream, 3 runs each (median), same run for every setting")
+    for decoder, resampler in settings:
+        r = measure_rtf(model, args.rate, seed=args.seed, decoder=decoder, resampler=resampler)
+        lim = limits(r["rtf_speech"], r["rtf_silence"], cores, args.speech_fraction)
+        rows.append({"rtf": r, "limits": lim})
+        name = ",".join(f"{k}={v:g}" for k, v in decoder.items()) or "the model's own"
+        if args.rate != 16000:
+            name += f", soxr {resampler}" if resampler != "none" else ", Kaldi resamples"
+        print(
+            f"  {name:28s} speech {r['rtf_speech']:.3f} CPU s/audio s, silence {r['rtf_silence']:.3f}, "
+            f"CER {r['cer']:.3f}; limit at {args.speech_fraction:.0%} speech on {cores} cores: "
+            f"{lim['gated_calls']:.1f} calls (farm), {lim['ungated_calls']:.1f} (silence decoded too)"
+        )
     if args.out:
         from bench.report import write_json
         from bench.run import machine_info
 
-        write_json(args.out, {"machine": machine_info(), "model": model, "rtf": r, "limits": lim})
+        write_json(args.out, {"machine": machine_info(), "model": model, "settings": rows})
     return 0
-
-
-if __name__ == "__main__":
-    print(json.dumps(measure_rtf(os.environ.get("FARM_MODEL", ""), 8000), indent=1))

@@ -309,6 +309,22 @@ class Config:
     partial_interval_ms: int = field(
         default=200, metadata=knob("partials every this much audio (0: none)", group="recognition", check=_ms_step)
     )
+    decoder_beam: float = field(
+        default=0.0,
+        metadata=knob(
+            "Vosk decoding beam (0: the model's own; smaller is cheaper and may cost words)",
+            group="recognition",
+            check=_at_least(0),
+        ),
+    )
+    decoder_max_active: int = field(
+        default=0,
+        metadata=knob(
+            "Vosk decoder's most active states (0: the model's own; fewer is cheaper)",
+            group="recognition",
+            check=_at_least(0),
+        ),
+    )
     recognizer_max_audio_s: float = field(
         default=600.0, metadata=knob("retire a recogniser after this much calls' audio", group="recognition")
     )
@@ -380,6 +396,11 @@ class Config:
         """The node's config as the supervisor hands it to the broker and ingress."""
         raw = os.environ.get("FARM_CONFIG")
         return cls.from_json(raw) if raw else cls()
+
+    def decoder_options(self) -> dict[str, float]:
+        """The model.conf options the knobs override (farm/engines: model_view)."""
+        options = {"beam": self.decoder_beam, "max-active": self.decoder_max_active}
+        return {k: v for k, v in options.items() if v}
 
     def endpoint(self, name: str) -> str:
         """Internal broker endpoint ``name`` (workers, ingress, events_in)."""

@@ -100,7 +100,9 @@ class Supervisor:
         try:
             model_dir = self.config.model
             if os.path.isdir(model_dir) and self.config.dither >= 0:
-                model_dir = model_view(model_dir, self.config.run_dir, dither=self.config.dither)
+                model_dir = model_view(
+                    model_dir, self.config.run_dir, dither=self.config.dither, decoder=self.config.decoder_options()
+                )
             self.model = load_model(model_dir)
         except ModelError as exc:
             raise HaltServer(f"cannot load the model: {exc}", MODEL_LOAD_ERROR) from None

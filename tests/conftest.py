@@ -336,25 +336,67 @@ def direct_decode(wav: str | Path, *, partial_every: int = 0) -> list[str]:
 def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, channel: int = 0) -> list[str]:
     """The reference for a VAD-gated call: each utterance decoded straight with Vosk
     from exactly the audio the farm says its recogniser heard (``audio_ms`` of the
-    finals: the preroll, the speech and the quiet up to the pause it was finalised at;
-    ``pieces_ms`` when it was finalised piece by piece at the caller's pauses)."""
+    finals: the preroll, the speech and the quiet up to where its final was prepared),
+    ended where the farm ended it: ``pieces_ms`` says where it was cut at the caller's
+    pauses (``Result()``, the stream goes on) and how the last piece ended."""
     samples = _samples16k(wav)
     out: list[str] = []
-    span: list[int] = []
+    # One recogniser stream per utterance: Vosk's own endpoints (intermediate finals) and
+    # the farm's cuts continue it; a closing final ends it.
+    bounds: list[tuple[int, int, str]] = []
     for e in run.of("final"):
         if e.channel != channel:
             continue
-        if "pieces_ms" in e.data:
-            # finalised at the caller's pauses: each piece as a fresh recogniser decodes it
-            texts = [t for a, b in e["pieces_ms"] for t in decode_pcm(samples[a * 16 : b * 16].tobytes(), partial_every=partial_every)]
-            out += [" ".join(texts)] if texts else []
-            span = []
-            continue
         a, b = e["audio_ms"]
-        span = [span[0] if span else a, b]
-        if e["reason"] != "endpoint":  # the utterance is closed: decode it whole
-            out += decode_pcm(samples[span[0] * 16 : span[1] * 16].tobytes(), partial_every=partial_every)
-            span = []
+        pieces = [tuple(p) for p in e.data.get("pieces_ms", [])] or [
+            (a, b, "endpoint" if e["reason"] == "endpoint" else "final")
+        ]
+        bounds += pieces  # type: ignore[arg-type]
+        if e["reason"] != "endpoint":
+            out += _decode_stream(samples, bounds, partial_every)
+            bounds = []
+    return out
+
+
+def _decode_stream(samples: Any, bounds: list[tuple[int, int, str]], partial_every: int) -> list[str]:
+    """Vosk on 16 kHz ``samples`` from the first bound's start, 20 ms frames, partials every
+    ``partial_every`` frames (counting again after each result), and at each bound's end
+    what the farm did there: ``cut`` Result(), ``final`` FinalResult(), ``endpoint`` nothing
+    (Vosk's own endpoint fires there by itself). Returns the non-empty texts, one per final."""
+    import vosk
+
+    rec = vosk.KaldiRecognizer(model(), 16000)
+    texts: list[str] = []
+    since = 0
+    for a, b, how in bounds:
+        said = []
+        pcm = samples[a * 16 : b * 16].tobytes()
+        for i in range(0, len(pcm) - len(pcm) % 640, 640):
+            if rec.AcceptWaveform(pcm[i : i + 640]):
+                said.append(json.loads(rec.Result())["text"])
+                since = 0
+                continue
+            since += 1
+            if partial_every and since >= partial_every:
+                since = 0
+                rec.PartialResult()
+        if how == "cut":
+            said.append(json.loads(rec.Result())["text"])
+            since = 0
+        elif how == "final":
+            said.append(json.loads(rec.FinalResult())["text"])
+        texts.append(" ".join(t for t in said if t))
+    # a final joins the pieces since the previous one: Vosk's own endpoints close one, the
+    # last bound (the utterance's end) closes the last
+    out: list[str] = []
+    current: list[str] = []
+    for i, ((_, _, how), text) in enumerate(zip(bounds, texts)):
+        current.append(text)
+        if how == "endpoint" or i == len(bounds) - 1:
+            joined = " ".join(t for t in current if t)
+            if joined:
+                out.append(joined)
+            current = []
     return out
 
 

@@ -43,7 +43,7 @@ class AsrOutput:
     fed_until: int = 0  # ring cursor of the end of the audio heard
     asr_ns: int = 0
     heard_ms: tuple[int, int] = (0, 0)  # finals: call time span of the audio this final decoded
-    pieces_ms: tuple[tuple[int, int], ...] = ()  # finals of several pieces: each piece's span
+    pieces: tuple[tuple[int, int, str], ...] = ()  # cut at pauses: each piece's span and how it ended
 
 
 class ResultQueue:
@@ -85,11 +85,12 @@ class _Item:
 
 @dataclass(frozen=True)
 class _Piece:
-    """What FinalResult gave for one piece of an utterance (up to a pause), words in call time."""
+    """What Vosk gave for one piece of an utterance (up to a pause), words in call time."""
 
     text: str
     words: list[dict[str, Any]]
     heard_ms: tuple[int, int]
+    how: str  # "cut": Result() at a pause, features go on; "final": FinalResult(), flushed
 
 
 _SLICE = 10  # frames (200 ms of audio) per turn on a recognition thread
@@ -109,9 +110,9 @@ class AsrStream:
     :meth:`cut` at a pause inside an utterance finalises what was fed so far now, while
     the caller may still go on: if they do, the utterance continues as a new piece on the
     same recogniser; if the VAD ends it, :meth:`end` publishes at once, without a
-    FinalResult of its own. The final is the pieces joined. (After FinalResult Vosk
-    starts a fresh feature pipeline, so each piece decodes as a fresh recogniser would
-    decode that audio alone.)
+    FinalResult of its own. The final is the pieces joined. A cut is Vosk's own endpoint
+    (``Result()``, not ``FinalResult()``): the feature pipeline goes on, so the pieces
+    decode as one stream with endpoints at the cuts would.
     """
 
     def __init__(
@@ -281,13 +282,13 @@ class AsrStream:
     def _joined(self, text: str) -> str:
         return " ".join([*(p.text for p in self._pieces if p.text), *([text] if text else [])])
 
-    def _piece(self, result: Result) -> _Piece:
+    def _piece(self, result: Result, how: str) -> _Piece:
         """The piece the recogniser just finalised, words on the call's clock; starts the next."""
         words = [
             {**w, "start_ms": w["start_ms"] + self._origin_ms, "end_ms": w["end_ms"] + self._origin_ms}
             for w in result.words
         ]
-        piece = _Piece(result.text, words, (max(self._heard_from, 0), self._heard_to))
+        piece = _Piece(result.text, words, (max(self._heard_from, 0), self._heard_to), how)
         self._heard_from = -1
         return piece
 
@@ -296,7 +297,7 @@ class AsrStream:
             return  # nothing fed since the utterance began or since the last cut
         self._utterance = utterance
         self._fed_until = max(self._fed_until, end_cursor)
-        self._pieces.append(self._piece(self._rec.final()))
+        self._pieces.append(self._piece(self._rec.cut(), "cut"))
         self._since_partial = 0  # partials of the next piece count from its start, as after an endpoint
 
     def _finish(self, reason: str, utterance: int, end_cursor: int) -> None:
@@ -308,7 +309,7 @@ class AsrStream:
         self._utterance = utterance
         self._fed_until = max(self._fed_until, end_cursor)
         if self._heard_from >= 0 or not self._pieces:  # audio since the last cut: finalise it
-            self._pieces.append(self._piece(self._rec.final()))
+            self._pieces.append(self._piece(self._rec.final(), "final"))
         self._emit_final(None, reason)
         self._last_partial = ""
         if not self.hold or reason == "end":
@@ -318,7 +319,7 @@ class AsrStream:
     def _emit_final(self, result: Result | None, reason: str) -> None:
         """Publish the utterance's pieces (and ``result``, Vosk's own endpoint) as one final."""
         if result is not None:
-            self._pieces.append(self._piece(result))
+            self._pieces.append(self._piece(result, "endpoint"))
         pieces, self._pieces = self._pieces, []
         said = [p for p in pieces if p.text]
         words = [w for p in said for w in p.words]
@@ -334,6 +335,6 @@ class AsrStream:
                 self._fed_until,
                 time.monotonic_ns(),
                 (pieces[0].heard_ms[0], pieces[-1].heard_ms[1]),
-                tuple(p.heard_ms for p in pieces) if len(pieces) > 1 else (),
+                tuple((*p.heard_ms, p.how) for p in pieces) if any(p.how == "cut" for p in pieces) else (),
             )
         )

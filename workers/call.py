@@ -402,8 +402,8 @@ class CallSession:
             data["words"] = out.words
             data["reason"] = out.reason
             data["audio_ms"] = list(out.heard_ms)  # what the recogniser heard for this final
-            if out.pieces_ms:  # finalised piece by piece at the caller's pauses
-                data["pieces_ms"] = [list(p) for p in out.pieces_ms]
+            if out.pieces:  # finalised piece by piece at the caller's pauses
+                data["pieces_ms"] = [list(p) for p in out.pieces]
             eos = self.end_of_speech.pop(ch, 0) if out.reason in ("vad", "end", "reset") else 0
             if eos:
                 stamps["recv"] = eos  # end of speech -> final is what a dialer waits on

@@ -192,6 +192,9 @@ class Worker:
                 self.publish(session.event(draft))
 
     def end(self, call_id: str, session: CallSession) -> None:
+        # The call's last final may sit in the result queue (its recognition finished after
+        # the loop last looked): publish it first, so call_end is the call's last event.
+        self.on_results()
         ring = session.ring
         duration_ms = session.offset_ms_of_cursor(ring.write_cursor)
         self.publish(
@@ -217,7 +220,8 @@ class Worker:
             # Before W_READY: the broker sends calls only to a worker that is warm.
             t0 = time.monotonic()
             first = warmup[: int(self.config.recognizer_warm_s * self.pool.rate) * 2]
-            self.pool.warm(self.config.recognizer_warm, first)
+            # Beating as it goes: a busy machine may take longer than --worker-timeout.
+            self.pool.warm(self.config.recognizer_warm, first, progress=lambda: self.heartbeats.beat(self.index))
             self.log.info(
                 "worker %d: %d recognisers warmed in %.1f s", self.index, self.pool.idle, time.monotonic() - t0
             )

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,31 +71,41 @@ def model_rate(path: str) -> int:
     return 16000
 
 
-def model_view(path: str, into: str, *, dither: float = 0.0) -> str:
-    """A view of model ``path`` whose feature extraction uses ``dither``; returns its dir.
+def model_view(path: str, into: str, *, dither: float = 0.0, decoder: dict[str, float] | None = None) -> str:
+    """A view of model ``path`` with ``dither`` in its feature extraction and ``decoder``
+    options (``beam``, ``max-active``, ``lattice-beam``) in its model.conf; returns its dir.
 
     Kaldi's MFCC code adds random dither (1.0 unless mfcc.conf says otherwise, and
     Vosk's small models do not), which made the same audio give "… 저 입니다" in
     some runs and "… 더 입니다" in others here. With dither 0 a recogniser is
-    repeatable, so a worker that takes over a call rebuilds the same words. The view
-    is symlinks to the model's files plus an edited conf/mfcc.conf; the model itself
-    is not touched. A model without conf/mfcc.conf is used as it is.
+    repeatable, so a worker that takes over a call rebuilds the same words. The decoder
+    options trade accuracy for CPU (bench/results/profile-12calls.md: the search and the
+    graph it composes are most of a worker's CPU). The view is symlinks to the model's
+    files plus edited conf files; the model itself is not touched. A model without
+    conf/mfcc.conf is used as it is.
     """
-    conf = os.path.join(path, "conf", "mfcc.conf")
-    if not os.path.isfile(conf):
+    conf_dir = os.path.join(path, "conf")
+    if not os.path.isfile(os.path.join(conf_dir, "mfcc.conf")):
         return path
-    with open(conf, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if not line.strip().startswith("--dither")]
     view = os.path.join(into, "model")
     os.makedirs(os.path.join(view, "conf"), exist_ok=True)
     for name in os.listdir(path):
         if name != "conf" and not os.path.lexists(os.path.join(view, name)):
             os.symlink(os.path.join(os.path.abspath(path), name), os.path.join(view, name))
-    for name in os.listdir(os.path.join(path, "conf")):
-        if name != "mfcc.conf" and not os.path.lexists(os.path.join(view, "conf", name)):
-            os.symlink(os.path.join(os.path.abspath(path), "conf", name), os.path.join(view, "conf", name))
-    with open(os.path.join(view, "conf", "mfcc.conf"), "w", encoding="utf-8") as f:
-        f.write("\n".join([*lines, f"--dither={dither:g}"]) + "\n")
+    edits = {"mfcc.conf": {"dither": dither}, "model.conf": dict(decoder or {})}
+    for name in os.listdir(conf_dir):
+        target = os.path.join(view, "conf", name)
+        if os.path.lexists(target):
+            os.unlink(target)
+        if not edits.get(name):
+            os.symlink(os.path.join(os.path.abspath(conf_dir), name), target)
+            continue
+        with open(os.path.join(conf_dir, name), encoding="utf-8") as f:
+            lines = [
+                line for line in f.read().splitlines() if line.strip().split("=", 1)[0].lstrip("-") not in edits[name]
+            ]
+        with open(target, "w", encoding="utf-8") as f:
+            f.write("\n".join([*lines, *(f"--{k}={v:g}" for k, v in edits[name].items())]) + "\n")
     return view
 
 
@@ -174,6 +185,7 @@ class Recognizer:
         self.rate = rate
         self.heard_bytes = 0  # since creation: Vosk's word times count from there
         self.warm_bytes = 0  # of which warm-up audio
+        self.open_pipeline = False  # cut or endpointed since the last final: features go on
 
     @property
     def heard_s(self) -> float:
@@ -191,17 +203,32 @@ class Recognizer:
         return bool(self._rec.AcceptWaveform(pcm))
 
     def result(self) -> Result:
-        """Call after :meth:`accept` returned True."""
+        """Call after :meth:`accept` returned True (Vosk's own endpoint)."""
+        self.open_pipeline = True
+        return _parse(self._rec.Result())
+
+    def cut(self) -> Result:
+        """What was fed so far, finalised now, as at Vosk's own endpoint: the feature
+        pipeline (and its adaptation) goes on, so audio fed after it continues the same
+        stream. Use inside an utterance; :meth:`final` ends one."""
+        self.open_pipeline = True
         return _parse(self._rec.Result())
 
     def partial(self) -> str:
         return str(json.loads(self._rec.PartialResult()).get("partial", ""))
 
     def final(self) -> Result:
-        """End the utterance now (flushes the decoder); the recogniser is ready for more."""
+        """End the utterance now (flushes the features and the decoder); the next audio
+        starts a fresh feature pipeline, as a new recogniser would."""
+        self.open_pipeline = False
         return _parse(self._rec.FinalResult())
 
     def reset(self) -> None:
+        """Before reuse: an utterance last cut (not finalised) still holds its feature
+        pipeline; end it on 20 ms of silence so the next utterance starts fresh."""
+        if self.open_pipeline:
+            self.accept(bytes(self.rate // 50 * 2))
+            self.final()
         self._rec.Reset()
 
 
@@ -265,9 +292,10 @@ class RecognizerPool:
         with self._lock:
             self._idle.append(rec)
 
-    def warm(self, count: int, pcm: bytes) -> None:
+    def warm(self, count: int, pcm: bytes, progress: Callable[[], None] | None = None) -> None:
         """Create ``count`` recognisers and pay their first-audio cost now, on ``pcm`` (speech
-        at the model's rate), fed as a worker feeds calls: 20 ms frames, partials every 200 ms."""
+        at the model's rate), fed as a worker feeds calls: 20 ms frames, partials every 200 ms.
+        ``progress`` is called every second of audio (a worker proves it is alive)."""
         frame = self.rate // 50 * 2
         warmed = [self.lease() for _ in range(count)]
         for rec in warmed:
@@ -275,6 +303,8 @@ class RecognizerPool:
                 rec.accept(pcm[start : start + frame])
                 if i % 10 == 9:
                     rec.partial()
+                if progress is not None and i % 50 == 49:
+                    progress()
             rec.final()
             rec.warm_bytes = rec.heard_bytes  # not a call's audio: it does not count toward retirement
         for rec in warmed:
