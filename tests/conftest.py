@@ -337,8 +337,8 @@ def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, chan
     """The reference for a VAD-gated call: each utterance decoded straight with Vosk
     from exactly the audio the farm says its recogniser heard (``audio_ms`` of the
     finals: the preroll, the speech and the quiet up to where its final was prepared),
-    ended where the farm ended it: ``pieces_ms`` says where it was cut at the caller's
-    pauses (``Result()``, the stream goes on) and how the last piece ended."""
+    ended where the farm ended it: ``pieces_ms`` says where it was finalised at the
+    caller's pauses (FinalResult: the next piece starts on fresh features) and how."""
     samples = _samples16k(wav)
     out: list[str] = []
     # One recogniser stream per utterance: Vosk's own endpoints (intermediate finals) and
@@ -361,8 +361,8 @@ def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, chan
 def _decode_stream(samples: Any, bounds: list[tuple[int, int, str]], partial_every: int) -> list[str]:
     """Vosk on 16 kHz ``samples`` from the first bound's start, 20 ms frames, partials every
     ``partial_every`` frames (counting again after each result), and at each bound's end
-    what the farm did there: ``cut`` Result(), ``final`` FinalResult(), ``endpoint`` nothing
-    (Vosk's own endpoint fires there by itself). Returns the non-empty texts, one per final."""
+    what the farm did there: ``final`` FinalResult(), ``endpoint`` nothing (Vosk's own
+    endpoint fires there by itself). Returns the non-empty texts, one per final."""
     import vosk
 
     rec = vosk.KaldiRecognizer(model(), 16000)
@@ -380,11 +380,9 @@ def _decode_stream(samples: Any, bounds: list[tuple[int, int, str]], partial_eve
             if partial_every and since >= partial_every:
                 since = 0
                 rec.PartialResult()
-        if how == "cut":
-            said.append(json.loads(rec.Result())["text"])
-            since = 0
-        elif how == "final":
+        if how == "final":
             said.append(json.loads(rec.FinalResult())["text"])
+            since = 0
         texts.append(" ".join(t for t in said if t))
     # a final joins the pieces since the previous one: Vosk's own endpoints close one, the
     # last bound (the utterance's end) closes the last

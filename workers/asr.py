@@ -43,7 +43,7 @@ class AsrOutput:
     fed_until: int = 0  # ring cursor of the end of the audio heard
     asr_ns: int = 0
     heard_ms: tuple[int, int] = (0, 0)  # finals: call time span of the audio this final decoded
-    pieces: tuple[tuple[int, int, str], ...] = ()  # cut at pauses: each piece's span and how it ended
+    pieces: tuple[tuple[int, int, str], ...] = ()  # finalised in pieces: each one's span and how it ended
 
 
 class ResultQueue:
@@ -90,7 +90,7 @@ class _Piece:
     text: str
     words: list[dict[str, Any]]
     heard_ms: tuple[int, int]
-    how: str  # "cut": Result() at a pause, features go on; "final": FinalResult(), flushed
+    how: str  # "final": FinalResult(), the next piece starts on fresh features; "endpoint": Vosk's own
 
 
 _SLICE = 10  # frames (200 ms of audio) per turn on a recognition thread
@@ -110,9 +110,11 @@ class AsrStream:
     :meth:`cut` at a pause inside an utterance finalises what was fed so far now, while
     the caller may still go on: if they do, the utterance continues as a new piece on the
     same recogniser; if the VAD ends it, :meth:`end` publishes at once, without a
-    FinalResult of its own. The final is the pieces joined. A cut is Vosk's own endpoint
-    (``Result()``, not ``FinalResult()``): the feature pipeline goes on, so the pieces
-    decode as one stream with endpoints at the cuts would.
+    FinalResult of its own. The final is the pieces joined. A cut is a FinalResult: it
+    must flush the features, because the network still lacks its right context for the
+    last ~200 ms fed (Vosk's ``Result()`` there loses the last syllable, measured on every
+    committed sentence); so a piece after it starts on fresh features, as a new
+    recogniser would decode that audio alone.
     """
 
     def __init__(
@@ -297,7 +299,7 @@ class AsrStream:
             return  # nothing fed since the utterance began or since the last cut
         self._utterance = utterance
         self._fed_until = max(self._fed_until, end_cursor)
-        self._pieces.append(self._piece(self._rec.cut(), "cut"))
+        self._pieces.append(self._piece(self._rec.final(), "final"))
         self._since_partial = 0  # partials of the next piece count from its start, as after an endpoint
 
     def _finish(self, reason: str, utterance: int, end_cursor: int) -> None:
@@ -335,6 +337,6 @@ class AsrStream:
                 self._fed_until,
                 time.monotonic_ns(),
                 (pieces[0].heard_ms[0], pieces[-1].heard_ms[1]),
-                tuple((*p.heard_ms, p.how) for p in pieces) if any(p.how == "cut" for p in pieces) else (),
+                tuple((*p.heard_ms, p.how) for p in pieces) if len(pieces) > 1 else (),
             )
         )

@@ -185,7 +185,7 @@ class Recognizer:
         self.rate = rate
         self.heard_bytes = 0  # since creation: Vosk's word times count from there
         self.warm_bytes = 0  # of which warm-up audio
-        self.open_pipeline = False  # cut or endpointed since the last final: features go on
+        self.open_pipeline = False  # audio fed since the last final: its features are still held
 
     @property
     def heard_s(self) -> float:
@@ -200,18 +200,11 @@ class Recognizer:
     def accept(self, pcm: bytes) -> bool:
         """Feed int16 mono audio; True when Vosk's own endpoint closed an utterance."""
         self.heard_bytes += len(pcm)
+        self.open_pipeline = True
         return bool(self._rec.AcceptWaveform(pcm))
 
     def result(self) -> Result:
-        """Call after :meth:`accept` returned True (Vosk's own endpoint)."""
-        self.open_pipeline = True
-        return _parse(self._rec.Result())
-
-    def cut(self) -> Result:
-        """What was fed so far, finalised now, as at Vosk's own endpoint: the feature
-        pipeline (and its adaptation) goes on, so audio fed after it continues the same
-        stream. Use inside an utterance; :meth:`final` ends one."""
-        self.open_pipeline = True
+        """Call after :meth:`accept` returned True (Vosk's own endpoint: the features go on)."""
         return _parse(self._rec.Result())
 
     def partial(self) -> str:
@@ -224,8 +217,10 @@ class Recognizer:
         return _parse(self._rec.FinalResult())
 
     def reset(self) -> None:
-        """Before reuse: an utterance last cut (not finalised) still holds its feature
-        pipeline; end it on 20 ms of silence so the next utterance starts fresh."""
+        """Before reuse. A recogniser given back without a final (its call ended mid-utterance,
+        or after Vosk's own endpoint) still holds that utterance's feature pipeline, which
+        Reset() keeps: end it on 20 ms of silence first, so the next utterance starts fresh,
+        as a new recogniser would."""
         if self.open_pipeline:
             self.accept(bytes(self.rate // 50 * 2))
             self.final()
