@@ -30,7 +30,6 @@ from .conftest import (
     decode_heard,
     direct_decode,
     run_call,
-    similarity,
     start_node,
 )
 
@@ -106,11 +105,11 @@ def test_eight_simultaneous_calls_each_get_their_own_transcript(node: Node) -> N
     runs = asyncio.run(all_calls())
     for f, run in zip(files, runs):
         assert run.finals == decode_heard(DATA / f, run), f
-    # No cross-talk: a call's text is closer to its own file than to any other.
-    for f, run in zip(files, runs):
-        own = similarity(run.text, " ".join(direct_decode(DATA / f)))
-        for other in set(files) - {f}:
-            assert own > similarity(run.text, " ".join(direct_decode(DATA / other))), (f, other, run.text)
+    # No cross-talk: each call's finals are Vosk's words for its own file's audio at the
+    # spans it heard, and not for another file's audio at the same spans.
+    for i, (f, run) in enumerate(zip(files, runs)):
+        other = next(g for g in files[i + 1 :] + files[:i] if g != f)
+        assert run.finals and run.finals != decode_heard(DATA / other, run), (f, other, run.finals)
 
 
 def test_six_calls_on_one_worker_each_get_their_own_exact_transcript(tmp_path: Path) -> None:
