@@ -41,13 +41,15 @@ No message may be lost (frames received = frames sent).
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 
 from bench.senders import CallRecord
-from bench.stats import percentile
+from bench.stats import cer, percentile
 
 
-__all__ = ["STAGES", "GROUND_TRUTH", "call_samples", "finals_per_utterance", "CallVerdict", "verdict"]
+__all__ = ["STAGES", "GROUND_TRUTH", "call_samples", "finals_per_utterance", "utterance_cer", "CallVerdict", "verdict"]
 
 # Stage key -> label, in the order of the report.
 STAGES: dict[str, str] = {
@@ -146,6 +148,37 @@ def finals_per_utterance(record: CallRecord) -> list[tuple[str, int]]:
         )
         for u in record.script.measured()
     ]
+
+
+@functools.cache
+def _spoken() -> dict[str, str]:
+    """What each Korean fixture sentence says (its normal spelling), by source name."""
+    from bench.audio import DATA
+
+    texts = json.loads((DATA / "texts.json").read_text())
+    pauses = json.loads((DATA / "pauses.json").read_text())
+    out = {
+        name[: -len(".wav")]: str(v["orthographic"]) for name, v in texts.items() if isinstance(v["orthographic"], str)
+    }
+    out |= {name[: -len(".wav")]: " ".join(v["orthographic"]) for name, v in pauses.items()}
+    return out
+
+
+def utterance_cer(record: CallRecord) -> list[float]:
+    """Character error rate of each measured utterance whose words are known (the Korean
+    fixtures; the recorded clips are English, which the Korean model cannot say): the
+    finals that belong to it, joined, against the sentence's normal spelling."""
+    finals = [o for o in record.observations if o.kind == "final" and o.text]
+    spoken = _spoken()
+    out = []
+    for u in record.script.measured():
+        if u.source not in spoken:
+            continue
+        said = " ".join(
+            o.text for o in finals if o.offset_ms is not None and u.start_ms - _ONSET_SLACK_MS <= o.offset_ms < u.end_ms
+        )
+        out.append(cer(said, spoken[u.source]))
+    return out
 
 
 def _flush_samples(record: CallRecord) -> list[float]:

@@ -28,18 +28,23 @@ def _procs_table(procs: Mapping[str, Any]) -> str:
     return table(["process", "CPU s", "CPU s/call-s", "RSS MB peak", "PSS MB peak"], rows)
 
 
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def step_report(step: Mapping[str, Any]) -> str:
     """The full terminal report of one step."""
-    per, pauses = step["finals_per_sentence"], step["finals_per_pause_sentence"]
+    per, pauses, cer = step["finals_per_sentence"], step["finals_per_pause_sentence"], step["cer"]
     lines = [
         f"{step['calls']} calls, {step['protocol']}, {step['rate']} Hz, {step['duration_s']:g} s each, "
         f"{step['corpus']} sentences (wall {step['wall_s']:g} s)",
         "",
         stage_table(step["stages"], STAGES),
         "",
-        f"finals per sentence: {per['mean'] if per['mean'] is not None else '-'} over {per['sentences']} "
+        f"finals per sentence: {_or_dash(per['mean'])} over {per['sentences']} "
         f"({per['split']} split, {per['without_final']} without a final); sentences with pauses inside: "
-        f"{pauses['mean'] if pauses['mean'] is not None else '-'} over {pauses['sentences']} ({pauses['split']} split)",
+        f"{_or_dash(pauses['mean'])} over {pauses['sentences']} ({pauses['split']} split); "
+        f"CER {_or_dash(cer['mean'])} over {cer['sentences']}",
         f"audio messages: sent {step['messages_sent']}, received {step['messages_received']}, "
         f"lost {step['lost_messages']}; overruns {step['overrun_bytes']} bytes; "
         f"utterances without a final {step['missed_finals']}",

@@ -35,22 +35,12 @@ from typing import Any
 import numpy as np
 
 from bench.audio import DATA, PAUSE_SENTENCES, SENTENCES, read_mono, sentence
+from bench.stats import cer
 
 
-__all__ = ["measure_rtf", "limits", "cer", "parse_decoder", "main"]
+__all__ = ["measure_rtf", "limits", "parse_decoder", "to_model_rate", "main"]
 
 _PARTIAL_EVERY = 10  # chunks: the farm's default partial interval (200 ms)
-
-
-def cer(said: str, reference: str) -> float:
-    """Character error rate, spaces ignored (Levenshtein distance / reference length)."""
-    a, b = said.replace(" ", ""), reference.replace(" ", "")
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[len(b)] / max(1, len(b))
 
 
 def parse_decoder(spec: str) -> dict[str, float]:

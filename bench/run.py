@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.audio import CORPORA, build_script
-from bench.measure import STAGES, call_samples, finals_per_utterance, verdict
+from bench.measure import STAGES, call_samples, finals_per_utterance, utterance_cer, verdict
 from bench.procs import ProcMonitor, cpu_seconds, farm_pids
 from bench.senders import SENDERS, CallRecord, EventRouter, SenderOptions, chunk_ms_for
 from bench.stats import summarize
@@ -275,7 +275,9 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     samples: dict[str, list[float]] = {k: [] for k in STAGES}
     details = []
     per_sentence: list[tuple[str, int]] = []
+    errors: list[float] = []
     for r in records:
+        errors += [] if r.refused else utterance_cer(r)
         # a refused call (admission) streamed nothing: nothing to measure but the refusal
         per_sentence += [] if r.refused else finals_per_utterance(r)
         s = {} if r.refused else call_samples(r)
@@ -305,6 +307,8 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
         # a sentence split at a pause inside it gets more than one final (goal: 1.00 on average)
         "finals_per_sentence": _finals_summary(per_sentence),
         "finals_per_pause_sentence": _finals_summary([p for p in per_sentence if p[0].startswith("pause_")]),
+        # accuracy where the words are known (the Korean sentences): what load or pieces cost
+        "cer": {"sentences": len(errors), "mean": round(sum(errors) / len(errors), 4) if errors else None},
         "duration_s": cfg.duration_s,
         "rate": records[0].script.rate if records else cfg.rate,  # on the wire (socket_audio: 16 kHz)
         "wall_s": round(wall, 1),

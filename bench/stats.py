@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-__all__ = ["QUANTILES", "percentile", "summarize", "table", "stage_table", "ramp_table", "fmt_ms"]
+__all__ = ["QUANTILES", "percentile", "summarize", "table", "stage_table", "ramp_table", "fmt_ms", "cer"]
 
 QUANTILES = (50, 95, 99, 100)
 
@@ -83,3 +83,14 @@ def ramp_table(steps: Sequence[Mapping[str, Any]]) -> str:
         )
     header = ["calls", "eos->final p50/p95", "onset->start p50/p95", "real time", "lost", "CPU s/call-s", "SLO"]
     return table(header, rows)
+
+
+def cer(said: str, reference: str) -> float:
+    """Character error rate, spaces ignored (Levenshtein distance / reference length)."""
+    a, b = said.replace(" ", ""), reference.replace(" ", "")
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[len(b)] / max(1, len(b))

@@ -21,7 +21,7 @@ import pytest
 
 from bench import cli
 from bench.audio import CORPORA, DATA, CallScript, Utterance, build_script, sentence, speech_span
-from bench.measure import call_samples, finals_per_utterance, verdict
+from bench.measure import call_samples, finals_per_utterance, utterance_cer, verdict
 from bench.run import BenchConfig, Slo, capacity_at, check_slo, run_step
 from bench.senders import VOSK_EOF, VOSK_RESET, CallRecord, Observation, prompt_schedule
 from bench.stats import percentile, summarize
@@ -212,6 +212,17 @@ class TestPairing:
             Observation("final", _at(7500), 6100, "", reason="vad"),  # empty: nothing said
         ]
         assert finals_per_utterance(_record([u1, u2, u3], obs)) == [("pause_01", 2), ("ko_02", 1), ("ko_03", 0)]
+
+    def test_accuracy_joins_the_finals_of_a_sentence_and_skips_unknown_words(self) -> None:
+        u1, u2, u3 = Utterance(1000, 3000, "ko_02"), Utterance(4000, 6000, "pause_01"), Utterance(7000, 8000, "x")
+        obs = [
+            Observation("final", _at(3400), 1100, "네 맞습니다 잠시만", reason="vad"),
+            Observation("final", _at(3500), 2000, "기다려 주세요", reason="vad"),
+            Observation("final", _at(6400), 4100, "네 좋아", reason="vad"),
+            Observation("final", _at(8400), 7100, "hello", reason="vad"),
+        ]
+        got = utterance_cer(_record([u1, u2, u3], obs))
+        assert got == [0.0, 1 / 4]  # "네좋아요": one character missing; "x" has no known words
 
     def test_incomplete_utterances_are_not_measured_and_a_final_answers_one_utterance(self) -> None:
         cut = Utterance(0, 800, "ko_01", complete=False)
@@ -479,7 +490,7 @@ def test_physical_limit_is_cores_over_rtf_times_speech_fraction() -> None:
 
 
 def test_cer_counts_edits_against_the_reference_without_spaces() -> None:
-    from bench.rtf import cer
+    from bench.stats import cer
 
     assert cer("네 맞습니다", "네 맞 습니다") == 0.0
     assert cer("네 맞습니까", "네 맞습니다") == 1 / 5
