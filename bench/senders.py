@@ -217,6 +217,10 @@ class EventRouter:
             if event.type == "call_end":
                 record.messages_received = int(event.get("frames", 0))
                 record.bytes_received = int(event.get("duration_ms", 0)) * record.script.rate * 2 // 1000
+                if record.protocol == "socket_audio":
+                    # A TCP byte stream: the farm's reads need not match the peer's writes
+                    # (under load they coalesce), so count what arrived in whole messages.
+                    record.messages_received = record.bytes_received // (record.script.rate * record.chunk_ms // 500)
                 record.overrun_bytes = max(record.overrun_bytes, int(event.get("overrun_bytes", 0)))
                 record.done_ns = got
                 record.done.set()

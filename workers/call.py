@@ -306,7 +306,7 @@ class CallSession:
         ]
         self.by_index = {ch.index: ch for ch in self.channels}
         self.finishing = False
-        self.release_asked = False  # the broker moves this call to another worker at its next pause
+        self.release_asked = 0.0  # when the broker asked to move this call to another worker (0: not)
         # Explicit ends of utterance (Ring.request_finalize) at cursors before ours were
         # honoured by the worker before us, or belong to audio we replay: not again.
         self.finalized_until = self.base
@@ -431,11 +431,14 @@ class CallSession:
     def idle(self) -> bool:
         return self.finishing and not any(ch.asr.pending for ch in self.channels)
 
-    @property
-    def between_utterances(self) -> bool:
-        """Nothing in flight: a worker that takes the call over now repeats no work."""
+    def releasable(self, patient: bool) -> bool:
+        """Can another worker take this call over now? Between utterances, and (``patient``)
+        with nothing left to recognise, so the next worker repeats no work; impatient, a
+        final still being recognised is recognised again by the next worker, from the
+        committed cursor (its speech_start and speech_end come twice, the final once)."""
         return not self.finishing and all(
-            ch.vad.state is VadState.SILENCE and ch.utterance < 0 and not ch.asr.pending for ch in self.channels
+            ch.vad.state is VadState.SILENCE and ch.utterance < 0 and (not patient or not ch.asr.pending)
+            for ch in self.channels
         )
 
     @property

@@ -32,6 +32,9 @@ __all__ = ["Worker", "HeartbeatTable"]
 
 TICK_S = 0.01  # ring poll period: a frame is 20 ms, so speech is seen within half a frame
 RELAY_WAIT_S = 10.0  # at start, for the broker's relay to subscribe to this worker's events
+# A call asked to move waits this long for a moment with nothing left to recognise; then it
+# moves at the next pause anyway (an overloaded worker is never idle, and the move is the cure).
+RELEASE_PATIENCE_S = 3.0
 
 
 class HeartbeatTable:
@@ -112,7 +115,7 @@ class Worker:
         elif command == wire.B_RELEASE:
             session = self.sessions.get(body[0])
             if session is not None:
-                session.release_asked = True
+                session.release_asked = time.monotonic()
         elif command == wire.B_DISCONNECT:
             self.log.warning(
                 "broker does not know this worker: dropping %d calls, registering again", len(self.sessions)
@@ -168,7 +171,8 @@ class Worker:
                 self.end(call_id, session)
                 continue
             session.ring.committed = max(session.ring.committed, session.committed_cursor())
-            if session.release_asked and session.between_utterances:
+            asked = session.release_asked
+            if asked and session.releasable(patient=time.monotonic() - asked < RELEASE_PATIENCE_S):
                 # Rebalancing: another worker resumes from the committed cursor just written.
                 del self.sessions[call_id]
                 session.close()
