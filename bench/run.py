@@ -125,7 +125,7 @@ class Farm:
 
 @contextlib.contextmanager
 def start_farm(
-    workers: int, log_path: Path, extra: list[str] | tuple[str, ...] = (), vosk: bool = False, timeout: float = 120.0
+    workers: int, log_path: Path, extra: list[str] | tuple[str, ...] = (), vosk: bool = False, timeout: float = 300.0
 ) -> Iterator[Farm]:
     """Run ``farm up --workers N`` on free loopback ports until the block ends (SIGTERM, then SIGKILL)."""
     port, events, esl_port, commands = _free_port(), _free_port(), _free_port(), _free_port()
@@ -152,7 +152,12 @@ def start_farm(
         deadline = time.monotonic() + timeout
         while True:
             text = log_path.read_text(errors="replace")
-            if "farm up (pid" in text and text.count(") ready") >= workers:
+            # Ready, and the workers' warm-up after it done: its CPU is not the calls'.
+            if (
+                "farm up (pid" in text
+                and text.count(") ready") >= workers
+                and (not _warms_later(extra) or text.count("warmed in the background") >= workers)
+            ):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"farm did not start ({' '.join(cmd[2:])}):\n{text[-2000:]}")
@@ -160,6 +165,16 @@ def start_farm(
         yield farm
     finally:
         stop_process(proc, 60)
+
+
+def _warms_later(args: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``farm up`` with these arguments warms recognisers after its workers register."""
+    if "--no-recognizer-reuse" in args:
+        return False
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag == "--recognizer-warm-later":
+            return value != "0"
+    return True
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
