@@ -129,6 +129,8 @@ class SocketAudioCall(EslListener):
         commands: every :class:`Command` received, in order.
         events: every :class:`FiredEvent`, delivered or not (``delivered`` says which).
         mic_sent: ``(t_ns, nbytes, is_speech)`` per mic write; ``speech_sent`` the speech ones.
+        mic_due: per mic write (same index as ``mic_sent``), the time its 20 ms slot began on the
+            stream's fixed grid (``start + k * 20 ms``): when it was due, however late it went out.
         mic_dropped: bytes FreeSWITCH would have lost (kernel buffer full, §7).
         playback_recv: ``(t_ns, nbytes)`` per read of farm's playback bytes off the socket, as
             they arrive (read eagerly into a ``read_ahead`` buffer that stands in for the kernel
@@ -136,7 +138,8 @@ class SocketAudioCall(EslListener):
         module_recv: ``(t_ns, nbytes)`` per ``recv`` the module's thread makes from that buffer
             (≤ 8192 B, only when its queue is nearly empty, §2.4).
         played: ``(t_ns, frame)`` per 20 ms frame written to the channel (24 kHz bytes).
-        discarded: ``(t_ns, nbytes)`` per chunk dropped by a flush or its 50 ms window.
+        discarded: ``(t_ns, nbytes)`` per chunk dropped by a flush or its 50 ms window (for the
+            window, ``t_ns`` is the time the module compared with the window's end).
         flushes: ``(t_ns, consumer, queued_bytes_cleared, was_playing)`` per flush consumed.
         violations: odd recv lengths / odd totals from farm (they byte-shift the stream, §2.4).
         errors: what the real module would only log (failed connect, bad arguments …).
@@ -224,6 +227,7 @@ class SocketAudioCall(EslListener):
         self._mic_total = 0
         self._short_next = False
         self.mic_sent: list[tuple[int, int, bool]] = []
+        self.mic_due: list[int] = []
         self.speech_sent: list[tuple[int, int]] = []
         self.mic_dropped = 0
         self.playback_recv: list[tuple[int, int]] = []
@@ -582,9 +586,13 @@ class SocketAudioCall(EslListener):
                 loop.remove_writer(sock.fileno())
             sock.close()
         self.audio_closed.set()
+        self._fail_mic_waiters("audio socket closed")
+
+    def _fail_mic_waiters(self, why: str) -> None:
+        """Speech queued by :meth:`stream` will not go out: its callers get an error, not a hang."""
         for _, fut in self._mic_waiters:
             if not fut.done():
-                fut.set_exception(ConnectionError("audio socket closed"))
+                fut.set_exception(ConnectionError(why))
         self._mic_waiters.clear()
 
     # mic: FreeSWITCH -> sidecar (§2.3)
@@ -625,12 +633,20 @@ class SocketAudioCall(EslListener):
     async def _mic_loop(self, sock: socket.socket) -> None:
         """One write per 20 ms against the monotonic clock (no drift); a full kernel buffer drops
         the frame and a partial write loses its remainder, as switch_socket_send_nonblock does."""
+        try:
+            await self._mic_frames(sock)
+        finally:
+            # The media bug stopped (module thread ended, socket gone): what was queued is lost.
+            self._fail_mic_waiters("the mic stream stopped before the speech went out")
+
+    async def _mic_frames(self, sock: socket.socket) -> None:
         period = PTIME_MS * 1_000_000
         t0 = time.monotonic_ns()
         k = 0
         while self.running:
             k += 1
-            delay = t0 + k * period - time.monotonic_ns()
+            due = t0 + k * period
+            delay = due - time.monotonic_ns()
             if delay > 0:
                 await asyncio.sleep(delay / 1e9)
             if not self.running:
@@ -660,6 +676,7 @@ class SocketAudioCall(EslListener):
                 return
             self.mic_dropped += len(data) - sent
             self.mic_sent.append((now, sent, speech))
+            self.mic_due.append(due)
             if speech:
                 self.speech_sent.append((now, sent))
                 self._mic_speech_sent += min(len(data), self._mic_speech_queued - self._mic_speech_sent)
@@ -735,8 +752,9 @@ class SocketAudioCall(EslListener):
             )
 
     def _discarding(self, chunk: bytes) -> bool:
-        if self.discard_until_ns and time.monotonic_ns() < self.discard_until_ns:
-            self.discarded.append((time.monotonic_ns(), len(chunk)))
+        now = time.monotonic_ns()
+        if self.discard_until_ns and now < self.discard_until_ns:
+            self.discarded.append((now, len(chunk)))
             return True
         return False
 
