@@ -50,8 +50,9 @@ class Subscription:
     ) -> None:
         self.endpoint = endpoint
         self.call_id = call_id
-        self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.asyncio.Context()
+        # One context per process (pyzmq's own advice): a context per object made a garbage
+        # collected, never-closed Subscription hang the process in Context.term().
+        self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -113,8 +114,6 @@ class Subscription:
 
     def close(self) -> None:
         self.sock.close(0)
-        if self._own_ctx:
-            self.ctx.term()
 
 
 async def events(endpoint: str = DEFAULT_EVENTS, call_id: str | None = None) -> AsyncIterator[Event]:
@@ -144,8 +143,7 @@ class Commands:
     ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.asyncio.Context()
+        self.ctx = ctx or zmq.asyncio.Context.instance()  # one per process, as for Subscription
         self._lock = asyncio.Lock()
         self.sock = self._connect()
 
@@ -205,8 +203,6 @@ class Commands:
 
     def close(self) -> None:
         self.sock.close(0)
-        if self._own_ctx:
-            self.ctx.term()
 
     async def __aenter__(self) -> Commands:
         return self
