@@ -28,7 +28,9 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     what = p.add_argument_group("what to run")
-    what.add_argument("--calls", type=int, default=20, help="concurrent calls (default %(default)s)")
+    what.add_argument(
+        "--calls", type=int, default=20, help="concurrent calls (default %(default)s; 0: the idle server's cost)"
+    )
     what.add_argument("--duration", type=float, default=60.0, help="seconds of audio per call (default %(default)s)")
     what.add_argument("--ramp", action="store_true", help="raise the number of calls until the SLO breaks")
     what.add_argument(
@@ -178,7 +180,7 @@ def _outputs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         return
     write_json(args.out, doc)
     print(f"wrote {args.out}", file=sys.stderr)
-    if args.no_plot:
+    if args.no_plot or doc["result"]["steps"][-1].get("idle"):
         return
     from bench import plots
 

@@ -34,6 +34,14 @@ def _or_dash(value: object) -> str:
 
 def step_report(step: Mapping[str, Any]) -> str:
     """The full terminal report of one step."""
+    if step.get("idle"):
+        return "\n".join(
+            [
+                f"no calls for {step['duration_s']:g} s: the server used {step['cores']:.4f} cores in all",
+                "",
+                _procs_table(step["procs"]).replace("CPU s/call-s", "cores"),
+            ]
+        )
     per, pauses, cer = step["finals_per_sentence"], step["finals_per_pause_sentence"], step["cer"]
     lines = [
         f"{step['calls']} calls, {step['protocol']}, {step['rate']} Hz, {step['duration_s']:g} s each, "

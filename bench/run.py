@@ -248,8 +248,27 @@ def check_slo(step: dict[str, Any], slo: Slo) -> dict[str, Any]:
     return {"held": not broken, "broken": broken, **asdict(slo)}
 
 
+async def idle_step(cfg: BenchConfig) -> dict[str, Any]:
+    """No calls for ``duration_s``: what the server's processes cost doing nothing (cores)."""
+    monitor = ProcMonitor(cfg.pids)
+    monitor.start()
+    t0 = time.monotonic()
+    await asyncio.sleep(cfg.duration_s)
+    await monitor.stop()
+    report = monitor.report(time.monotonic() - t0)  # "per call-second" over no calls = cores
+    return {
+        "calls": 0,
+        "duration_s": cfg.duration_s,
+        "idle": True,
+        "cores": round(sum(r["cpu_s_per_call_s"] for r in report["roles"].values()), 4),
+        "procs": report,
+    }
+
+
 async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     """N concurrent calls; returns every sample and the summary of the step."""
+    if not calls:
+        return await idle_step(cfg)
     sender_cls = SENDERS[cfg.protocol]
     options = cfg.sender_options()
     rng = random.Random(f"{cfg.seed}-{calls}")

@@ -305,6 +305,16 @@ def _check_the_verdicts_add_up(step: dict[str, Any], calls: int) -> None:
     assert per["split"] <= per["sentences"] and per["without_final"] <= per["sentences"]
 
 
+def test_no_calls_measures_what_the_idle_server_costs(bench_node: Node, tmp_path: Path, capsys) -> None:
+    doc = _bench(bench_node, tmp_path / "idle.json", "--calls", "0", "--duration", "2")
+    step = doc["result"]["steps"][0]
+    assert step["idle"] and step["calls"] == 0 and step["cores"] >= 0
+    roles = step["procs"]["roles"]
+    assert {"worker", "ingress", "broker", "supervisor"} <= set(roles)
+    assert step["cores"] == pytest.approx(sum(r["cpu_s_per_call_s"] for r in roles.values()), abs=1e-3)
+    assert "no calls for 2 s: the server used" in capsys.readouterr().out
+
+
 def test_prompts_start_in_the_pause_and_the_caller_speaks_over_them() -> None:
     script = CallScript(
         "c",
