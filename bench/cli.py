@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +161,12 @@ def ramp_steps(args: argparse.Namespace) -> list[int]:
     return list(range(args.ramp_start, args.ramp_max + 1, max(1, args.ramp_step)))
 
 
-def _run(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+def _run(args: argparse.Namespace, cfg: Any, settle: Callable[[], float] | None = None) -> dict[str, Any]:
     from bench.report import ramp_report, step_report
     from bench.run import ramp, run_step
 
     if args.ramp:
-        result = ramp(cfg, ramp_steps(args), keep_going=args.keep_going)
+        result = ramp(cfg, ramp_steps(args), keep_going=args.keep_going, settle=settle)
         print(ramp_report(result))
         return result
     step = asyncio.run(run_step(cfg, args.calls))
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
     if args.protocol == "socket_audio" and not args.start_farm and not (args.esl and args.commands):
         print("--protocol socket_audio needs --start-farm, or --esl and --commands", file=sys.stderr)
         return 2
-    from bench.run import machine_info, start_farm
+    from bench.run import machine_info, start_farm, wait_ready
 
     if args.start_farm:
         log = Path(tempfile.mkdtemp(prefix="farm-bench-")) / "farm.log"
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
                 commands=farm.commands,
                 pids={**farm.pids(), **_pids(args)},
             )
-            result = _run(args, cfg)
+            result = _run(args, cfg, settle=lambda: wait_ready(farm.url))
     else:
         cfg = config_from_args(args)
         result = _run(args, cfg)

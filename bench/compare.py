@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.cli import build_parser, config_from_args, ramp_steps
 from bench.report import ramp_report, write_json
-from bench.run import Slo, capacity_at, machine_info, ramp, start_farm, stop_process
+from bench.run import Slo, capacity_at, machine_info, ramp, start_farm, stop_process, wait_ready
 
 
 __all__ = ["main", "start_vosk_server", "results_section"]
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     farm_args = [*args.farm_arg, *(["--model", args.model] if args.model else [])]
     with start_farm(args.workers, logs / f"{args.name}-farm.log", farm_args) as farm:
         cfg = config_from_args(args, protocol="amigniter", target=farm.url, events=farm.events, pids=farm.pids())
-        farm_result = ramp(cfg, steps, keep_going=args.keep_going)
+        farm_result = ramp(cfg, steps, keep_going=args.keep_going, settle=lambda: wait_ready(farm.url))
     print(ramp_report(farm_result))
 
     print("== vosk-server", file=sys.stderr)

@@ -21,8 +21,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +45,7 @@ __all__ = [
     "check_slo",
     "capacity_at",
     "ramp",
+    "wait_ready",
     "machine_info",
 ]
 
@@ -165,6 +168,20 @@ def start_farm(
         yield farm
     finally:
         stop_process(proc, 60)
+
+
+def wait_ready(url: str, timeout: float = 180.0) -> float:
+    """Wait until the farm at ``url`` (its ws:// address) answers ``/readyz`` 200: between ramp
+    steps, so one step's backlog is not the next step's refusals. Returns the seconds waited."""
+    probe = url.replace("ws://", "http://", 1).rstrip("/") + "/readyz"
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(probe, timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        time.sleep(0.5)
+    return time.monotonic() - start
 
 
 def _warms_later(args: list[str] | tuple[str, ...]) -> bool:
@@ -408,16 +425,27 @@ def capacity_at(steps: list[dict[str, Any]], slo: Slo) -> int:
     return capacity
 
 
-def ramp(cfg: BenchConfig, steps: list[int], *, keep_going: bool = False, pause_s: float = 2.0) -> dict[str, Any]:
+def ramp(
+    cfg: BenchConfig,
+    steps: list[int],
+    *,
+    keep_going: bool = False,
+    pause_s: float = 2.0,
+    settle: Callable[[], float] | None = None,
+) -> dict[str, Any]:
     """Run ``steps`` (numbers of calls) in order until one breaks the SLO; the capacity is the
-    largest number of calls that held before it (0 if the first step broke)."""
+    largest number of calls that held before it (0 if the first step broke). ``settle`` runs
+    before each step after the first (waits until the server has caught up; its seconds
+    are recorded in the step as ``settle_s``)."""
     from bench.report import step_line
 
     done: list[dict[str, Any]] = []
     capacity = 0
     broke = False
     for n in steps:
+        waited = settle() if settle is not None and done else 0.0
         step = asyncio.run(run_step(cfg, n))
+        step["settle_s"] = round(waited, 1)
         done.append(step)
         print(step_line(step), file=sys.stderr, flush=True)
         if step["slo"]["held"] and not broke:
