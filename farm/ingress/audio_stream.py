@@ -295,6 +295,8 @@ class AudioStreamSite:
                 why = self.registry.recognition_ready
                 if not why and self.registry.overloaded:
                     why = f"at capacity: recognition {self.registry.status.lag_ms} ms behind"
+                if not why and self.registry.full:
+                    why = f"at capacity: {self.registry.full}"
                 if why:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
                 return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")
@@ -341,6 +343,12 @@ class AudioStreamSite:
             f"farm_recognition_lag_ms {self.registry.status.lag_ms}",
             "# TYPE farm_overloaded gauge",
             f"farm_overloaded {int(self.registry.overloaded)}",
+            "# HELP farm_capacity_calls calls the node's CPUs hold within the SLO (0: no limit)",
+            "# TYPE farm_capacity_calls gauge",
+            f"farm_capacity_calls {self.registry.status.capacity}",
+            "# HELP farm_call_cpu_ms CPU ms a call costs per second, as admission counts it",
+            "# TYPE farm_call_cpu_ms gauge",
+            f"farm_call_cpu_ms {self.registry.status.call_cpu_ms}",
             "# TYPE farm_calls_total counter",
             f"farm_calls_total {m.calls_total}",
             "# TYPE farm_audio_bytes_total counter",
