@@ -152,14 +152,16 @@ class Broker:
         self._send_ingress(wire.I_STATUS, status.encode())
 
     def _call_cpu_ms(self) -> int:
-        """What a call costs: the operator's figure, else the workers' (weighted by their
-        calls), else the last they measured, else the prior."""
-        if self.config.admission_call_cpu_ms:
-            return self.config.admission_call_cpu_ms
+        """What a call costs: the operator's figure, else what the workers last measured,
+        else the prior."""
+        return self.config.admission_call_cpu_ms or self.call_cpu_ms or CALL_CPU_MS_PRIOR
+
+    def _note_cost(self) -> None:
+        """The workers' figures, weighted by their calls; a worker that has not measured yet
+        (new, restarted) leaves the last figure as it is."""
         measured = [(w.load.call_cpu_ms, max(1, len(w.calls))) for w in self.workers.values() if w.load.call_cpu_ms]
         if measured:
             self.call_cpu_ms = round(sum(ms * n for ms, n in measured) / sum(n for _, n in measured))
-        return self.call_cpu_ms or CALL_CPU_MS_PRIOR
 
     # -- call table ----------------------------------------------------------
 
@@ -271,6 +273,8 @@ class Broker:
                 worker.load = wire.Load.decode(body[0])
             except wire.WireError as exc:
                 log.warning("worker %d: dropped a heartbeat's load: %s", worker.index, exc)
+            else:
+                self._note_cost()
         elif command == wire.W_DONE:
             call_id = body[0]
             worker.calls.discard(call_id)
