@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -143,6 +144,28 @@ def test_a_killed_worker_is_replaced_and_the_node_keeps_serving(tmp_path: Path) 
         wav = DATA / "ko_01.wav"
         run = asyncio.run(run_call(n, wav, realtime=False))
         assert similarity(run.text, " ".join(direct_decode(wav))) >= 0.8
+    finally:
+        assert n.stop() == 0
+
+
+def test_a_starting_worker_is_not_taken_for_a_hung_one(tmp_path: Path) -> None:
+    """A replacement worker whose start stalls (here: stopped for 3 s, as a Vosk call of its
+    warm-up can stall on a loaded machine) is given time, though the loop timeout is 1 s."""
+    n = start_node(tmp_path, "--worker-timeout", "1", workers=1)
+    try:
+        os.kill(n.pids("worker")[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30_000 * MS
+        while n.log().count(") started on cpu") < 2:
+            assert time.monotonic() < deadline, "no replacement worker started"
+            time.sleep(0.01)
+        replacement = n.pids("worker")[0]
+        os.kill(replacement, signal.SIGSTOP)
+        time.sleep(3)
+        os.kill(replacement, signal.SIGCONT)
+        while len(re.findall(r"farm\.broker: worker 0 \(pid \d+\) ready", n.log())) < 2:
+            assert time.monotonic() < deadline + 30_000 * MS, "the replacement never registered"
+            time.sleep(0.1)
+        assert "SIGABRT" not in n.log() and n.pids("worker") == [replacement]
     finally:
         assert n.stop() == 0
 
