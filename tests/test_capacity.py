@@ -241,7 +241,9 @@ def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_c
 def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: Path) -> None:
     """Four calls on two workers; one is killed: all four land on the survivor; the
     replacement registers and the broker moves calls back at their pauses, losing no words."""
-    n = start_node(tmp_path, workers=2)
+    # No warm-up: the replacement registers within a second or two even on a loaded machine
+    # (a warm-up there took 30 s, and the calls' audio was over before it could take any).
+    n = start_node(tmp_path, "--recognizer-warm", "0", "--recognizer-warm-later", "0", workers=2)
     try:
         wav = DATA / "ko_dialog_16k.wav"
         with wave.open(str(wav), "rb") as w:
