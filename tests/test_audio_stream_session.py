@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings, strategies as st
+from websockets import frames
+from websockets.frames import Frame, Opcode
 
 from farm.protocol.audio_stream import (
     CLOSED,
@@ -263,9 +265,22 @@ class TestTimeouts:
         assert session.next_deadline() == T0 + 70 * S
         assert session.timeout(T0 + 70 * S) == [Close(CLOSE_POLICY, "no message in 30 s")]
 
+
+class TestCloseFrame:
+    """RFC 6455 §5.5: a Close frame's reason is at most 123 bytes of UTF-8."""
+
     def test_the_close_reason_fits_a_close_frame(self) -> None:
         reason = "unsupported sample rate " + "9" * 200
         assert Close(CLOSE_UNSUPPORTED, reason).wire_reason == reason[:120]
+
+    def test_a_reason_with_the_clients_multibyte_text_is_cut_to_123_bytes_on_a_character(self) -> None:
+        session = new_session()
+        (close,) = session.receive_open(f"/stream/{UUID}?transcribe={'통화' * 16}", T0)
+        assert isinstance(close, Close) and len(close.reason.encode()) > 125
+        assert close.reason.startswith(close.wire_reason)
+        assert len(close.wire_reason.encode()) <= 123 < len(close.reason[: len(close.wire_reason) + 1].encode())
+        # websockets refuses a Close frame longer than 125 bytes: this one it sends.
+        Frame(Opcode.CLOSE, frames.Close(close.code, close.wire_reason).serialize()).check()
 
 
 class TestMisuse:

@@ -240,8 +240,9 @@ class Close:
 
     @property
     def wire_reason(self) -> str:
-        """``reason`` cut to fit the Close frame."""
-        return self.reason[:120]
+        """``reason`` cut to fit the Close frame: 123 bytes of UTF-8 (RFC 6455 §5.5)."""
+        # The client's own text in a reason may be multi-byte (a Hangul rate).
+        return self.reason[:120].encode()[:123].decode(errors="ignore")
 
 
 Action = OpenCall | WriteAudio | PublishError | Note | Close
