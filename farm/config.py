@@ -23,20 +23,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.protocol.pcm import SUPPORTED_RATES
+
 
 __all__ = [
     "Config",
     "default_model_dir",
     "default_workers",
-    "SUPPORTED_RATES",
     "add_arguments",
     "from_args",
     "knob_table",
 ]
-
-# mod_audio_stream accepts any multiple of 8000 (PROTOCOLS.md §1.2); webrtcvad and
-# soxr cover these. 44.1 kHz is refused by the module itself.
-SUPPORTED_RATES = (8000, 16000, 24000, 32000, 48000)
 
 
 def default_model_dir() -> str | None:

@@ -27,6 +27,7 @@ from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.playback import OUT_RATE, Clip, Player
 from farm.protocol import audio_stream as proto
 from farm.protocol.events import Event
+from farm.protocol.exceptions import CLOSE_GOING_AWAY
 
 
 __all__ = ["AudioStreamSite"]
@@ -71,35 +72,28 @@ class StreamAudioPlayer(Player):
 
 
 class _Connection:
-    """One mod_audio_stream connection: metadata, then PCM into the call's ring."""
+    """One mod_audio_stream connection: feeds its session, performs the session's actions."""
 
     def __init__(self, site: AudioStreamSite, ws: ServerConnection) -> None:
         self.site = site
         self.ws = ws
         self.config = site.config
+        self.session = proto.AudioStreamSession(
+            default_rate=self.config.default_rate,
+            default_channels=self.config.default_channels,
+            metadata_wait_ms=self.config.metadata_wait_ms,
+            first_message_timeout=self.config.first_message_timeout,
+            idle_timeout=self.config.idle_timeout,
+        )
         self.call: Call | None = None
-        self.url = proto.StreamParams()
-        self.meta = proto.StreamParams()
-        self.meta_seen = False
-        self.held: list[tuple[bytes, int]] = []  # audio that came before the metadata
-        self.pending_error = ""  # bad metadata seen before the call had an id
-        self.carry: proto.SampleCarry | None = None
         self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
 
     async def run(self) -> None:
-        path = self.ws.request.path if self.ws.request else "/"
-        try:
-            self.url = proto.params_from_path(path)
-        except proto.AudioStreamError as exc:
-            await self.refuse(exc)
-            return
         sender = asyncio.create_task(self._send_events())
         try:
             await self._receive()
-        except proto.AudioStreamError as exc:
-            await self.refuse(exc)
         except ConnectionClosed as exc:
             rcvd, sent = exc.rcvd, exc.sent
             if sent is not None and sent.code not in (1000, 1001) and not exc.rcvd_then_sent:
@@ -121,73 +115,59 @@ class _Connection:
     def name(self) -> str:
         return f"call {self.call.call_id}" if self.call else f"connection from {self.peer}"
 
-    async def refuse(self, exc: proto.AudioStreamError) -> None:
-        self.log.warning("%s: closing: %s", self.name, exc)
+    async def refuse(self, close: proto.Close) -> None:
+        self.log.warning("%s: closing: %s", self.name, close.reason)
         # The metrics label: what kind of refusal, without the client's own text (it may
         # hold quotes or newlines, which break the exposition format) or numbers (one
         # label per rate tried).
-        reason = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", str(exc)))
-        self.site.metrics.reject(" ".join(reason.split())[:40])
+        label = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", close.reason))
+        self.site.metrics.reject(" ".join(label.split())[:40])
         if self.call is not None:
-            self.site.registry.error(self.call.call_id, str(exc))
-        await self.ws.close(exc.code, str(exc)[:120])
+            self.site.registry.error(self.call.call_id, close.reason)
+        await self.ws.close(close.code, close.wire_reason)
 
     async def _receive(self) -> None:
-        opened = time.monotonic()
-        first = True
+        """Feed the session until it closes the connection or the peer does."""
+        path = self.ws.request.path if self.ws.request else "/"
+        actions = self.session.receive_open(path, time.monotonic_ns())
         while True:
-            if self.call is None:
-                wait = self.config.metadata_wait_ms / 1000 - (time.monotonic() - opened)
-                if self.held and wait <= 0:
-                    await self._open()
-                    continue
-                # A connection that completes the handshake and never sends anything is
-                # dropped soon; a call that goes quiet later (uuid_audio_stream pause)
-                # gets the long idle_timeout.
-                timeout = (
-                    wait if self.held else self.config.first_message_timeout if first else self.config.idle_timeout
-                )
-            else:
-                timeout = self.config.idle_timeout
+            for action in actions:
+                if isinstance(action, proto.WriteAudio):
+                    self._write(action)  # the hot path: no await
+                elif not await self._perform(action):
+                    return
+            deadline = self.session.next_deadline()
+            timeout = None if deadline is None else max((deadline - time.monotonic_ns()) / 1e9, 0.001)
             try:
-                message = await asyncio.wait_for(self.ws.recv(), max(timeout, 0.001))
+                message = await asyncio.wait_for(self.ws.recv(), timeout)
             except TimeoutError:
-                if self.call is None and self.held:
-                    continue  # metadata wait is over: open with what we know
-                raise proto.AudioStreamError(f"no message in {timeout:.0f} s", proto.CLOSE_POLICY) from None
-            first = False
-            recv_ns = time.monotonic_ns()
+                actions = self.session.timeout(time.monotonic_ns())
+                continue
+            now = time.monotonic_ns()
             if isinstance(message, str):
-                await self._on_text(message)
-            elif self.call is None:
-                self.held.append((message, recv_ns))
+                actions = self.session.receive_text(message, now)
             else:
-                self._write(message, recv_ns)
+                actions = self.session.receive_binary(message, now)
 
-    async def _on_text(self, text: str) -> None:
-        params, error = proto.parse_metadata(text)
-        if error:
-            self.log.warning("%s: %s", self.name, error)
-            if self.call is not None:
-                self.site.registry.error(self.call.call_id, error)
-            else:
-                self.pending_error = error
-        if self.call is None:
-            self.meta = params
-            self.meta_seen = True
-            await self._open()
-        elif not error:
-            # Metadata again (IXWebSocket re-sends it on every reconnect) or late:
-            # the rate is fixed by now, so it is only recorded.
-            self.log.info("%s: metadata again, %d bytes; kept the stream's parameters", self.name, len(text))
+    async def _perform(self, action: proto.OpenCall | proto.PublishError | proto.Note | proto.Close) -> bool:
+        """Do what the session asks (audio aside); False once the connection is closing."""
+        if isinstance(action, proto.OpenCall):
+            if self.site.draining:
+                await self.refuse(proto.Close(CLOSE_GOING_AWAY, "farm is shutting down"))
+                return False
+            await self._open(action)
+        elif isinstance(action, proto.PublishError):
+            self.log.warning("%s: %s", self.name, action.reason)
+            assert self.call is not None
+            self.site.registry.error(self.call.call_id, action.reason)
+        elif isinstance(action, proto.Note):
+            self.log.info("%s: %s", self.name, action.message)
+        else:
+            await self.refuse(action)
+            return False
+        return True
 
-    async def _open(self) -> None:
-        if self.site.draining:
-            raise proto.AudioStreamError("farm is shutting down", 1001)
-        p = proto.resolve(
-            self.url, self.meta, default_rate=self.config.default_rate, default_channels=self.config.default_channels
-        )
-        assert p.rate is not None and p.channels is not None and p.call_id is not None
+    async def _open(self, p: proto.OpenCall) -> None:
         info: dict[str, Any] = {
             "protocol": "audio_stream",
             "metadata": p.metadata,
@@ -207,27 +187,20 @@ class _Connection:
         self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))
         self.call.player.start()
         self.site.live.add(self)
-        self.carry = proto.SampleCarry(2 * p.channels)
         self.log.info(
             "call %s: mod_audio_stream from %s, %d Hz, %d ch%s",
             self.call.call_id,
             self.peer,
             p.rate,
             p.channels,
-            "" if self.meta_seen else ", no metadata",
+            "" if p.metadata_seen else ", no metadata",
         )
-        if self.pending_error:
-            self.site.registry.error(self.call.call_id, self.pending_error)
-        held, self.held = self.held, []
-        for chunk, recv_ns in held:
-            self._write(chunk, recv_ns)
 
-    def _write(self, chunk: bytes, recv_ns: int) -> None:
-        assert self.call is not None and self.carry is not None
-        pcm = self.carry.feed(chunk)
-        if pcm:
-            self.call.write(pcm, recv_ns)
-        self.site.metrics.audio_bytes += len(chunk)
+    def _write(self, audio: proto.WriteAudio) -> None:
+        assert self.call is not None
+        if audio.pcm:
+            self.call.write(audio.pcm, audio.received)
+        self.site.metrics.audio_bytes += audio.size
         self.site.metrics.frames += 1
 
     # -- events back to FreeSWITCH (mod_audio_stream::json) -------------------------
@@ -376,7 +349,7 @@ class AudioStreamSite:
             quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
             for conn in quiet:
                 self.live.discard(conn)
-                await conn.ws.close(1001, "farm is shutting down")
+                await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()

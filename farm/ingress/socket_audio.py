@@ -33,7 +33,7 @@ from farm.ingress.calls import Call, CallRegistry, Metrics
 from farm.ingress.esl_link import EslClosed, EslLink
 from farm.ingress.playback import Clip, Player
 from farm.protocol import esl
-from farm.protocol.audio_stream import SampleCarry
+from farm.protocol.pcm import SampleCarry
 
 
 __all__ = ["SocketAudioSite", "SocketAudioPlayer", "MIC_RATE"]

@@ -22,8 +22,9 @@ from websockets.http11 import Request, Response
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry, Metrics
 from farm.protocol import vosk_server as proto
-from farm.protocol.audio_stream import SampleCarry
 from farm.protocol.events import Event
+from farm.protocol.exceptions import CLOSE_GOING_AWAY, CLOSE_POLICY
+from farm.protocol.pcm import SampleCarry
 
 
 __all__ = ["VoskServerSite"]
@@ -80,7 +81,7 @@ class _Connection:
             try:
                 message = await asyncio.wait_for(self.ws.recv(), timeout)
             except TimeoutError:
-                raise proto.VoskServerError(f"no message in {timeout:.0f} s", 1008) from None
+                raise proto.VoskServerError(f"no message in {timeout:.0f} s", CLOSE_POLICY) from None
             timeout = self.config.idle_timeout
             recv_ns = time.monotonic_ns()
             if isinstance(message, bytes):
@@ -119,7 +120,7 @@ class _Connection:
 
     async def _open(self) -> None:
         if self.site.draining:
-            raise proto.VoskServerError("farm is shutting down", 1001)
+            raise proto.VoskServerError("farm is shutting down", CLOSE_GOING_AWAY)
         rate = self.session.config.sample_rate
         self.call = await self.site.registry.open(
             self.call_id,
@@ -230,7 +231,7 @@ class VoskServerSite:
             quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
             for conn in quiet:
                 self.live.discard(conn)
-                await conn.ws.close(1001, "farm is shutting down")
+                await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()
