@@ -56,6 +56,13 @@ def farm_segments(pid: int | None = None) -> list[str]:
     return [n for n in names if pid is None or n.startswith(f"farm-{pid}-")]
 
 
+def orphan_segments() -> set[str]:
+    """Rings whose ingress is gone: left behind (rings of farms still running on the
+    machine, other test runs' included, are theirs)."""
+    owners = {n: n.split("-")[1] for n in farm_segments()}
+    return {n for n, pid in owners.items() if not (pid.isdigit() and _alive(int(pid)))}
+
+
 @dataclass
 class Node:
     """A running ``farm up``: its ports, its log, its processes."""

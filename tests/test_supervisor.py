@@ -22,7 +22,17 @@ import pytest
 from farm.client import Subscription
 from farm.ring import Ring, segment_name
 
-from .conftest import DATA, MS, direct_decode, farm_segments, free_port, run_call, similarity, start_node
+from .conftest import (
+    DATA,
+    MS,
+    direct_decode,
+    farm_segments,
+    free_port,
+    orphan_segments,
+    run_call,
+    similarity,
+    start_node,
+)
 
 
 def _dead_pid() -> int:
@@ -61,7 +71,7 @@ def test_a_broken_model_stops_farm_with_the_model_load_exit_code(tmp_path: Path)
 
 
 def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> None:
-    before = set(farm_segments())
+    before = orphan_segments()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -76,11 +86,11 @@ def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> N
         )
     assert proc.returncode == 5
     assert f"is port {port} in use?" in proc.stderr
-    assert not set(farm_segments()) - before  # (other farms on the machine may have rings)
+    assert not orphan_segments() - before  # (other farms on the machine have rings of their own)
 
 
 def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(tmp_path: Path) -> None:
-    before = set(farm_segments())
+    before = orphan_segments()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -95,7 +105,7 @@ def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(t
         )
     assert proc.returncode == 5
     assert f"Event Socket port {esl_port}" in proc.stderr
-    assert not set(farm_segments()) - before
+    assert not orphan_segments() - before
 
 
 @pytest.mark.parametrize(
