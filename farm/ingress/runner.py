@@ -10,9 +10,10 @@ import signal
 
 from farm.config import Config
 from farm.ingress.audio_stream import AudioStreamSite
-from farm.ingress.calls import CallRegistry, Metrics
+from farm.ingress.calls import CallRegistry
 from farm.ingress.commands import CommandServer
 from farm.ingress.esl_inbound import InboundEsl
+from farm.ingress.metrics import Metrics
 from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
 
