@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.fs_peer import DISCARD_NS, InboundEslServer, SocketAudioCall
+from bench.fs_peer import SocketAudioCall
+from bench.fs_peer_inbound import InboundEslServer
+from bench.fs_peer_playback import DISCARD_NS
 from farm.client import CommandError, Commands, Subscription
 from farm.config import Config
 from farm.protocol.events import Event
