@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from farm.broker import wire
-from farm.config import Config
+from farm.config import CALL_CPU_MS_PRIOR, Config
 from farm.protocol.events import Event
 from farm.ring import Ring, RingError
 from workers.asr import ResultQueue
@@ -81,7 +81,7 @@ class Worker:
         self.scheduler = AsrScheduler(config.asr_threads, name=f"asr{index}")
         self.results = ResultQueue()
         self.sessions: dict[str, CallSession] = {}
-        self.cost = CallCost()
+        self.cost = CallCost(config.admission_call_cpu_ms or CALL_CPU_MS_PRIOR)
         self.published = 0  # events published (the metrics' counter)
         self.partials_dropped = 0  # partials not published, of the calls no longer served
         self.running = True
@@ -196,7 +196,7 @@ class Worker:
             calls=len(self.sessions),
             lag_ms=max((s.backlog_ms for s in self.sessions.values()), default=0),
             utterances=sum(s.in_speech for s in self.sessions.values()),
-            call_cpu_ms=self.cost.known,
+            call_cpu_ms=self.cost.figure,
             queued=self.scheduler.waiting,
             cpu_ms=int(time.process_time() * 1000),
             rss_bytes=rss_bytes(),
