@@ -33,7 +33,9 @@ async def serve(config: Config) -> None:
     metrics = Metrics()
     registry = CallRegistry(config, metrics)
     registry.start()
-    inbound = InboundEsl(config.esl_inbound, config.esl_password) if config.esl_inbound else None
+    inbound = (
+        InboundEsl(config.esl_inbound, config.esl_password, config.esl_max_body_bytes) if config.esl_inbound else None
+    )
     if inbound is not None:
         inbound.start()
     # The WebSocket port opens last: the supervisor takes it being open to mean that
