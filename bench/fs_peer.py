@@ -302,6 +302,15 @@ class SocketAudioCall:
         return self.channel.hung_up
 
     @property
+    def idle_silence(self) -> bool:
+        """Whether the mic sends zeros when no speech is queued (False: it goes quiet)."""
+        return self.audio.mic.idle_silence
+
+    @idle_silence.setter
+    def idle_silence(self, value: bool) -> None:
+        self.audio.mic.idle_silence = value
+
+    @property
     def switch(self) -> InboundEslServer | None:
         """The inbound server this call is attached to (:meth:`InboundEslServer.attach`)."""
         return self.esl.switch
