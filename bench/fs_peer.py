@@ -302,6 +302,10 @@ class SocketAudioCall:
         return self.channel.hung_up
 
     @property
+    def hangup_cause(self) -> str | None:
+        return self.channel.hangup_cause
+
+    @property
     def idle_silence(self) -> bool:
         """Whether the mic sends zeros when no speech is queued (False: it goes quiet)."""
         return self.audio.mic.idle_silence
