@@ -37,13 +37,12 @@ class EslLink:
         writer: asyncio.StreamWriter,
         on_message: Callable[[esl.Message], None],
         name: str,
-        max_body: int = esl.MAX_BODY_BYTES,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.on_message = on_message
         self.name = name
-        self.parser = esl.EventSocketParser(max_body)
+        self.parser = esl.EventSocketParser()
         self.pending: deque[asyncio.Future[esl.Message]] = deque()
         self.closed = asyncio.Event()
         self.close_reason = ""

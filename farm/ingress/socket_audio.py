@@ -10,8 +10,7 @@ FreeSWITCH connects here and farm:
    §2.1) and runs ``socket_audio <host> <port>`` with ``sendmsg``;
 4. waits for FreeSWITCH to connect there. The module reports no failure (§2.1), so a
    timeout is the only signal: then an ``error`` event, and the call is hung up or
-   handed back to the dialplan (``socket_audio_fallback``); so is a call whose audio
-   stops for ``idle_timeout``;
+   handed back to the dialplan (``socket_audio_fallback``);
 5. writes the caller's 16 kHz PCM into the call's ring, odd byte counts carried
    (§2.3), and plays clips back at 24 kHz through a :class:`SocketAudioPlayer`;
 6. ends the call on hang-up, ``uuid_socket_audio_stop`` (EOF on the audio socket),
@@ -63,14 +62,8 @@ _CHANNEL_FIELDS = (
 class SocketAudioPlayer(Player):
     """Plays into the call's audio socket; FreeSWITCH is flushed on its Event Socket."""
 
-    def __init__(self, session: _Session, call: Call, registry: CallRegistry, config: Config) -> None:
-        super().__init__(
-            call.call_id,
-            call.ring,
-            registry.publish,
-            lead_ms=config.playback_lead_ms,
-            max_queued_ms=int(config.playback_max_queued_s * 1000),
-        )
+    def __init__(self, session: _Session, call: Call, registry: CallRegistry, lead_ms: int) -> None:
+        super().__init__(call.call_id, call.ring, registry.publish, lead_ms=lead_ms)
         self.session = session
 
     def _write(self, clip: Clip, data: bytes) -> bool:
@@ -95,9 +88,7 @@ class _Session:
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.local_host = (writer.get_extra_info("sockname") or ("127.0.0.1", 0))[0]
-        self.link = EslLink(
-            reader, writer, self._on_message, f"socket from {self.peer}", self.config.esl_max_body_bytes
-        )
+        self.link = EslLink(reader, writer, self._on_message, f"socket from {self.peer}")
         self.uuid = ""
         self.channel: esl.Headers = esl.Headers()
         self.call: Call | None = None
@@ -107,7 +98,6 @@ class _Session:
         self.hangup = asyncio.Event()
         self.hangup_cause = ""
         self.end_reason = ""
-        self.stalled = False  # the audio stopped coming: the call is given up (socket_audio_fallback)
 
     @property
     def name(self) -> str:
@@ -216,7 +206,7 @@ class _Session:
         self.call = await self.site.registry.open(
             self.uuid, rate=MIC_RATE, channels=1, protocol="socket_audio", info=info, on_event=None
         )
-        self.player = SocketAudioPlayer(self, self.call, self.site.registry, self.config)
+        self.player = SocketAudioPlayer(self, self.call, self.site.registry, self.config.playback_lead_ms)
         self.call.player = self.player
         self.player.start()
         self.site.live.add(self)
@@ -260,10 +250,7 @@ class _Session:
                 metrics.audio_bytes += len(chunk)
                 metrics.frames += 1
         except TimeoutError:
-            # The module writes a frame every 20 ms while the channel lives (§2.3): a silent
-            # audio socket is a stalled call, and it holds a slot of --max-connections.
-            self._fail(f"no audio in {self.config.idle_timeout:g} s", refused=False)
-            self.stalled = True
+            self.end_reason = f"no audio in {self.config.idle_timeout:.0f} s"
         except ConnectionError as exc:
             # A hang-up while FreeSWITCH still held our playback surfaces as a reset (§2.6).
             self.end_reason = f"audio stream reset ({exc.__class__.__name__})"
@@ -277,15 +264,11 @@ class _Session:
         if self.call is not None:
             log.info("call %s: ended: %s", self.call.call_id, self.end_reason or "closed")
             self.site.registry.close(self.call)
-        if self.stalled and not self.link.closed.is_set():
-            await self._fall_back()
         if not self.link.closed.is_set():
-            if self.call is not None and not self.hangup.is_set() and not self.site.draining and not self.stalled:
+            if self.call is not None and not self.hangup.is_set() and not self.site.draining:
                 # socket_audio stopped but the channel lives on: it is still ours until
                 # FreeSWITCH hangs up or closes (the dialer may start it again elsewhere).
                 await self.link.closed.wait()
-                if self.link.close_reason.startswith("bad"):
-                    log.warning("%s: Event Socket closed: %s", self.name, self.link.close_reason)
             else:
                 self.link.close("done")
 
