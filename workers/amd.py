@@ -59,8 +59,9 @@ report fax separately):
 10. A beep that comes after a machine decision, within ``wait_for_beep_ms`` of it, is
     not a second decision: it is kept in :attr:`AmdDecider.beep` (the moment to start a
     voicemail drop is its ``end_ms``), and :meth:`AmdDecider.wants_beep` tells the
-    caller whether to keep its beep detector running. jambonz waits for a tone up to
-    20 s after a machine decision; so does the default here.
+    caller whether to keep its beep detector running. jambonz keeps a separate tone
+    timer for this; the 20 s default here is ours (long enough for a greeting that was
+    called a machine 1.5 s in and speaks up to ~15 s more before its beep).
 
 End (Asterisk's HANGUP, ours in detail):
 
@@ -69,7 +70,9 @@ End (Asterisk's HANGUP, ours in detail):
 Exactly one decision per call: once decided, every ``on_*`` returns None and
 :attr:`AmdDecider.decision` keeps the first one. A decision's ``decision_ms`` is the
 offset at which it could be made: the end of the deciding frame, the transcript's
-offset, or for a tone the later of its end and the last frame seen.
+offset, or for a tone the later of its end and the last frame seen. Each frame stands
+for 20 ms: a gap in the offsets (frames lost) advances the analysed time towards
+``total_analysis_ms`` but counts as neither voice nor silence.
 """
 
 from __future__ import annotations
