@@ -132,6 +132,24 @@ def test_a_beep_fed_sample_by_sample_in_random_chunks_or_at_once_gives_the_same_
 
 
 @pytest.mark.parametrize("rate", RATES)
+def test_a_call_with_every_kind_of_tone_gives_the_same_events_in_any_chunking(rate: int) -> None:
+    _, (speech,) = read_wav(DATA / ("ko_01_8k.wav" if rate == 8000 else "ko_01.wav"))
+    sit = [sine(rate, (f,), ms, seed=i) for i, (f, ms) in enumerate(SIT_SEQUENCES[0])]
+    busy = [sine(rate, (480, 620), 500, dbfs=-24), silence(rate, 500)] * 3
+    parts = [speech.astype(np.float64), silence(rate, 200), sine(rate, (1000,), 400), silence(rate, 700)]
+    parts += [*sit, silence(rate, 700), *busy, sine(rate, (2100,), 2600), silence(rate, 300)]
+    audio = line(np.concatenate(parts))
+    at_once = run(rate, audio, chunk_ms=100_000)
+    assert kinds(at_once) == ["beep", "sit", "busy", "fax_ced"]
+    rng = np.random.default_rng(rate)
+    for _ in range(3):
+        cuts = np.cumsum(rng.integers(1, rate // 5, audio.size // 100))
+        det = ToneDetector(rate)
+        events = [e for part in np.split(audio, cuts[cuts < audio.size]) for e in det.feed(part)]
+        assert events + det.flush() == at_once
+
+
+@pytest.mark.parametrize("rate", RATES)
 @pytest.mark.parametrize("name", ["ko_01", "ko_02", "en_sentence"])
 def test_a_1000_hz_beep_after_speech_is_reported_at_its_end(rate: int, name: str) -> None:
     candidates = [DATA / f"{name}{suffix}.wav" for suffix in (("_8k", "_8k") if rate == 8000 else ("", "_16k"))]
