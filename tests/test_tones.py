@@ -231,6 +231,18 @@ def test_fax_ced_is_reported_once_when_confirmed_and_never_as_a_beep(rate: int, 
     assert kinds(run(rate, short)) == ["beep"]
 
 
+@pytest.mark.parametrize("rate", RATES)
+def test_ansam_with_phase_reversals_and_am_is_fax_ced_and_no_beep(rate: int) -> None:
+    t = np.arange(rate * 3300 // 1000) / rate
+    flips = np.pi * (np.floor(t / 0.45) % 2)
+    for tail_ms in (3300, 3150):  # ending just after a reversal leaves a short piece
+        ansam = 6000 * (1 + 0.2 * np.sin(2 * np.pi * 15 * t)) * np.sin(2 * np.pi * 2100 * t + flips)
+        audio = np.concatenate([silence(rate, 300), ansam[: rate * tail_ms // 1000], silence(rate, 500)])
+        events = run(rate, line(audio))
+        assert kinds(events) == ["fax_ced"]
+        assert abs(events[0].start_ms - 300) <= 20 and abs(events[0].end_ms - 2300) <= 40
+
+
 @pytest.mark.parametrize("codec", [False, True], ids=["linear", "ulaw"])
 @pytest.mark.parametrize("rate", RATES)
 def test_fax_cng_bursts_give_a_beep_then_fax_cng_on_the_second_burst_then_nothing(rate: int, codec: bool) -> None:
@@ -321,8 +333,8 @@ def test_a_melody_of_notes_shorter_than_min_beep_gives_no_beep(rate: int) -> Non
     "bad",
     [
         {"min_beep_ms": 0},
-        {"min_beep_ms": 600, "max_beep_ms": 500},
-        {"beep_low_hz": 2300.0},
+        {"max_beep_ms": 500, "min_beep_ms": 600},
+        {"beep_high_hz": 300.0},
         {"beep_low_hz": 100.0},
         {"beep_high_hz": 4000.0},
         {"min_level_dbfs": 3.0},

@@ -31,8 +31,10 @@ Decisions, all on segments:
   ringback beats at 40 Hz and reads as a 460 Hz tone that breaks up every 100 ms).
 - ``sit``: three chained segments of 913.8/985.2, 1370.6/1428.5 and 1776.7 Hz (+-tolerance),
   each 200-450 ms (nominally 274 or 380 ms); reported at the end of the third.
-- ``fax_ced``: a single tone at 2100 +- 21 Hz (run mean) lasting ``ced_min_ms``; reported
-  as soon as that is reached (``end_ms`` is then the confirmation time), never a beep.
+- ``fax_ced``: a single tone at 2100 +- 21 Hz (run mean) lasting ``ced_min_ms``, joined
+  pieces included (ANSam's phase reversals break it every 450 ms); reported as soon as
+  that is reached (``end_ms`` is then the confirmation time); it and its later pieces
+  are never a beep.
 - ``fax_cng``: 1100 +- 38 Hz bursts of 350-700 ms, starts 2.9-4.3 s apart (0.5 s on, 3 s
   off). An 1100 Hz burst looks exactly like a beep, and answering machines do use
   1000-1100 Hz beeps. A dialer must drop its message right after a real beep, and a
@@ -47,7 +49,11 @@ Decisions, all on segments:
 
 Each of sit, fax_ced, fax_cng, busy and reorder is reported at most once per detector.
 
-Cost: one rfft and ~15 numpy calls per ``feed`` plus a short Python step per frame.
+Limits: single-frequency call-progress tones (Europe's 425 Hz busy and ringback) are
+beeps; a beep split by a fully silent 20 ms gap or by loud speech over it gives two
+beeps; a beep gliding faster than the drift tolerance is a chain of short tones.
+
+Cost: one rfft and ~20 numpy calls per ``feed`` plus a short Python step per frame.
 ``python -m workers.tones`` prints the CPU per 20 ms frame: ~30 us fed 20 ms at a time,
 ~13 us in 60 ms chunks and ~9 us in 100 ms chunks (8 and 16 kHz alike).
 """
@@ -58,7 +64,7 @@ from __future__ import annotations
 __all__ = ["TONE_KINDS", "ToneConfig", "ToneDetector", "ToneEvent"]
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Final, NamedTuple
 
 import numpy as np
@@ -73,7 +79,6 @@ _SEARCH_HZ: Final = (200.0, 3000.0)  # peaks are looked for in this band
 _FULL_SCALE_SINE: Final = 32768.0**2 / 2  # mean square of a full-scale sine: 0 dBFS
 _QUIET_RATIO: Final = 0.1  # a frame 10 dB below a tone's level: the tone is over
 _CHAIN_GAP_FRAMES: Final = 2  # tones at most this many frames apart form a chain
-
 _JOIN_MS: Final = 50  # same-frequency tones this close are one tone with a glitch
 _SIT: Final = ((913.8, 985.2), (1370.6, 1428.5), (1776.7,))
 _SIT_MS: Final = (200, 450)
@@ -124,27 +129,22 @@ class ToneConfig:
     ced_min_ms: int = 2000
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_beep_ms <= self.max_beep_ms:
-            raise ValueError(
-                f"min_beep_ms must be > 0 and <= max_beep_ms, got {self.min_beep_ms} and {self.max_beep_ms}"
-            )
-        if not _SEARCH_HZ[0] <= self.beep_low_hz < self.beep_high_hz <= _SEARCH_HZ[1]:
-            raise ValueError(
-                f"beep_low_hz < beep_high_hz must lie within {_SEARCH_HZ[0]:g}..{_SEARCH_HZ[1]:g} hz,"
-                f" got {self.beep_low_hz} and {self.beep_high_hz}"
-            )
-        if not -100.0 < self.min_level_dbfs < 0.0:
-            raise ValueError(f"min_level_dbfs must be between -100 and 0, got {self.min_level_dbfs}")
-        if not 0.5 < self.purity <= 1.0:
-            raise ValueError(f"purity must be in (0.5, 1], got {self.purity}")
-        if self.drift_hz < 0 or not 0 <= self.drift_frac < 0.2:
-            raise ValueError(
-                f"drift_hz must be >= 0 and drift_frac in [0, 0.2), got {self.drift_hz} and {self.drift_frac}"
-            )
-        if self.max_twist_db < 0:
-            raise ValueError(f"max_twist_db must be >= 0, got {self.max_twist_db}")
-        if self.ced_min_ms < 500:
-            raise ValueError(f"ced_min_ms must be at least 500, got {self.ced_min_ms}")
+        lo, hi = _SEARCH_HZ
+        for ok, message in (
+            (0 < self.min_beep_ms, f"min_beep_ms must be > 0, got {self.min_beep_ms}"),
+            (self.min_beep_ms <= self.max_beep_ms, f"max_beep_ms must be >= min_beep_ms, got {self.max_beep_ms}"),
+            (lo <= self.beep_low_hz, f"beep_low_hz must be >= {lo:g}, got {self.beep_low_hz}"),
+            (self.beep_low_hz < self.beep_high_hz, f"beep_high_hz must be > beep_low_hz, got {self.beep_high_hz}"),
+            (self.beep_high_hz <= hi, f"beep_high_hz must be <= {hi:g}, got {self.beep_high_hz}"),
+            (-100.0 < self.min_level_dbfs < 0.0, f"min_level_dbfs must be in (-100, 0), got {self.min_level_dbfs}"),
+            (0.5 < self.purity <= 1.0, f"purity must be in (0.5, 1], got {self.purity}"),
+            (self.drift_hz >= 0, f"drift_hz must be >= 0, got {self.drift_hz}"),
+            (0 <= self.drift_frac < 0.2, f"drift_frac must be in [0, 0.2), got {self.drift_frac}"),
+            (self.max_twist_db >= 0, f"max_twist_db must be >= 0, got {self.max_twist_db}"),
+            (self.ced_min_ms >= 500, f"ced_min_ms must be at least 500, got {self.ced_min_ms}"),
+        ):
+            if not ok:
+                raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -168,19 +168,12 @@ class ToneEvent:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready members for an event."""
-        return {
-            "kind": self.kind,
-            "start_ms": self.start_ms,
-            "end_ms": self.end_ms,
-            "freq_hz": round(self.freq_hz, 1),
-            "level_dbfs": round(self.level_dbfs, 1),
-        }
+        return {**asdict(self), "freq_hz": round(self.freq_hz, 1), "level_dbfs": round(self.level_dbfs, 1)}
 
 
 class _Segment(NamedTuple):
     """A closed run of matching tonal frames; times refined below one frame."""
 
-    dual: bool
     freq: float
     freq2: float
     start: float
@@ -214,7 +207,7 @@ class ToneDetector:
 
     def __init__(self, rate: int, config: ToneConfig = ToneConfig(), start_ms: int = 0) -> None:
         if rate < 8000 or rate % (1000 // _FRAME_MS):
-            raise ValueError(f"rate must be >= 8000 and a multiple of 50 hz, got {rate}")
+            raise ValueError(f"rate must be >= 8000 and a multiple of 50 Hz, got {rate}")
         self._rate, self._cfg, self._start_ms = rate, config, start_ms
         self._n = n = rate * _FRAME_MS // 1000
         self._win = np.hanning(n + 1)[:-1]
@@ -230,6 +223,7 @@ class ToneDetector:
         self._run = self._run_start = self._run_n = 0  # the open run: kind (0 none, 1 single, 2 dual), start, length
         self._fsum = self._f2sum = self._esum = self._efirst = self._elast = self._eprev = 0.0
         self._ced_done = False  # the open run was reported as CED
+        self._ced_claim: tuple[float, float] | None = None  # frequency and end of the last CED piece
         self._chain: list[_Segment] = []  # closed single tones, maybe continued by the next one
         self._chain_idle = 0  # frames since the chain's last tone
         self._ons: list[tuple[str, _Segment]] = []  # recent busy/reorder on-segments
@@ -299,6 +293,10 @@ class ToneDetector:
     def _tol(self, f: float) -> float:
         return max(self._cfg.drift_hz, self._cfg.drift_frac * f)
 
+    def _joins(self, freq: float, end: float, next_freq: float, next_start: float) -> bool:
+        """Is a tone starting at next_start the same tone as one that ended at end, after a glitch?"""
+        return abs(freq - next_freq) <= self._tol(next_freq) and next_start - end <= _JOIN_MS
+
     def _step(self, row: list[float], events: list[ToneEvent]) -> None:
         e, tot, a0, a1, a2, b0, b1, b2, ia, ib = row
         if a1 < b1:  # a: the stronger peak
@@ -321,11 +319,8 @@ class ToneDetector:
                 and abs(fa - self._fsum / n) <= self._tol(fa)
                 and (kind == 1 or abs(fb - self._f2sum / n) <= self._tol(fb))
             ):
-                self._run_n += 1
-                self._fsum += fa
-                self._f2sum += fb
-                self._esum += e
-                self._elast = e
+                self._run_n, self._esum, self._elast = n + 1, self._esum + e, e
+                self._fsum, self._f2sum = self._fsum + fa, self._f2sum + fb
             else:
                 self._close(e, events)
         if kind and not self._run:
@@ -337,8 +332,7 @@ class ToneDetector:
             self._check_ced(events)
         if self._chain and self._run != 1:
             self._chain_idle += 1
-            quiet = e < _QUIET_RATIO * self._chain[-1].energy
-            if self._chain_idle > _CHAIN_GAP_FRAMES or quiet:
+            if self._chain_idle > _CHAIN_GAP_FRAMES or e < _QUIET_RATIO * self._chain[-1].energy:
                 self._finish_chain(events)
         if self._ons and self._run != 2:
             self._check_cadence(events)
@@ -360,16 +354,17 @@ class ToneDetector:
         start = self._t(first + 1) - _FRAME_MS * r if r < 0.9 else self._t(first) - self._edge(self._eprev / ref)
         r = min(self._elast / ref, 1.0)
         end = self._t(last) + _FRAME_MS * r if r < 0.9 else self._t(last + 1) + self._edge(e_next / ref)
-        seg = _Segment(self._run == 2, self._fsum / n, self._f2sum / n, start, end, ref)
+        seg = _Segment(self._fsum / n, self._f2sum / n, start, end, ref)
         dual, self._run = self._run == 2, 0
         if dual:
             self._on_dual(seg)
             return
-        if self._ced_done:  # a CED is no beep, nor part of a chain
+        if self._ced_done or (self._ced_claim and self._joins(*self._ced_claim, seg.freq, seg.start)):
+            self._ced_claim = (seg.freq, seg.end)  # a CED and its pieces are no beep, nor part of a chain
             self._chain.clear()
             return
         prev = self._chain[-1] if self._chain else None
-        if prev and abs(prev.freq - seg.freq) <= self._tol(seg.freq) and seg.start - prev.end <= _JOIN_MS:
+        if prev and self._joins(prev.freq, prev.end, seg.freq, seg.start):
             w = prev.ms / max(prev.ms + seg.ms, 1.0)
             freq, joins = w * prev.freq + (1 - w) * seg.freq, prev.joins + 1
             seg = seg._replace(start=prev.start, freq=freq, energy=max(prev.energy, ref), joins=joins)
@@ -397,12 +392,14 @@ class ToneDetector:
         return True
 
     def _check_ced(self, events: list[ToneEvent]) -> None:
-        n = self._run_n
-        if n * _FRAME_MS >= self._cfg.ced_min_ms and abs(self._fsum / n - _CED_HZ[0]) <= _CED_HZ[1]:
+        n, start, freq = self._run_n, self._t(self._run_start), self._fsum / self._run_n
+        prev = self._chain[-1] if self._chain else None
+        if prev and self._joins(prev.freq, prev.end, freq, start):
+            start = prev.start  # ANSam's phase reversals every 450 ms split a CED into joined pieces
+        if self._t(self._frame) - start >= self._cfg.ced_min_ms and abs(freq - _CED_HZ[0]) <= _CED_HZ[1]:
             self._ced_done = True
             if "fax_ced" not in self._reported:
-                start = self._t(self._run_start)
-                self._emit(events, "fax_ced", start, self._t(self._frame), self._fsum / n, self._esum / n)
+                self._emit(events, "fax_ced", start, self._t(self._frame), freq, self._esum / n)
 
     def _finish_chain(self, events: list[ToneEvent]) -> None:
         chain, self._chain = self._chain, []
