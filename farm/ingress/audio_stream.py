@@ -25,6 +25,7 @@ from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry, Metrics
 from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.playback import OUT_RATE, Clip, Player
+from farm.logs import call_logger, quote
 from farm.protocol import audio_stream as proto
 from farm.protocol.events import Event
 
@@ -87,13 +88,16 @@ class _Connection:
         self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
+        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail)
 
     async def run(self) -> None:
         path = self.ws.request.path if self.ws.request else "/"
         try:
             self.url = proto.params_from_path(path)
         except proto.AudioStreamError as exc:
+            self.url = proto.StreamParams(call_id=proto.call_id_from_path(path))
             await self.refuse(exc)
+            self._ended()
             return
         sender = asyncio.create_task(self._send_events())
         try:
@@ -102,27 +106,45 @@ class _Connection:
             await self.refuse(exc)
         except ConnectionClosed as exc:
             rcvd, sent = exc.rcvd, exc.sent
-            if sent is not None and sent.code not in (1000, 1001) and not exc.rcvd_then_sent:
+            if self.end is not None:
+                pass  # we closed it (drain) and said why
+            elif sent is not None and sent.code not in (1000, 1001) and not exc.rcvd_then_sent:
                 # We failed the connection (1009 message too big, 1002, 1007): say why.
-                self.log.warning("%s: closed with %d %s", self.name, sent.code, sent.reason)
-            elif rcvd is None or rcvd.code not in (1000, 1001):
-                self.log.warning(
-                    "%s: connection lost (%s)",
-                    self.name,
-                    f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame",
-                )
+                self._log(logging.WARNING, "closed with %d %s", sent.code, sent.reason)
+                self.end = ("error", f"closed with {sent.code} {sent.reason}")
+            else:
+                if rcvd is None or rcvd.code not in (1000, 1001):
+                    how = f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame"
+                    self._log(logging.WARNING, "connection lost (%s)", how)
+                self.end = ("hangup", f"close {rcvd.code} {rcvd.reason}".strip() if rcvd else "no close frame")
         finally:
             sender.cancel()
-            if self.call is not None:
-                self.site.registry.close(self.call)
-                self.site.live.discard(self)
+            self._ended()
 
-    @property
-    def name(self) -> str:
-        return f"call {self.call.call_id}" if self.call else f"connection from {self.peer}"
+    def _ended(self) -> None:
+        # Anything else that ended the connection is a bug of ours: it ends the call as an error.
+        reason, detail = self.end or ("error", "internal error")
+        if self.call is not None:
+            self.site.registry.close(self.call, reason, detail)
+            self.site.live.discard(self)
+            return
+        call_id = self.url.call_id or self.meta.call_id
+        if call_id is not None:
+            self.site.registry.end_unopened(call_id, reason, detail)
+
+    def _log(self, level: int, message: str, *args: object) -> None:
+        """Log about this connection: its call (the call id field) or, before it has one, its peer."""
+        if self.call is None:
+            log.log(level, "connection from %s: " + message, self.peer, *args)
+        else:
+            self.log.log(level, message, *args)
 
     async def refuse(self, exc: proto.AudioStreamError) -> None:
-        self.log.warning("%s: closing: %s", self.name, exc)
+        self._log(logging.WARNING, "closing: %s", exc)
+        if exc.code == proto.CLOSE_POLICY:
+            self.end = ("idle", str(exc))
+        else:
+            self.end = ("refused" if self.call is None else "error", str(exc))
         # The metrics label: what kind of refusal, without the client's own text (it may
         # hold quotes or newlines, which break the exposition format) or numbers (one
         # label per rate tried).
@@ -167,7 +189,7 @@ class _Connection:
     async def _on_text(self, text: str) -> None:
         params, error = proto.parse_metadata(text)
         if error:
-            self.log.warning("%s: %s", self.name, error)
+            self._log(logging.WARNING, "%s", error)
             if self.call is not None:
                 self.site.registry.error(self.call.call_id, error)
             else:
@@ -179,7 +201,7 @@ class _Connection:
         elif not error:
             # Metadata again (IXWebSocket re-sends it on every reconnect) or late:
             # the rate is fixed by now, so it is only recorded.
-            self.log.info("%s: metadata again, %d bytes; kept the stream's parameters", self.name, len(text))
+            self.log.info("metadata again, %d bytes; kept the stream's parameters", len(text))
 
     async def _open(self) -> None:
         if self.site.draining:
@@ -203,14 +225,13 @@ class _Connection:
             info=info,
             on_event=self._queue_event if self.config.ws_events else None,
         )
-        self.log = logging.LoggerAdapter(log, {"call_id": self.call.call_id})
+        self.log = call_logger(log, self.call.call_id)
         self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))
         self.call.player.start()
         self.site.live.add(self)
         self.carry = proto.SampleCarry(2 * p.channels)
         self.log.info(
-            "call %s: mod_audio_stream from %s, %d Hz, %d ch%s",
-            self.call.call_id,
+            "mod_audio_stream from %s, %d Hz, %d ch%s",
             self.peer,
             p.rate,
             p.channels,
@@ -301,7 +322,7 @@ class AudioStreamSite:
             if path == "/metrics":
                 return _text(conn, http.HTTPStatus.OK, self.metrics_text(), "text/plain; version=0.0.4")
             self.metrics.reject("not a websocket request")
-            log.info("refused a plain HTTP request for %s: not a WebSocket upgrade", path[:80])
+            log.info("refused a plain HTTP request for %s: not a WebSocket upgrade", quote(path[:80]))
             return _text(
                 conn,
                 http.HTTPStatus.UPGRADE_REQUIRED,
@@ -368,6 +389,7 @@ class AudioStreamSite:
             quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
             for conn in quiet:
                 self.live.discard(conn)
+                conn.end = ("drain", "farm is shutting down")
                 await conn.ws.close(1001, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:

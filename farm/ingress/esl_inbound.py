@@ -71,7 +71,7 @@ class InboundEsl:
                 await asyncio.wait_for(greeted, TIMEOUT_S)
                 reply = await link.request(esl.command("auth", self.password), TIMEOUT_S)
                 if not (isinstance(reply, esl.Reply) and reply.ok):
-                    raise EslClosed(f"authentication refused ({getattr(reply, 'reply_text', '?')})")
+                    raise EslClosed(f"authentication refused ({getattr(reply, 'reply_text', '?')!r})")
             except (EslClosed, TimeoutError) as exc:
                 log.warning(
                     "Event Socket %s:%d: %s; retrying in %.1f s", self.host, self.port, exc or "timeout", backoff
@@ -98,4 +98,4 @@ def _report(what: str, future: asyncio.Future[esl.Message]) -> None:
         return
     reply = future.result()
     if isinstance(reply, esl.ApiResponse) and not reply.ok:
-        log.warning("api %s answered %s", what, reply.body.strip()[:200])
+        log.warning("api %r answered %r", what, reply.body.strip()[:200])

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import soxr
 
+from farm.logs import call_logger, quote
 from farm.protocol.events import Event
 from farm.ring import Ring
 
@@ -115,6 +116,7 @@ class Player:
         chunk_bytes: int | None = FRAME_BYTES,
     ) -> None:
         self.call_id = call_id
+        self.log = call_logger(log, call_id)
         self.ring = ring
         self._publish = publish
         self.lead_ns = lead_ms * 1_000_000
@@ -168,7 +170,7 @@ class Player:
         if not self.is_playing(now):
             # Playback ended between the worker's look at the flag and now: flushing
             # an idle mod_socket_audio would eat the next prompt's start (§2.5).
-            log.debug("call %s: barge-in request after playback ended; nothing to cut", self.call_id)
+            self.log.debug("barge-in request after playback ended; nothing to cut")
             return False
         info = self._cut(now, "barge_in")
         flush_ns = self._flush_remote()
@@ -178,10 +180,9 @@ class Player:
             stamps["flush"] = flush_ns
         data = {**info, "flush_sent": bool(flush_ns), "voiced_ms": request.get("voiced_ms", 0)}
         self._publish(Event("barge_in", self.call_id, 0, request.offset_ms, data, stamps))
-        log.info(
-            "call %s: barge-in, cut %s after %d ms, %d ms dropped",
-            self.call_id,
-            info.get("id"),
+        self.log.info(
+            "barge-in, cut %s after %d ms, %d ms dropped",
+            quote(info.get("id")),
             info.get("played_ms", 0),
             info.get("flushed_ms", 0),
         )

@@ -32,6 +32,7 @@ from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry, Metrics
 from farm.ingress.esl_link import EslClosed, EslLink
 from farm.ingress.playback import Clip, Player
+from farm.logs import call_logger, quote
 from farm.protocol import esl
 from farm.protocol.audio_stream import SampleCarry
 
@@ -43,6 +44,9 @@ log = logging.getLogger("farm.ingress.socket_audio")
 MIC_RATE = 16000  # what the module sends, whatever the call's codec (§2.2)
 READ_BYTES = 65536
 REPLY_TIMEOUT_S = 5.0
+# A hang-up also ends the audio stream, and FreeSWITCH's CHANNEL_HANGUP may come a moment
+# after the audio's end: wait this long for it before calling the end a stop.
+HANGUP_GRACE_S = 0.5
 # Playback bytes FreeSWITCH has not read yet beyond which we stop writing: it reads
 # only when its own queue is nearly empty (§2.4), so this is kernel buffers, not lead.
 MAX_UNSENT_BYTES = 256 * 1024
@@ -96,11 +100,14 @@ class _Session:
         self.accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self.hangup = asyncio.Event()
         self.hangup_cause = ""
-        self.end_reason = ""
+        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail)
 
-    @property
-    def name(self) -> str:
-        return f"call {self.uuid}" if self.uuid else f"Event Socket from {self.peer}"
+    def _log(self, level: int, message: str, *args: object) -> None:
+        """Log about this session: its call (the call id field) or, before it has one, its peer."""
+        if self.uuid:
+            call_logger(log, self.uuid).log(level, message, *args)
+        else:
+            log.log(level, "Event Socket from %s: " + message, self.peer, *args)
 
     # -- the call's life ---------------------------------------------------------
 
@@ -111,7 +118,7 @@ class _Session:
                 return
             why = self.site.registry.admission()
             if why:
-                self._fail(f"farm cannot take the call: {why}", refused=False)  # counted by admission()
+                self._fail(f"farm cannot take the call: {why}", refused=False, end="refused")  # counted by admission()
                 await self._fall_back()
                 return
             audio = await self._start_audio()
@@ -119,7 +126,7 @@ class _Session:
                 return
             await self._serve(*audio)
         except EslClosed as exc:
-            self._fail(f"Event Socket closed before the call started: {exc}")
+            self._fail(f"Event Socket closed before the call started: {exc}", end="hangup")
         except TimeoutError:
             self._fail("FreeSWITCH did not answer a command in time")
         finally:
@@ -129,11 +136,11 @@ class _Session:
         try:
             reply = await self.link.request(esl.command("connect"), self.config.first_message_timeout)
         except TimeoutError:
-            log.warning("%s: no answer to connect in %.0f s; closing", self.name, self.config.first_message_timeout)
+            self._log(logging.WARNING, "no answer to connect in %.0f s; closing", self.config.first_message_timeout)
             self.site.metrics.reject("no answer to connect")
             return False
         if not isinstance(reply, esl.ChannelData) or not reply.unique_id:
-            log.warning("%s: the answer to connect is not a channel (%s); closing", self.name, type(reply).__name__)
+            self._log(logging.WARNING, "the answer to connect is not a channel (%s); closing", type(reply).__name__)
             self.site.metrics.reject("not an outbound Event Socket")
             return False
         self.uuid = reply.unique_id
@@ -154,7 +161,7 @@ class _Session:
         if refused:
             text = refused[0].reply_text if isinstance(refused[0], esl.Reply) else type(refused[0]).__name__
             self._fail(
-                f"FreeSWITCH refused a subscription ({text.strip()}): the dialplan must run "
+                f"FreeSWITCH refused a subscription ({text.strip()!r}): the dialplan must run "
                 f"'socket <host>:<port> async full'"
             )
             return False
@@ -172,7 +179,7 @@ class _Session:
             )
             if not (isinstance(reply, esl.Reply) and reply.ok):
                 text = reply.reply_text if isinstance(reply, esl.Reply) else type(reply).__name__
-                self._fail(f"FreeSWITCH refused to run socket_audio: {text}")
+                self._fail(f"FreeSWITCH refused to run socket_audio: {text.strip()!r}")
                 return None
             try:
                 return await asyncio.wait_for(asyncio.shield(self.accepted), self.config.socket_audio_timeout)
@@ -209,12 +216,12 @@ class _Session:
         self.call.player = self.player
         self.player.start()
         self.site.live.add(self)
-        log.info(
-            "call %s: mod_socket_audio from %s, channel %s (%s)",
-            self.call.call_id,
+        self._log(
+            logging.INFO,
+            "mod_socket_audio from %s, channel %s (%s)",
             self.peer,
-            self.channel.get("Channel-Name", "?"),
-            self.channel.get("Channel-Read-Codec-Name", "?"),
+            quote(self.channel.get("Channel-Name", "?")),
+            quote(self.channel.get("Channel-Read-Codec-Name", "?")),
         )
         receiving = asyncio.create_task(self._receive(reader))
         hangup = asyncio.create_task(self.hangup.wait())
@@ -224,13 +231,22 @@ class _Session:
         finally:
             for task in (receiving, hangup, closed):
                 task.cancel()
-        if not self.end_reason:
-            if hangup.done() and not hangup.cancelled():
-                self.end_reason = f"hangup {self.hangup_cause}".strip()
-            elif closed.done() and not closed.cancelled():
-                self.end_reason = f"Event Socket closed ({self.link.close_reason})"
+        stopped = self.end is not None and self.end[0] == "stop"
+        if stopped and not self.hangup.is_set() and not self.link.closed.is_set():
+            # The audio ended: uuid_socket_audio_stop, unless a hang-up is on its way.
+            hangup = asyncio.create_task(self.hangup.wait())
+            closed = asyncio.create_task(self.link.closed.wait())
+            await asyncio.wait({hangup, closed}, timeout=HANGUP_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+            for task in (hangup, closed):
+                task.cancel()
+        if self.end is None or self.end[0] == "stop":
+            if self.hangup.is_set():
+                self.end = ("hangup", self.hangup_cause)
+            elif self.link.closed.is_set():
                 if self.link.close_reason.startswith(("bad", "connection closed inside")):
                     self._fail(f"Event Socket: {self.link.close_reason}", refused=False)
+                else:
+                    self.end = ("hangup", f"Event Socket closed ({self.link.close_reason})")
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         assert self.call is not None
@@ -240,7 +256,7 @@ class _Session:
             while True:
                 chunk = await asyncio.wait_for(reader.read(READ_BYTES), self.config.idle_timeout)
                 if not chunk:
-                    self.end_reason = "audio stream ended (uuid_socket_audio_stop or hang-up)"
+                    self.end = ("stop", "audio stream ended")  # or a hang-up: see _serve
                     return
                 recv_ns = time.monotonic_ns()
                 pcm = carry.feed(chunk)
@@ -249,10 +265,10 @@ class _Session:
                 metrics.audio_bytes += len(chunk)
                 metrics.frames += 1
         except TimeoutError:
-            self.end_reason = f"no audio in {self.config.idle_timeout:.0f} s"
+            self.end = ("idle", f"no audio in {self.config.idle_timeout:.0f} s")
         except ConnectionError as exc:
             # A hang-up while FreeSWITCH still held our playback surfaces as a reset (§2.6).
-            self.end_reason = f"audio stream reset ({exc.__class__.__name__})"
+            self.end = ("hangup", f"audio stream reset ({exc.__class__.__name__})")
 
     async def _end(self) -> None:
         self.site.live.discard(self)
@@ -260,9 +276,13 @@ class _Session:
             self.player.close("hangup" if self.hangup.is_set() else "call_end")
         if self.audio_writer is not None:
             self.audio_writer.close()
+        # Anything else that ended the session is a bug of ours: an error for the call.
+        reason, detail = self.end or ("error", "internal error")
         if self.call is not None:
-            log.info("call %s: ended: %s", self.call.call_id, self.end_reason or "closed")
-            self.site.registry.close(self.call)
+            self._log(logging.INFO, "ended (%s): %s", reason, quote(detail))
+            self.site.registry.close(self.call, reason, detail)
+        elif self.uuid:
+            self.site.registry.end_unopened(self.uuid, reason, detail)
         if not self.link.closed.is_set():
             if self.call is not None and not self.hangup.is_set() and not self.site.draining:
                 # socket_audio stopped but the channel lives on: it is still ours until
@@ -287,7 +307,7 @@ class _Session:
             return
         reply = future.result()
         if isinstance(reply, esl.ApiResponse) and not reply.ok:
-            log.warning("%s: %s answered %s", self.name, what, reply.body.strip()[:200])
+            self._log(logging.WARNING, "%s answered %r", what, reply.body.strip()[:200])
 
     def _on_message(self, message: esl.Message) -> None:
         if isinstance(message, esl.Event):
@@ -303,10 +323,11 @@ class _Session:
             if not message.linger:
                 self.link.close("FreeSWITCH said goodbye")
 
-    def _fail(self, reason: str, refused: bool = True) -> None:
-        """Log, publish an ``error`` event on the call id and count a refusal (before the call ran)."""
-        log.warning("%s: %s", self.name, reason)
-        self.end_reason = reason
+    def _fail(self, reason: str, refused: bool = True, end: str = "error") -> None:
+        """Log, publish an ``error`` event on the call id and count a refusal (before the call
+        ran); the call ends with ``end`` (one of END_REASONS)."""
+        self._log(logging.WARNING, "%s", reason)
+        self.end = (end, reason)
         if refused:
             self.site.metrics.reject(reason.split(":")[0].split("(")[0].strip()[:40])
         if self.uuid:
@@ -390,7 +411,7 @@ class SocketAudioSite:
                 ring = session.call.ring if session.call else None
                 if time.monotonic() >= deadline or ring is None or not ring.in_speech:
                     self.live.discard(session)
-                    session.end_reason = "farm is shutting down"
+                    session.end = ("drain", "farm is shutting down")
                     # Hand the call back to its dialplan instead of hanging it up.
                     try:
                         session.link.send(esl.command("resume"))

@@ -23,6 +23,7 @@ from farm.config import SUPPORTED_RATES
 __all__ = [
     "StreamParams",
     "AudioStreamError",
+    "call_id_from_path",
     "params_from_path",
     "parse_metadata",
     "resolve",
@@ -121,11 +122,17 @@ def params_from_path(path: str) -> StreamParams:
 
     Raises :class:`AudioStreamError` for a rate or channel count farm cannot serve.
     """
-    parts = urlsplit(path)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    segments = [unquote(s) for s in parts.path.split("/") if s]
-    call_id = _first(query, _ID_KEYS) or (segments[-1] if segments else None)
-    return _params(query, call_id, {})
+    return _params(_query(path), call_id_from_path(path), {})
+
+
+def call_id_from_path(path: str) -> str | None:
+    """The call id the request target names, if any, even where its parameters are bad."""
+    segments = [unquote(s) for s in urlsplit(path).path.split("/") if s]
+    return _first(_query(path), _ID_KEYS) or (segments[-1] if segments else None)
+
+
+def _query(path: str) -> dict[str, Any]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
 
 
 def parse_metadata(text: str) -> tuple[StreamParams, str | None]:
