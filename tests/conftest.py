@@ -56,6 +56,13 @@ def farm_segments(pid: int | None = None) -> list[str]:
     return [n for n in names if pid is None or n.startswith(f"farm-{pid}-")]
 
 
+def orphan_segments() -> set[str]:
+    """Rings whose ingress is gone: left behind (rings of farms still running on the
+    machine, other test runs' included, are theirs)."""
+    owners = {n: n.split("-")[1] for n in farm_segments()}
+    return {n for n, pid in owners.items() if not (pid.isdigit() and _alive(int(pid)))}
+
+
 @dataclass
 class Node:
     """A running ``farm up``: its ports, its log, its processes."""
@@ -129,9 +136,11 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
         f"tcp://127.0.0.1:{commands_port}",
         # The vosk-server port has a fixed default (2700): off unless a test asks for it.
         *([] if "--vosk-port" in extra else ["--vosk-port", "0"]),
-        # Admission refuses calls while recognition is behind, which on a busy test machine
-        # depends on the machine: off unless a test is about it (tests/test_capacity.py).
+        # Admission refuses calls while recognition is behind or the CPUs are full at what a
+        # call measurably costs, which depends on the machine: off unless a test is about it
+        # (tests/test_capacity.py).
         *([] if "--admission-lag-ms" in extra else ["--admission-lag-ms", "0"]),
+        *([] if "--admission-cpu" in extra else ["--admission-cpu", "0"]),
         *extra,
     ]
     with open(log_path, "wb") as log:

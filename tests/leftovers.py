@@ -99,9 +99,8 @@ def snapshot() -> Snapshot:
 
 
 def _ours(ring: str, pids: set[int]) -> bool:
-    if ring.startswith("farm-test-"):
-        return True
-    m = re.match(r"farm-(\d+)-", ring)
+    # Tests name their own rings farm-test-<pid>-...; the farm names them farm-<pid>-...
+    m = re.match(r"farm-(?:test-)?(\d+)-", ring)
     if not m:
         return False
     pid = int(m.group(1))

@@ -18,8 +18,9 @@ import pytest
 import zmq
 
 from farm.broker import wire
+from farm.broker.broker import node_capacity
 from farm.client import Subscription
-from farm.config import Config
+from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
 from farm.protocol.events import SUBSCRIBED, Event, topic_for
 
 from .conftest import MS, free_port
@@ -234,10 +235,33 @@ def test_the_ingress_heartbeat_is_answered_with_the_number_of_live_workers(
 ) -> None:
     ingress = Peer(ctx, broker.endpoint("ingress"))
     ingress.send(wire.I_HEARTBEAT)
-    assert wire.Status.decode(ingress.expect(wire.I_STATUS)[0]) == wire.Status(0, 0, 0)
+    # Before any worker measured what a call costs, the capacity comes from the prior.
+    prior = node_capacity(default_workers(), broker.admission_cpu, CALL_CPU_MS_PRIOR)
+    assert wire.Status.decode(ingress.expect(wire.I_STATUS)[0]) == wire.Status(0, 0, 0, prior, CALL_CPU_MS_PRIOR)
     w = Peer(ctx, broker.endpoint("workers"))
     w.send(wire.W_READY, "0", "100")
     wait_for_workers(ingress, 1)
+
+
+def test_the_capacity_follows_what_the_workers_measured_and_keeps_it_when_they_stop_measuring(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    w = Peer(ctx, broker.endpoint("workers"))
+    w.send(wire.W_READY, "0", "100")
+    wait_for_workers(ingress, 1)
+    w.send(wire.W_HEARTBEAT, wire.Load(calls=2, call_cpu_ms=400).encode())
+    w.send(wire.W_HEARTBEAT, wire.Load(calls=0, call_cpu_ms=0).encode())  # a restarted worker: nothing yet
+    w.send(wire.W_DONE, "none")  # relayed as I_DONE once both heartbeats are handled (one socket, in order)
+    deadline = time.monotonic() + 10_000 * MS
+    while ingress.sock.poll(int(10_000 * MS * 1000)):
+        got, body = wire.parse(ingress.sock.recv_multipart())
+        if got == wire.I_DONE:
+            break
+        assert got == wire.I_STATUS and time.monotonic() < deadline  # pushed when the worker came
+    ingress.send(wire.I_HEARTBEAT)
+    status = wire.Status.decode(ingress.expect(wire.I_STATUS)[0])
+    assert (status.call_cpu_ms, status.capacity) == (400, node_capacity(default_workers(), 0.85, 400))
 
 
 def test_a_malformed_ready_or_heartbeat_is_dropped_and_the_broker_serves_on(
@@ -276,7 +300,7 @@ def test_the_status_carries_the_least_loaded_workers_lag_and_the_calls(
         if status.lag_ms == 300:
             break
         assert time.monotonic() < deadline, status
-    assert status == wire.Status(2, 300, 1)
+    assert (status.workers, status.lag_ms, status.calls) == (2, 300, 1)
 
 
 def test_calls_queued_before_the_second_worker_spread_when_it_registers(

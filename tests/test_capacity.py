@@ -5,6 +5,8 @@
 * an explicit end of utterance (the ``finalize`` command) ends the utterance at once;
 * a node whose recognition falls behind refuses new calls with the reason, says so on
   /readyz, in its metrics and its log, finishes the calls it has, and takes calls again;
+* a node whose CPUs are full at what a call costs refuses the next call before the upgrade,
+  says so on /readyz and in its metrics, and takes calls again when one ends;
 * calls that all landed on one worker spread to another when it comes back.
 """
 
@@ -27,6 +29,7 @@ import pytest
 import websockets
 
 from farm.client import Commands, Subscription
+from farm.config import default_workers
 from farm.sender import metadata_for, send_pcm
 
 from .conftest import DATA, MS, CallRun, Node, decode_heard, run_call, start_node
@@ -129,9 +132,7 @@ def test_the_finalize_command_ends_the_utterance_in_progress_at_once(node: Node,
 @pytest.fixture(scope="module")
 def small_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One worker, one recognition thread, refusing calls at 400 ms behind."""
-    n = start_node(
-        tmp_path_factory.mktemp("small"), "--asr-threads", "1", "--admission-lag-ms", "400", workers=1
-    )
+    n = start_node(tmp_path_factory.mktemp("small"), "--asr-threads", "1", "--admission-lag-ms", "400", workers=1)
     yield n
     assert n.stop() == 0
 
@@ -182,13 +183,67 @@ def test_a_node_behind_refuses_new_calls_with_the_reason_and_finishes_the_ones_i
     assert run.of("call_start") and run.finals
 
 
+def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_call_ends(
+    tmp_path: Path,
+) -> None:
+    # A fixed cost per call (not this machine's measure) makes the capacity exactly 2 calls:
+    # half of the CPUs over a quarter of a CPU per call.
+    cost_ms = default_workers() * 250
+    n = start_node(tmp_path, "--admission-cpu", "0.5", "--admission-call-cpu-ms", str(cost_ms), workers=1)
+    silence = bytes(640)  # 20 ms at 16 kHz
+
+    async def connect(call_id: str) -> tuple[int, str, websockets.ClientConnection | None]:
+        try:
+            ws = await websockets.connect(f"{n.url}/{call_id}", open_timeout=30)
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code, exc.response.body.decode(), None
+        await ws.send(metadata_for(call_id, 16000, 1))
+        await ws.send(silence)
+        return 101, "", ws
+
+    def active() -> int:
+        found = re.search(r"^farm_calls_active (\d+)$", http(n, "/metrics")[1], re.M)
+        return int(found.group(1)) if found else -1
+
+    async def scenario() -> tuple[tuple[int, str], str, str, int]:
+        held = []
+        for call_id in ("cap-a", "cap-b"):
+            status, _, ws = await connect(call_id)
+            assert status == 101 and ws is not None
+            held.append(ws)
+        await asyncio.to_thread(wait_until, lambda: active() == 2, what="two active calls")
+        status, body, _ = await connect("cap-c")
+        readyz = http(n, "/readyz")
+        metrics = http(n, "/metrics")[1]
+        await held[0].close()  # a call ends: its slot is free again
+        await asyncio.to_thread(wait_until, lambda: active() == 1, what="one active call")
+        again, _, ws = await connect("cap-d")
+        for w in (held[1], ws):
+            if w is not None:
+                await w.close()
+        return (status, body), f"{readyz[0]} {readyz[1]}", metrics, again
+
+    try:
+        (status, body), readyz, metrics, again = asyncio.run(scenario())
+        why = f"at capacity (2 calls of 2, {cost_ms} ms CPU per call-second)"
+        assert status == 503 and body == f"farm cannot take the call: {why}\n"
+        assert readyz == f"503 at capacity: 2 calls of 2, {cost_ms} ms CPU per call-second\n"
+        assert "farm_capacity_calls 2\n" in metrics and f"farm_call_cpu_ms {cost_ms}\n" in metrics
+        assert re.search(r'farm_connections_refused_total\{reason="at capacity"\} 1\n', metrics), metrics
+        assert again == 101
+    finally:
+        assert n.stop() == 0
+
+
 # -- balance ------------------------------------------------------------------------------------
 
 
 def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: Path) -> None:
     """Four calls on two workers; one is killed: all four land on the survivor; the
     replacement registers and the broker moves calls back at their pauses, losing no words."""
-    n = start_node(tmp_path, workers=2)
+    # No warm-up: the replacement registers within a second or two even on a loaded machine
+    # (a warm-up there took 30 s, and the calls' audio was over before it could take any).
+    n = start_node(tmp_path, "--recognizer-warm", "0", "--recognizer-warm-later", "0", workers=2)
     try:
         wav = DATA / "ko_dialog_16k.wav"
         with wave.open(str(wav), "rb") as w:

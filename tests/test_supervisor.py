@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,18 @@ from farm.client import Subscription
 from farm.ring import Ring, segment_name
 from workers.worker import HeartbeatTable
 
-from .conftest import DATA, MS, CallRun, direct_decode, farm_segments, free_port, run_call, similarity, start_node
+from .conftest import (
+    DATA,
+    MS,
+    CallRun,
+    direct_decode,
+    farm_segments,
+    free_port,
+    orphan_segments,
+    run_call,
+    similarity,
+    start_node,
+)
 
 
 def _dead_pid() -> int:
@@ -61,7 +73,7 @@ def test_a_broken_model_stops_farm_with_the_model_load_exit_code(tmp_path: Path)
 
 
 def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> None:
-    before = set(farm_segments())
+    before = orphan_segments()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -76,11 +88,11 @@ def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> N
         )
     assert proc.returncode == 5
     assert f"is port {port} in use?" in proc.stderr
-    assert not set(farm_segments()) - before  # (other farms on the machine may have rings)
+    assert not orphan_segments() - before  # (other farms on the machine have rings of their own)
 
 
 def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(tmp_path: Path) -> None:
-    before = set(farm_segments())
+    before = orphan_segments()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -95,7 +107,7 @@ def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(t
         )
     assert proc.returncode == 5
     assert f"Event Socket port {esl_port}" in proc.stderr
-    assert not set(farm_segments()) - before
+    assert not orphan_segments() - before
 
 
 @pytest.mark.parametrize(
@@ -148,6 +160,28 @@ def test_a_killed_worker_is_replaced_and_the_node_keeps_serving(tmp_path: Path) 
         wav = DATA / "ko_01.wav"
         run = asyncio.run(run_call(n, wav, realtime=False))
         assert similarity(run.text, " ".join(direct_decode(wav))) >= 0.8
+    finally:
+        assert n.stop() == 0
+
+
+def test_a_starting_worker_is_not_taken_for_a_hung_one(tmp_path: Path) -> None:
+    """A replacement worker whose start stalls (here: stopped for 3 s, as a Vosk call of its
+    warm-up can stall on a loaded machine) is given time, though the loop timeout is 1 s."""
+    n = start_node(tmp_path, "--worker-timeout", "1", workers=1)
+    try:
+        os.kill(n.pids("worker")[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30_000 * MS
+        while n.log().count(") started on cpu") < 2:
+            assert time.monotonic() < deadline, "no replacement worker started"
+            time.sleep(0.01)
+        replacement = n.pids("worker")[0]
+        os.kill(replacement, signal.SIGSTOP)
+        time.sleep(3)
+        os.kill(replacement, signal.SIGCONT)
+        while len(re.findall(r"farm\.broker: worker 0 \(pid \d+\) ready", n.log())) < 2:
+            assert time.monotonic() < deadline + 30_000 * MS, "the replacement never registered"
+            time.sleep(0.1)
+        assert "SIGABRT" not in n.log() and n.pids("worker") == [replacement]
     finally:
         assert n.stop() == 0
 

@@ -26,6 +26,7 @@ from farm.protocol.events import Event, end_reason_of
 from farm.ring import Ring, RingError
 from workers.asr import ResultQueue
 from workers.call import CallSession
+from workers.cost import CallCost
 from workers.engines.vosk import RecognizerPool, limit_malloc_arenas, warmup_audio
 from workers.scheduler import AsrScheduler
 
@@ -100,6 +101,7 @@ class Worker:
         self.scheduler = AsrScheduler(config.asr_threads, name=f"asr{index}")
         self.results = ResultQueue()
         self.sessions: dict[str, CallSession] = {}
+        self.cost = CallCost()
         self.running = True
         self.parent = parent  # the supervisor: exit when it is gone
         self.broker_expiry = 0.0
@@ -203,6 +205,7 @@ class Worker:
             calls=len(self.sessions),
             lag_ms=max((s.backlog_ms for s in self.sessions.values()), default=0),
             utterances=sum(s.in_speech for s in self.sessions.values()),
+            call_cpu_ms=self.cost.known,
         )
 
     def on_results(self) -> None:
@@ -293,6 +296,7 @@ class Worker:
     def housekeeping(self, now: float) -> bool:
         """Liveness both ways, from the loop itself; False when the worker must exit."""
         self.heartbeats.beat(self.index)
+        self.cost.sample(len(self.sessions))
         if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
             self.send(wire.W_HEARTBEAT, self.load().encode())
             while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices

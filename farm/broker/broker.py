@@ -18,18 +18,26 @@ from dataclasses import dataclass, field
 import zmq
 
 from farm.broker import wire
-from farm.config import Config
+from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
 from farm.lifeline import die_with_parent, orphaned, parent_from_env
 from farm.protocol.events import SUBSCRIBED
 
 
-__all__ = ["Broker", "main"]
+__all__ = ["Broker", "node_capacity", "main"]
 
 log = logging.getLogger("farm.broker")
 
 
 # A release the worker has not answered in this long is given up (the call stays put).
 RELEASE_TIMEOUT_S = 30.0
+
+
+def node_capacity(cpus: float, share: float, call_cpu_ms: int) -> int:
+    """Calls a node holds when they may use ``share`` of its ``cpus`` and each costs
+    ``call_cpu_ms`` CPU ms per second; at least one; 0 means no limit (``share`` 0)."""
+    if share <= 0 or call_cpu_ms <= 0:
+        return 0
+    return max(1, int(cpus * 1000 * share // call_cpu_ms))
 
 
 @dataclass
@@ -118,6 +126,9 @@ class Broker:
         self.running = True
         self.parent = parent_from_env()  # the supervisor: exit when it is gone
         self.releasing: tuple[str, bytes, float] | None = None  # (call, from worker, since): one move at a time
+        cpus = default_workers()
+        self.cpus = min(cpus, config.workers) if config.pin_workers else cpus  # what calls' decoding may use
+        self.call_cpu_ms = 0  # last figure the workers measured, kept while no call runs
 
     # -- sending -----------------------------------------------------------
 
@@ -132,8 +143,27 @@ class Broker:
     def _send_status(self) -> None:
         """I_STATUS: in answer to the ingress's heartbeat, and at once when workers come or go."""
         lag = min((w.load.lag_ms for w in self.workers.values()), default=0)
-        status = wire.Status(len(self.workers), lag, sum(len(w.calls) for w in self.workers.values()))
+        cost = self._call_cpu_ms()
+        status = wire.Status(
+            len(self.workers),
+            lag,
+            sum(len(w.calls) for w in self.workers.values()),
+            node_capacity(self.cpus, self.config.admission_cpu, cost),
+            cost,
+        )
         self._send_ingress(wire.I_STATUS, status.encode())
+
+    def _call_cpu_ms(self) -> int:
+        """What a call costs: the operator's figure, else what the workers last measured,
+        else the prior."""
+        return self.config.admission_call_cpu_ms or self.call_cpu_ms or CALL_CPU_MS_PRIOR
+
+    def _note_cost(self) -> None:
+        """The workers' figures, weighted by their calls; a worker that has not measured yet
+        (new, restarted) leaves the last figure as it is."""
+        measured = [(w.load.call_cpu_ms, max(1, len(w.calls))) for w in self.workers.values() if w.load.call_cpu_ms]
+        if measured:
+            self.call_cpu_ms = round(sum(ms * n for ms, n in measured) / sum(n for _, n in measured))
 
     # -- call table ----------------------------------------------------------
 
@@ -245,6 +275,8 @@ class Broker:
                 worker.load = wire.Load.decode(body[0])
             except wire.WireError as exc:
                 log.warning("worker %d: dropped a heartbeat's load: %s", worker.index, exc)
+            else:
+                self._note_cost()
         elif command == wire.W_DONE:
             call_id = body[0]
             worker.calls.discard(call_id)

@@ -25,8 +25,9 @@ Worker -> broker:
 
 * ``W_READY index pid``          register (also after a reconnect); two integers >= 0.
 * ``W_HEARTBEAT load``           sent from the worker's recognition loop every
-  ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load`. Any message from a
-  worker counts as a heartbeat.
+  ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load` (its calls, how far
+  recognition trails, what a call costs it). Any message from a worker counts as
+  a heartbeat. Body fields missing from a JSON body are 0 (older peers).
 * ``W_DONE call_id``             the call's ring is closed and fully processed,
   its ``call_end`` event is published.
 * ``W_RELEASED call_id``         after ``B_RELEASE``: the worker stopped serving the
@@ -56,7 +57,9 @@ Broker -> ingress:
 * ``I_DONE call_id``             relayed ``W_DONE``: the ingress may unlink the ring.
 * ``I_STATUS status``            answer to ``I_HEARTBEAT``: a JSON :class:`Status`
   (the ingress is ready for calls only while some worker is live and the broker
-  answers, and takes new ones only while recognition keeps up).
+  answers, and takes new ones only while recognition keeps up and the node holds
+  fewer calls than its ``capacity``: the CPUs calls may use over what a call costs,
+  measured by the workers, see :func:`farm.broker.broker.node_capacity`).
 
 Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 ``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS`` seconds is dead: the broker forgets
@@ -235,6 +238,7 @@ class Load:
     calls: int = 0
     lag_ms: int = 0  # the most audio any of its calls has waiting for recognition
     utterances: int = 0  # utterances in progress
+    call_cpu_ms: int = 0  # CPU ms the worker spends per call-second, smoothed (0: not measured yet)
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -242,7 +246,7 @@ class Load:
     @classmethod
     def decode(cls, raw: str) -> Load:
         obj = _json_object(raw, "load")
-        return cls(*(_count(obj, k, "load") for k in ("calls", "lag_ms", "utterances")))
+        return cls(*(_count(obj, k, "load") for k in ("calls", "lag_ms", "utterances", "call_cpu_ms")))
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,8 @@ class Status:
     workers: int = 0  # live workers
     lag_ms: int = 0  # the least loaded worker's lag: what a new call would meet
     calls: int = 0  # calls assigned to workers
+    capacity: int = 0  # calls the node's CPUs hold within the SLO (0: no limit)
+    call_cpu_ms: int = 0  # the CPU ms per call-second that capacity is computed from
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -259,7 +265,7 @@ class Status:
     @classmethod
     def decode(cls, raw: str) -> Status:
         obj = _json_object(raw, "status")
-        return cls(*(_count(obj, k, "status") for k in ("workers", "lag_ms", "calls")))
+        return cls(*(_count(obj, k, "status") for k in ("workers", "lag_ms", "calls", "capacity", "call_cpu_ms")))
 
 
 def parse_ready(body: Sequence[str]) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from farm.ingress.playback import OUT_RATE, Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import audio_stream as proto
 from farm.protocol.events import Event
+from farm.protocol.exceptions import CLOSE_GOING_AWAY
 
 
 __all__ = ["AudioStreamSite"]
@@ -72,38 +73,29 @@ class StreamAudioPlayer(Player):
 
 
 class _Connection:
-    """One mod_audio_stream connection: metadata, then PCM into the call's ring."""
+    """One mod_audio_stream connection: feeds its session, performs the session's actions."""
 
     def __init__(self, site: AudioStreamSite, ws: ServerConnection) -> None:
         self.site = site
         self.ws = ws
         self.config = site.config
+        self.session = proto.AudioStreamSession(
+            default_rate=self.config.default_rate,
+            default_channels=self.config.default_channels,
+            metadata_wait_ms=self.config.metadata_wait_ms,
+            first_message_timeout=self.config.first_message_timeout,
+            idle_timeout=self.config.idle_timeout,
+        )
         self.call: Call | None = None
-        self.url = proto.StreamParams()
-        self.meta = proto.StreamParams()
-        self.meta_seen = False
-        self.held: list[tuple[bytes, int]] = []  # audio that came before the metadata
-        self.pending_error = ""  # bad metadata seen before the call had an id
-        self.carry: proto.SampleCarry | None = None
         self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
-        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail)
+        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail); first wins
 
     async def run(self) -> None:
-        path = self.ws.request.path if self.ws.request else "/"
-        try:
-            self.url = proto.params_from_path(path)
-        except proto.AudioStreamError as exc:
-            self.url = proto.StreamParams(call_id=proto.call_id_from_path(path))
-            await self.refuse(exc)
-            self._ended()
-            return
         sender = asyncio.create_task(self._send_events())
         try:
             await self._receive()
-        except proto.AudioStreamError as exc:
-            await self.refuse(exc)
         except ConnectionClosed as exc:
             rcvd, sent = exc.rcvd, exc.sent
             if self.end is not None:
@@ -128,7 +120,7 @@ class _Connection:
             self.site.registry.close(self.call, reason, detail)
             self.site.live.discard(self)
             return
-        call_id = self.url.call_id or self.meta.call_id
+        call_id = self.session.call_id  # a call that never opened ends too, if it was named
         if call_id is not None:
             self.site.registry.end_unopened(call_id, reason, detail)
 
@@ -139,77 +131,61 @@ class _Connection:
         else:
             self.log.log(level, message, *args)
 
-    async def refuse(self, exc: proto.AudioStreamError) -> None:
-        self._log(logging.WARNING, "closing: %s", exc)
-        if exc.code == proto.CLOSE_POLICY:
-            self.end = ("idle", str(exc))
-        else:
-            self.end = ("refused" if self.call is None else "error", str(exc))
+    async def refuse(self, close: proto.Close) -> None:
+        self._log(logging.WARNING, "closing: %s", close.reason)
+        if self.end is None:
+            self.end = (close.end, close.reason)
         # The metrics label: what kind of refusal, without the client's own text (it may
         # hold quotes or newlines, which break the exposition format) or numbers (one
         # label per rate tried).
-        reason = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", str(exc)))
-        self.site.metrics.reject(" ".join(reason.split())[:40])
+        label = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", close.reason))
+        self.site.metrics.reject(" ".join(label.split())[:40])
         if self.call is not None:
-            self.site.registry.error(self.call.call_id, str(exc))
-        await self.ws.close(exc.code, str(exc)[:120])
+            self.site.registry.error(self.call.call_id, close.reason)
+        await self.ws.close(close.code, close.wire_reason)
 
     async def _receive(self) -> None:
-        opened = time.monotonic()
-        first = True
+        """Feed the session until it closes the connection or the peer does."""
+        path = self.ws.request.path if self.ws.request else "/"
+        actions = self.session.receive_open(path, time.monotonic_ns())
         while True:
-            if self.call is None:
-                wait = self.config.metadata_wait_ms / 1000 - (time.monotonic() - opened)
-                if self.held and wait <= 0:
-                    await self._open()
-                    continue
-                # A connection that completes the handshake and never sends anything is
-                # dropped soon; a call that goes quiet later (uuid_audio_stream pause)
-                # gets the long idle_timeout.
-                timeout = (
-                    wait if self.held else self.config.first_message_timeout if first else self.config.idle_timeout
-                )
-            else:
-                timeout = self.config.idle_timeout
+            for action in actions:
+                if isinstance(action, proto.WriteAudio):
+                    self._write(action)  # the hot path: no await
+                elif not await self._perform(action):
+                    return
+            deadline = self.session.next_deadline()
+            timeout = None if deadline is None else max((deadline - time.monotonic_ns()) / 1e9, 0.001)
             try:
-                message = await asyncio.wait_for(self.ws.recv(), max(timeout, 0.001))
+                message = await asyncio.wait_for(self.ws.recv(), timeout)
             except TimeoutError:
-                if self.call is None and self.held:
-                    continue  # metadata wait is over: open with what we know
-                raise proto.AudioStreamError(f"no message in {timeout:.0f} s", proto.CLOSE_POLICY) from None
-            first = False
-            recv_ns = time.monotonic_ns()
+                actions = self.session.timeout(time.monotonic_ns())
+                continue
+            now = time.monotonic_ns()
             if isinstance(message, str):
-                await self._on_text(message)
-            elif self.call is None:
-                self.held.append((message, recv_ns))
+                actions = self.session.receive_text(message, now)
             else:
-                self._write(message, recv_ns)
+                actions = self.session.receive_binary(message, now)
 
-    async def _on_text(self, text: str) -> None:
-        params, error = proto.parse_metadata(text)
-        if error:
-            self._log(logging.WARNING, "%s", error)
-            if self.call is not None:
-                self.site.registry.error(self.call.call_id, error)
-            else:
-                self.pending_error = error
-        if self.call is None:
-            self.meta = params
-            self.meta_seen = True
-            await self._open()
-        elif not error:
-            # Metadata again (IXWebSocket re-sends it on every reconnect) or late:
-            # the rate is fixed by now, so it is only recorded.
-            self.log.info("metadata again, %d bytes; kept the stream's parameters", len(text))
+    async def _perform(self, action: proto.OpenCall | proto.PublishError | proto.Note | proto.Close) -> bool:
+        """Do what the session asks (audio aside); False once the connection is closing."""
+        if isinstance(action, proto.OpenCall):
+            if self.site.draining:
+                await self.refuse(proto.Close(CLOSE_GOING_AWAY, "farm is shutting down", "refused"))
+                return False
+            await self._open(action)
+        elif isinstance(action, proto.PublishError):
+            self._log(logging.WARNING, "%s", action.reason)
+            assert self.call is not None
+            self.site.registry.error(self.call.call_id, action.reason)
+        elif isinstance(action, proto.Note):
+            self._log(logging.INFO, "%s", action.message)
+        else:
+            await self.refuse(action)
+            return False
+        return True
 
-    async def _open(self) -> None:
-        if self.site.draining:
-            raise proto.AudioStreamError("farm is shutting down", 1001)
-        p = proto.resolve(
-            self.url, self.meta, default_rate=self.config.default_rate, default_channels=self.config.default_channels
-        )
-        assert p.rate is not None and p.channels is not None and p.call_id is not None
+    async def _open(self, p: proto.OpenCall) -> None:
         info: dict[str, Any] = {
             "protocol": "audio_stream",
             "metadata": p.metadata,
@@ -229,26 +205,19 @@ class _Connection:
         self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))
         self.call.player.start()
         self.site.live.add(self)
-        self.carry = proto.SampleCarry(2 * p.channels)
         self.log.info(
             "mod_audio_stream from %s, %d Hz, %d ch%s",
             self.peer,
             p.rate,
             p.channels,
-            "" if self.meta_seen else ", no metadata",
+            "" if p.metadata_seen else ", no metadata",
         )
-        if self.pending_error:
-            self.site.registry.error(self.call.call_id, self.pending_error)
-        held, self.held = self.held, []
-        for chunk, recv_ns in held:
-            self._write(chunk, recv_ns)
 
-    def _write(self, chunk: bytes, recv_ns: int) -> None:
-        assert self.call is not None and self.carry is not None
-        pcm = self.carry.feed(chunk)
-        if pcm:
-            self.call.write(pcm, recv_ns)
-        self.site.metrics.audio_bytes += len(chunk)
+    def _write(self, audio: proto.WriteAudio) -> None:
+        assert self.call is not None
+        if audio.pcm:
+            self.call.write(audio.pcm, audio.received)
+        self.site.metrics.audio_bytes += audio.size
         self.site.metrics.frames += 1
 
     # -- events back to FreeSWITCH (mod_audio_stream::json) -------------------------
@@ -316,6 +285,8 @@ class AudioStreamSite:
                 why = self.registry.recognition_ready
                 if not why and self.registry.overloaded:
                     why = f"at capacity: recognition {self.registry.status.lag_ms} ms behind"
+                if not why and self.registry.full:
+                    why = f"at capacity: {self.registry.full}"
                 if why:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
                 return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")
@@ -362,6 +333,10 @@ class AudioStreamSite:
             f"farm_recognition_lag_ms {self.registry.status.lag_ms}",
             "# TYPE farm_overloaded gauge",
             f"farm_overloaded {int(self.registry.overloaded)}",
+            "# TYPE farm_capacity_calls gauge",
+            f"farm_capacity_calls {self.registry.status.capacity}",
+            "# TYPE farm_call_cpu_ms gauge",
+            f"farm_call_cpu_ms {self.registry.status.call_cpu_ms}",
             "# TYPE farm_calls_total counter",
             f"farm_calls_total {m.calls_total}",
             "# TYPE farm_audio_bytes_total counter",
@@ -390,7 +365,7 @@ class AudioStreamSite:
             for conn in quiet:
                 self.live.discard(conn)
                 conn.end = ("drain", "farm is shutting down")
-                await conn.ws.close(1001, "farm is shutting down")
+                await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()

@@ -303,9 +303,24 @@ class CallRegistry:
             why = "broker not answering"
         elif self.overloaded:
             why = f"at capacity (recognition {self.status.lag_ms} ms behind)"
+        elif self.full:
+            why = f"at capacity ({self.full})"
         if why:
             self.metrics.reject(why.split(" (")[0])
         return why
+
+    @property
+    def active(self) -> int:
+        """Calls still streaming (a call whose stream closed is finishing, not holding a slot)."""
+        return sum(not call.closed_at for call in self.calls.values())
+
+    @property
+    def full(self) -> str:
+        """Why the node's CPUs hold no more calls, ``""`` while they do (the broker's capacity)."""
+        capacity = self.status.capacity
+        if not capacity or self.active < capacity:
+            return ""
+        return f"{self.active} calls of {capacity}, {self.status.call_cpu_ms} ms CPU per call-second"
 
     @property
     def recognition_ready(self) -> str:

@@ -34,7 +34,7 @@ from farm.ingress.esl_link import EslClosed, EslLink
 from farm.ingress.playback import Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import esl
-from farm.protocol.audio_stream import SampleCarry
+from farm.protocol.pcm import SampleCarry
 
 
 __all__ = ["SocketAudioSite", "SocketAudioPlayer", "MIC_RATE"]

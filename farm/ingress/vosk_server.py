@@ -23,8 +23,9 @@ from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry, Metrics
 from farm.logs import call_logger, quote
 from farm.protocol import vosk_server as proto
-from farm.protocol.audio_stream import SampleCarry
 from farm.protocol.events import Event
+from farm.protocol.exceptions import CLOSE_GOING_AWAY, CLOSE_POLICY
+from farm.protocol.pcm import SampleCarry
 
 
 __all__ = ["VoskServerSite"]
@@ -78,10 +79,10 @@ class _Connection:
 
     async def _refuse(self, exc: proto.VoskServerError) -> None:
         self.log.warning("closing: %s", exc)
-        if exc.code == 1008:  # no message in time
+        if exc.code == CLOSE_POLICY:  # no message in time
             self.end = ("idle", str(exc))
         else:
-            self.end = ("refused" if self.call is None and exc.code == 1001 else "error", str(exc))
+            self.end = ("refused" if self.call is None and exc.code == CLOSE_GOING_AWAY else "error", str(exc))
         self.site.metrics.reject("vosk: " + ("bad json" if exc.code == proto.CLOSE_INVALID else "bad message"))
         self.site.registry.error(self.call_id, str(exc))
         await self.ws.close(exc.code, str(exc)[:120])
@@ -92,7 +93,7 @@ class _Connection:
             try:
                 message = await asyncio.wait_for(self.ws.recv(), timeout)
             except TimeoutError:
-                raise proto.VoskServerError(f"no message in {timeout:.0f} s", 1008) from None
+                raise proto.VoskServerError(f"no message in {timeout:.0f} s", CLOSE_POLICY) from None
             timeout = self.config.idle_timeout
             recv_ns = time.monotonic_ns()
             if isinstance(message, bytes):
@@ -127,7 +128,7 @@ class _Connection:
 
     async def _open(self) -> None:
         if self.site.draining:
-            raise proto.VoskServerError("farm is shutting down", 1001)
+            raise proto.VoskServerError("farm is shutting down", CLOSE_GOING_AWAY)
         rate = self.session.config.sample_rate
         self.call = await self.site.registry.open(
             self.call_id,
@@ -240,7 +241,7 @@ class VoskServerSite:
             for conn in quiet:
                 self.live.discard(conn)
                 conn.end = ("drain", "farm is shutting down")
-                await conn.ws.close(1001, "farm is shutting down")
+                await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:
             self.server.close()

@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.config import SUPPORTED_RATES
+from farm.protocol.exceptions import CLOSE_INVALID, CLOSE_UNSUPPORTED, VoskServerError
+from farm.protocol.pcm import SUPPORTED_RATES
 
 
 __all__ = [
@@ -55,23 +56,12 @@ __all__ = [
     "DEFAULT_RATE",
 ]
 
-CLOSE_UNSUPPORTED = 1003  # RFC 6455: data the endpoint cannot accept (rate, unknown message)
-CLOSE_INVALID = 1007  # RFC 6455: payload not consistent with the message type (bad JSON)
-
 DEFAULT_RATE = 8000  # asr_server.py:97, VOSK_SAMPLE_RATE
 
 # vosk-api returns these when nothing was decoded since the recogniser was created
 # or last returned a result (recognizer.cc StoreEmptyReturn): compact, unlike the rest.
 EMPTY_RESULT = '{"text": ""}'
 EMPTY_ALTERNATIVES = '{"alternatives" : [{"text": "", "confidence" : 1.0}] }'
-
-
-class VoskServerError(ValueError):
-    """The client broke the protocol; ``code`` and the message go into the Close frame."""
-
-    def __init__(self, message: str, code: int = CLOSE_UNSUPPORTED) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Command(enum.IntEnum):
