@@ -415,7 +415,8 @@ class SocketAudioSender(Sender):
     needs_events = True
 
     async def run(self, record: CallRecord) -> None:
-        from bench.fs_peer import INPUT_RATE, SocketAudioCall
+        from bench.fs_peer import SocketAudioCall
+        from bench.fs_peer_socket_audio import INPUT_RATE
         from farm.client import CommandError, Commands
 
         assert self.router is not None, "farm protocols need an EventRouter"

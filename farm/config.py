@@ -262,8 +262,8 @@ class Config:
     admission_call_cpu_ms: int = field(
         default=0,
         metadata=knob(
-            "CPU ms per call-second that admission counts (0: measured by the workers, "
-            f"{CALL_CPU_MS_PRIOR} until they have)",
+            "CPU ms per call-second that admission counts (0: measured by the workers, starting from "
+            f"{CALL_CPU_MS_PRIOR})",
             group="node",
             check=_at_least(0),
         ),

@@ -319,7 +319,8 @@ class Ring:
             data = payload[pos : pos + n].tobytes()
         else:
             data = b"".join((payload[pos:], payload[: n - room]))
-        # Bytes below (newest write's reach) - capacity may hold newer audio now; max(): horizon may be unused.
+        # Bytes below (newest write's reach) - capacity may hold newer audio now; max(): a write that
+        # began and ended between the two reads leaves the cursor, read second, past the horizon.
         reach = max(_get(buf, _OFFSET_WRITE_HORIZON)[0], _get(buf, _OFFSET_WRITE)[0])
         lost = min(reach - cap - r, n)
         if lost > 0:

@@ -51,6 +51,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a ``/metrics`` body (read with prometheus_client's
+    parser), or None when it has no such sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
 def farm_segments(pid: int | None = None) -> list[str]:
     names = [n for n in os.listdir("/dev/shm") if n.startswith("farm-")]
     return [n for n in names if pid is None or n.startswith(f"farm-{pid}-")]

@@ -20,43 +20,37 @@ class Clock:
         self.cpu += cpu_s
 
 
-def cost_on(clock: Clock, tau_s: float = 20.0) -> CallCost:
-    return CallCost(tau_s, clock=(lambda: clock.wall, lambda: clock.cpu))
+def cost_on(clock: Clock, prior_ms: float = 130.0, tau_s: float = 20.0) -> CallCost:
+    return CallCost(prior_ms, tau_s, clock=(lambda: clock.wall, lambda: clock.cpu))
 
 
-def test_the_first_window_sets_the_figure_and_later_ones_move_it_by_their_share_of_tau() -> None:
+def test_the_figure_starts_at_the_prior_and_each_window_moves_it_by_its_share_of_tau() -> None:
     clock = Clock()
     cost = cost_on(clock)
-    clock.advance(1.0, 0.4)  # 4 calls, 0.4 CPU s in 1 s: 100 ms per call-second
+    assert cost.figure == 130  # a burst from idle is admitted on the prior
+    clock.advance(2.0, 0.4)  # 4 calls, 0.4 CPU s in 2 s: 50 ms per call-second (ringing, prompts)
     cost.sample(4)
-    assert cost.ms == pytest.approx(100.0)
-    clock.advance(2.0, 1.6)  # 4 calls at 200 ms: moves 2/20 of the way
+    assert cost.ms == pytest.approx(130 - 0.1 * 80)
+    clock.advance(2.0, 1.6)  # 4 calls at 200 ms: 2/20 of the way again
     cost.sample(4)
-    assert cost.ms == pytest.approx(110.0)
+    assert cost.ms == pytest.approx(122 + 0.1 * (200 - 122))
+    assert cost.call_s == pytest.approx(16.0)
 
 
-def test_time_without_calls_is_not_counted_and_the_figure_is_known_after_5_call_seconds() -> None:
+def test_time_without_calls_is_not_counted() -> None:
     clock = Clock()
     cost = cost_on(clock)
-    clock.advance(1.0, 0.13)
-    cost.sample(1)
-    assert cost.ms == pytest.approx(130.0) and cost.known == 0  # 1 call-second: not yet
     clock.advance(30.0, 0.3)  # idle: the loop's own CPU is nobody's call
     cost.sample(0)
-    assert cost.ms == pytest.approx(130.0)
-    clock.advance(1.0, 0.52)
-    cost.sample(4)
-    assert cost.known == 130 and cost.call_s == pytest.approx(5.0)
+    assert cost.ms == 130.0 and cost.call_s == 0.0
 
 
 def test_a_window_longer_than_tau_replaces_the_figure() -> None:
     clock = Clock()
-    cost = cost_on(clock, tau_s=1.0)
-    clock.advance(1.0, 0.1)
-    cost.sample(1)
+    cost = cost_on(clock, prior_ms=50, tau_s=1.0)
     clock.advance(5.0, 2.5)
     cost.sample(1)
-    assert cost.ms == pytest.approx(500.0)
+    assert cost.figure == 500
 
 
 @pytest.mark.parametrize(

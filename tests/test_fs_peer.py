@@ -14,15 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.fs_peer import (
-    DISCARD_NS,
-    GOODBYE,
-    PLAY_FRAME,
-    InboundEslServer,
-    SocketAudioCall,
-    event_message,
-    serialize_plain,
-)
+from bench.fs_peer import SocketAudioCall
+from bench.fs_peer_inbound import InboundEslServer
+from bench.fs_peer_playback import DISCARD_NS, PLAY_FRAME
+from bench.fs_peer_wire import GOODBYE, event_message, serialize_plain
 from farm.protocol.esl import ApiResponse, ChannelData, DisconnectNotice, Event, EventSocketParser, Reply
 from tests.conftest import MS
 

@@ -24,11 +24,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.fs_peer import DISCARD_NS, InboundEslServer, SocketAudioCall
+from bench.fs_peer import SocketAudioCall
+from bench.fs_peer_inbound import InboundEslServer
+from bench.fs_peer_playback import DISCARD_NS
 from farm.client import CommandError, Commands, Subscription
 from farm.config import Config
 from farm.protocol.events import Event
-from tests.conftest import DATA, MS, CallRun, Node, decode_heard, farm_segments, run_call, start_node
+from tests.conftest import (
+    DATA,
+    MS,
+    CallRun,
+    Node,
+    decode_heard,
+    farm_segments,
+    metric_value,
+    run_call,
+    start_node,
+)
 from tests.peers import AudioStreamPeer
 
 
@@ -393,6 +405,20 @@ def test_caller_speech_over_a_prompt_flushes_it_and_publishes_barge_in(node: Nod
     assert b["played_ms"] + b["flushed_ms"] >= duration_ms - 2
     assert [e["reason"] for e in leg.of("playback_stop")] == ["barge_in"]
     assert leg.of("final")[0]["text"]
+    # /metrics counts it and times it (first voiced frame -> flush written)
+    deadline = time.monotonic() + 20_000 * MS
+    while (metric_value(node_metrics(node), "farm_barge_ins_total") or 0) < 1:
+        assert time.monotonic() < deadline, "farm_barge_ins_total stayed 0"
+        time.sleep(0.2)
+    timed = metric_value(node_metrics(node), "farm_stage_latency_seconds_count", stage="barge_in")
+    assert timed is not None and timed >= 1, timed
+
+
+def node_metrics(node: Node) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
 
 
 def test_no_flush_when_the_caller_speaks_while_nothing_plays(node: Node) -> None:

@@ -446,6 +446,11 @@ class CallSession:
         return max(ch.asr.backlog_ms for ch in self.channels)
 
     @property
+    def partials_skipped(self) -> int:
+        """Partials not published because recognition was behind (workers/asr.py)."""
+        return sum(ch.asr.partials_skipped for ch in self.channels)
+
+    @property
     def in_speech(self) -> int:
         return sum(ch.vad.state is VadState.SPEECH for ch in self.channels)
 

@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from farm.broker import wire
-from farm.config import Config
+from farm.config import CALL_CPU_MS_PRIOR, Config
 from farm.lifeline import die_with_parent, orphaned
 from farm.logs import call_logger
 from farm.protocol.events import Event, end_reason_of
@@ -27,7 +27,7 @@ from farm.ring import Ring, RingError
 from workers.asr import ResultQueue
 from workers.call import CallSession
 from workers.cost import CallCost
-from workers.engines.vosk import RecognizerPool, limit_malloc_arenas, warmup_audio
+from workers.engines.vosk import RecognizerPool, limit_malloc_arenas, rss_bytes, warmup_audio
 from workers.scheduler import AsrScheduler
 
 
@@ -101,7 +101,9 @@ class Worker:
         self.scheduler = AsrScheduler(config.asr_threads, name=f"asr{index}")
         self.results = ResultQueue()
         self.sessions: dict[str, CallSession] = {}
-        self.cost = CallCost()
+        self.cost = CallCost(config.admission_call_cpu_ms or CALL_CPU_MS_PRIOR)
+        self.published = 0  # events published (the metrics' counter)
+        self.partials_dropped = 0  # partials not published, of the calls no longer served
         self.running = True
         self.parent = parent  # the supervisor: exit when it is gone
         self.broker_expiry = 0.0
@@ -143,14 +145,14 @@ class Worker:
                 "broker does not know this worker: dropping %d calls, registering again", len(self.sessions)
             )
             for session in self.sessions.values():
-                session.close()
+                self.close_session(session)
             self.sessions.clear()
             self.connect()
 
     def assign(self, call_id: str, ring_name: str, raw_info: str) -> None:
         old = self.sessions.pop(call_id, None)
         if old is not None:
-            old.close()
+            self.close_session(old)
         try:
             info = wire.decode_info(raw_info)
             ring = Ring.attach(ring_name)
@@ -183,6 +185,12 @@ class Worker:
 
     def publish(self, event: Event) -> None:
         self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
+        self.published += 1
+
+    def close_session(self, session: CallSession) -> None:
+        """Stop serving a call (it is out of ``sessions`` already); its counts stay in the worker's."""
+        self.partials_dropped += session.partials_skipped
+        session.close()
 
     def pump(self) -> None:
         for call_id, session in list(self.sessions.items()):
@@ -196,16 +204,27 @@ class Worker:
             if asked and session.releasable(patient=time.monotonic() - asked < RELEASE_PATIENCE_S):
                 # Rebalancing: another worker resumes from the committed cursor just written.
                 del self.sessions[call_id]
-                session.close()
+                self.close_session(session)
                 self.send(wire.W_RELEASED, call_id)
                 call_logger(self.log.logger, call_id).info("released to another worker")
 
     def load(self) -> wire.Load:
+        """The heartbeat's body: for the broker's balance and admission, and for the node's
+        metrics (the broker passes it on to the ingress, which exports it)."""
         return wire.Load(
             calls=len(self.sessions),
             lag_ms=max((s.backlog_ms for s in self.sessions.values()), default=0),
             utterances=sum(s.in_speech for s in self.sessions.values()),
-            call_cpu_ms=self.cost.known,
+            call_cpu_ms=self.cost.figure,
+            queued=self.scheduler.waiting,
+            cpu_ms=int(time.process_time() * 1000),
+            rss_bytes=rss_bytes(),
+            recognizers_idle=self.pool.idle,
+            recognizers_busy=max(0, self.pool.leased),
+            recognizers_created=self.pool.created,
+            recognizers_retired=self.pool.retired,
+            events_published=self.published,
+            partials_dropped=self.partials_dropped + sum(s.partials_skipped for s in self.sessions.values()),
         )
 
     def on_results(self) -> None:
@@ -234,7 +253,7 @@ class Worker:
         self.publish(session.event_for("call_end", duration_ms, data))
         ring.committed = ring.write_cursor
         del self.sessions[call_id]
-        session.close()
+        self.close_session(session)
         self.send(wire.W_DONE, call_id)
         call_logger(self.log.logger, call_id).info("done, %d ms of audio (%s)", duration_ms, data["reason"])
 
@@ -311,7 +330,7 @@ class Worker:
 
     def close(self) -> None:
         for session in self.sessions.values():
-            session.close()
+            self.close_session(session)
         # Slices stop at their next frame once their stream is closed; wait for them so
         # no Vosk call is still running while the interpreter tears down.
         self.scheduler.shutdown()

@@ -129,6 +129,8 @@ class Broker:
         cpus = default_workers()
         self.cpus = min(cpus, config.workers) if config.pin_workers else cpus  # what calls' decoding may use
         self.call_cpu_ms = 0  # last figure the workers measured, kept while no call runs
+        self.workers_lost = 0  # declared dead: missed their heartbeats (for the metrics)
+        self.calls_moved = 0  # released by one worker and assigned to another (for the metrics)
 
     # -- sending -----------------------------------------------------------
 
@@ -150,6 +152,11 @@ class Broker:
             sum(len(w.calls) for w in self.workers.values()),
             node_capacity(self.cpus, self.config.admission_cpu, cost),
             cost,
+            self.workers_lost,
+            self.calls_moved,
+            tuple(
+                wire.WorkerReport(w.index, w.pid, w.load) for w in sorted(self.workers.values(), key=lambda w: w.index)
+            ),
         )
         self._send_ingress(wire.I_STATUS, status.encode())
 
@@ -288,7 +295,8 @@ class Broker:
                 worker.calls.discard(call.call_id)
                 call.worker = None
                 call.released_by = identity
-                self._assign(call)
+                if self._assign(call):
+                    self.calls_moved += 1
         elif command == wire.W_DISCONNECT:
             self._forget_worker(worker, "disconnected")
         else:
@@ -323,6 +331,7 @@ class Broker:
         now = time.monotonic()
         for worker in list(self.workers.values()):
             if worker.expiry < now:
+                self.workers_lost += 1
                 self._forget_worker(worker, "missed its heartbeats")
             elif now - worker.last_sent >= wire.HEARTBEAT_INTERVAL:
                 self._send_worker(worker, wire.B_HEARTBEAT)

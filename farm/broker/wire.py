@@ -26,8 +26,10 @@ Worker -> broker:
 * ``W_READY index pid``          register (also after a reconnect); two integers >= 0.
 * ``W_HEARTBEAT load``           sent from the worker's recognition loop every
   ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load` (its calls, how far
-  recognition trails, what a call costs it). Any message from a worker counts as
-  a heartbeat. Body fields missing from a JSON body are 0 (older peers).
+  recognition trails, what a call costs it, and the counters and gauges the node's
+  metrics show per worker: CPU, memory, recogniser pool, events). Any message from a
+  worker counts as a heartbeat. Body fields missing from a JSON body are 0 (older
+  peers); members a receiver does not know are ignored (newer peers).
 * ``W_DONE call_id``             the call's ring is closed and fully processed,
   its ``call_end`` event is published.
 * ``W_RELEASED call_id``         after ``B_RELEASE``: the worker stopped serving the
@@ -59,7 +61,11 @@ Broker -> ingress:
   (the ingress is ready for calls only while some worker is live and the broker
   answers, and takes new ones only while recognition keeps up and the node holds
   fewer calls than its ``capacity``: the CPUs calls may use over what a call costs,
-  measured by the workers, see :func:`farm.broker.broker.node_capacity`).
+  measured by the workers, see :func:`farm.broker.broker.node_capacity`). It also
+  carries each live worker's last :class:`Load` (a :class:`WorkerReport`) and the
+  broker's own counters, which the ingress exports as the node's metrics
+  (:mod:`farm.ingress.metrics`): so every process's figures reach ``/metrics`` over
+  these links, with no other channel.
 
 Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 ``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS`` seconds is dead: the broker forgets
@@ -77,7 +83,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -105,6 +111,7 @@ __all__ = [
     "decode_info",
     "Load",
     "Status",
+    "WorkerReport",
     "parse_ready",
 ]
 
@@ -233,31 +240,63 @@ def _count(obj: dict[str, Any], key: str, what: str) -> int:
 
 @dataclass(frozen=True)
 class Load:
-    """A worker's ``W_HEARTBEAT`` body: what it serves and how far recognition trails."""
+    """A worker's ``W_HEARTBEAT`` body: what it serves, how far recognition trails, and the
+    figures the node's metrics show per worker (counters count since the worker started)."""
 
     calls: int = 0
     lag_ms: int = 0  # the most audio any of its calls has waiting for recognition
     utterances: int = 0  # utterances in progress
     call_cpu_ms: int = 0  # CPU ms the worker spends per call-second, smoothed (0: not measured yet)
+    queued: int = 0  # call channels waiting for a recognition thread
+    cpu_ms: int = 0  # CPU time the worker process used, every thread (counter)
+    rss_bytes: int = 0  # resident memory
+    recognizers_idle: int = 0  # warm recognisers in the pool
+    recognizers_busy: int = 0  # recognisers leased to utterances
+    recognizers_created: int = 0  # (counter)
+    recognizers_retired: int = 0  # (counter)
+    events_published: int = 0  # (counter)
+    partials_dropped: int = 0  # partials not published: the call's recognition was behind (counter)
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def decode(cls, raw: str) -> Load:
-        obj = _json_object(raw, "load")
-        return cls(*(_count(obj, k, "load") for k in ("calls", "lag_ms", "utterances", "call_cpu_ms")))
+        return cls._from_object(_json_object(raw, "load"))
+
+    @classmethod
+    def _from_object(cls, obj: dict[str, Any]) -> Load:
+        return cls(*(_count(obj, f.name, "load") for f in fields(cls)))
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """One live worker in :class:`Status`: its index, its pid and its last :class:`Load`."""
+
+    index: int
+    pid: int
+    load: Load = Load()
+
+    @classmethod
+    def _from_object(cls, obj: Any) -> WorkerReport:
+        if not isinstance(obj, dict) or not isinstance(obj.get("load", {}), dict):
+            raise WireError("status worker report is not a JSON object with a load object")
+        return cls(_count(obj, "index", "report"), _count(obj, "pid", "report"), Load._from_object(obj.get("load", {})))
 
 
 @dataclass(frozen=True)
 class Status:
-    """The broker's ``I_STATUS`` body: the node's recognition side as the ingress needs it."""
+    """The broker's ``I_STATUS`` body: the node's recognition side as the ingress needs it
+    (admission, readiness) and as its metrics show it (the workers' reports)."""
 
     workers: int = 0  # live workers
     lag_ms: int = 0  # the least loaded worker's lag: what a new call would meet
     calls: int = 0  # calls assigned to workers
     capacity: int = 0  # calls the node's CPUs hold within the SLO (0: no limit)
     call_cpu_ms: int = 0  # the CPU ms per call-second that capacity is computed from
+    workers_lost: int = 0  # workers declared dead (missed heartbeats) since the broker started (counter)
+    calls_moved: int = 0  # calls moved between workers to balance them (counter)
+    reports: tuple[WorkerReport, ...] = ()  # one per live worker, by index
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -265,7 +304,11 @@ class Status:
     @classmethod
     def decode(cls, raw: str) -> Status:
         obj = _json_object(raw, "status")
-        return cls(*(_count(obj, k, "status") for k in ("workers", "lag_ms", "calls", "capacity", "call_cpu_ms")))
+        reports = obj.get("reports", [])
+        if not isinstance(reports, list):
+            raise WireError("status reports is not a JSON array")
+        counts = {f.name: _count(obj, f.name, "status") for f in fields(cls) if f.name != "reports"}
+        return cls(**counts, reports=tuple(WorkerReport._from_object(r) for r in reports))
 
 
 def parse_ready(body: Sequence[str]) -> tuple[int, int]:

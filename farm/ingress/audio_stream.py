@@ -3,7 +3,8 @@
 Thin adapter: the ``websockets`` library speaks RFC 6455 (any path, headers with or
 without a space after the colon, permessage-deflate on or off, pings), and
 :mod:`farm.protocol.audio_stream` says what the messages mean. The same port
-answers plain HTTP for health checks and Prometheus metrics.
+answers plain HTTP for health checks and Prometheus metrics
+(:mod:`farm.ingress.exposition` renders them).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from farm.config import Config
-from farm.ingress.calls import Call, CallRegistry, Metrics
+from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_inbound import InboundEsl
+from farm.ingress.exposition import CONTENT_TYPE, Exposition
+from farm.ingress.metrics import DROP_WS_BACKLOG, Metrics
 from farm.ingress.playback import OUT_RATE, Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import audio_stream as proto
@@ -225,8 +228,8 @@ class _Connection:
     def _queue_event(self, event: Event) -> None:
         try:
             self.outbox.put_nowait(json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")))
-        except asyncio.QueueFull:
-            pass  # FreeSWITCH stopped reading; the ZeroMQ stream still has every event
+        except asyncio.QueueFull:  # FreeSWITCH stopped reading; the ZeroMQ stream still has every event
+            self.site.metrics.drop(DROP_WS_BACKLOG)
 
     async def _send_events(self) -> None:
         while True:
@@ -245,6 +248,7 @@ class AudioStreamSite:
         self.config = config
         self.registry = registry
         self.metrics = metrics
+        self.exposition = Exposition(registry, metrics)
         self.live: set[_Connection] = set()
         self.server: Server | None = None
         self.draining = False
@@ -291,7 +295,7 @@ class AudioStreamSite:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
                 return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")
             if path == "/metrics":
-                return _text(conn, http.HTTPStatus.OK, self.metrics_text(), "text/plain; version=0.0.4")
+                return _text(conn, http.HTTPStatus.OK, self.exposition.render(), CONTENT_TYPE)
             self.metrics.reject("not a websocket request")
             log.info("refused a plain HTTP request for %s: not a WebSocket upgrade", quote(path[:80]))
             return _text(
@@ -309,49 +313,6 @@ class AudioStreamSite:
         if why:
             return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"farm cannot take the call: {why}\n")
         return None
-
-    def metrics_text(self) -> str:
-        m = self.metrics
-        calls = list(self.registry.calls.values())
-        active = [c for c in calls if not c.closed_at]
-        overrun = m.overrun_bytes + sum(c.ring.overrun_bytes for c in calls)
-        lines = [
-            "# TYPE farm_calls_active gauge",
-            f"farm_calls_active {len(active)}",
-            "# TYPE farm_calls_active_by_protocol gauge",
-            *(
-                f'farm_calls_active_by_protocol{{protocol="{p}"}} {sum(c.protocol == p for c in active)}'
-                for p in ("audio_stream", "socket_audio", "vosk")
-            ),
-            "# TYPE farm_calls_playing gauge",
-            f"farm_calls_playing {sum(bool(c.ring.playing) for c in active)}",
-            "# TYPE farm_barge_ins_total counter",
-            f"farm_barge_ins_total {m.barge_ins}",
-            "# TYPE farm_workers_live gauge",
-            f"farm_workers_live {self.registry.workers_live}",
-            "# TYPE farm_recognition_lag_ms gauge",
-            f"farm_recognition_lag_ms {self.registry.status.lag_ms}",
-            "# TYPE farm_overloaded gauge",
-            f"farm_overloaded {int(self.registry.overloaded)}",
-            "# TYPE farm_capacity_calls gauge",
-            f"farm_capacity_calls {self.registry.status.capacity}",
-            "# TYPE farm_call_cpu_ms gauge",
-            f"farm_call_cpu_ms {self.registry.status.call_cpu_ms}",
-            "# TYPE farm_calls_total counter",
-            f"farm_calls_total {m.calls_total}",
-            "# TYPE farm_audio_bytes_total counter",
-            f"farm_audio_bytes_total {m.audio_bytes}",
-            "# TYPE farm_audio_messages_total counter",
-            f"farm_audio_messages_total {m.frames}",
-            "# TYPE farm_events_relayed_total counter",
-            f"farm_events_relayed_total {m.events_relayed}",
-            "# TYPE farm_ring_overrun_bytes_total counter",
-            f"farm_ring_overrun_bytes_total {overrun}",
-            "# TYPE farm_connections_refused_total counter",
-        ]
-        for reason, n in sorted(m.calls_rejected.items()):
-            lines.append(f'farm_connections_refused_total{{reason="{reason}"}} {n}')
-        return "\n".join(lines) + "\n"
 
     async def drain(self, timeout: float) -> None:
         """Stop taking calls; let utterances in flight finish, then close the rest."""

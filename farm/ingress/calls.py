@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from farm.broker import wire
 from farm.config import Config
+from farm.ingress.metrics import DROP_MALFORMED, Metrics
 from farm.logs import quote
 from farm.protocol.events import SUBSCRIBED, Event, EventError, end_reason_code
 from farm.ring import Ring, segment_name
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from farm.ingress.playback import Player
 
 
-__all__ = ["Call", "CallRegistry", "Metrics"]
+__all__ = ["Call", "CallRegistry"]
 
 log = logging.getLogger("farm.ingress")
 
@@ -44,20 +45,6 @@ HEARTBEAT_S = 1.0  # ingress -> broker; the answer says how many workers are liv
 # Events and I_DONE take different broker paths (XPUB relay thread vs ROUTER), so a
 # call's last final and call_end can arrive just after its done: still relay them.
 LATE_EVENTS_S = 2.0
-
-
-@dataclass
-class Metrics:
-    calls_total: int = 0
-    calls_rejected: dict[str, int] = field(default_factory=dict)
-    audio_bytes: int = 0
-    frames: int = 0
-    events_relayed: int = 0
-    overrun_bytes: int = 0
-    barge_ins: int = 0
-
-    def reject(self, reason: str) -> None:
-        self.calls_rejected[reason] = self.calls_rejected.get(reason, 0) + 1
 
 
 @dataclass
@@ -192,6 +179,7 @@ class CallRegistry:
         if call is None:
             return
         self.metrics.overrun_bytes += call.ring.overrun_bytes
+        self.metrics.overruns += call.ring.overrun_count
         self._next_seq[call_id] = (call.ring.event_seq, call.leg)
         while len(self._next_seq) > 10_000:
             self._next_seq.popitem(last=False)
@@ -235,6 +223,7 @@ class CallRegistry:
                     continue
                 self.broker_seen = time.monotonic()
                 self._note_lag(self.status.lag_ms)
+                self.metrics.note_status(self.status)
 
     async def _relay_link(self) -> None:
         """The relay subscribes to our events when it (re)connects: from then on they reach it."""
@@ -245,13 +234,16 @@ class CallRegistry:
     async def _event_loop(self) -> None:
         while True:
             _topic, raw = await self.sub.recv_multipart()
+            received = time.monotonic_ns()
             if raw == SUBSCRIBED:
                 continue  # the relay confirming some subscriber's subscription
             try:
                 event = Event.from_json(raw)
             except EventError as exc:
                 log.warning("dropped a malformed event: %s", exc)
+                self.metrics.drop(DROP_MALFORMED)
                 continue
+            self.metrics.observe(event, received)
             call = self.calls.get(event.call_id) or self._late.get(event.call_id)
             if call is not None and event.type == "flush" and call.player is not None:
                 self.metrics.barge_ins += call.player.barge_in(event)
@@ -269,6 +261,11 @@ class CallRegistry:
                     why = "no worker finished it in %.0f s; ring unlinked"
                     log.warning(why, DONE_TIMEOUT_S, extra={"call_id": call.call_id})
                     self._finish(call.call_id, "timeout")
+
+    @property
+    def broker_age(self) -> float:
+        """Seconds since the broker last answered (infinite before it ever has)."""
+        return time.monotonic() - self.broker_seen if self.broker_seen else float("inf")
 
     @property
     def workers_live(self) -> int:

@@ -10,9 +10,10 @@ import signal
 
 from farm.config import Config
 from farm.ingress.audio_stream import AudioStreamSite
-from farm.ingress.calls import CallRegistry, Metrics
+from farm.ingress.calls import CallRegistry
 from farm.ingress.commands import CommandServer
 from farm.ingress.esl_inbound import InboundEsl
+from farm.ingress.metrics import Metrics
 from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
 from farm.lifeline import die_with_parent, orphaned, parent_from_env
@@ -37,8 +38,9 @@ async def serve(config: Config) -> None:
     inbound = InboundEsl(config.esl_inbound, config.esl_password) if config.esl_inbound else None
     if inbound is not None:
         inbound.start()
-    # The WebSocket port opens last: the supervisor takes it being open to mean that
-    # every port is bound.
+    # The Event Socket port and the command endpoint are bound before the mod_audio_stream
+    # WebSocket port opens: the supervisor takes that port being open to mean they are bound
+    # too (failing to bind one ends the ingress first). Only the optional vosk port comes later.
     socket_site = SocketAudioSite(config, registry, metrics) if config.esl_port else None
     if socket_site is not None:
         await socket_site.start()

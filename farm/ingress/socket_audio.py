@@ -29,8 +29,9 @@ import uuid
 from typing import Any
 
 from farm.config import Config
-from farm.ingress.calls import Call, CallRegistry, Metrics
+from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_link import EslClosed, EslLink
+from farm.ingress.metrics import Metrics
 from farm.ingress.playback import Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import esl

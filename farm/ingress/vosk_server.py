@@ -20,7 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from farm.config import Config
-from farm.ingress.calls import Call, CallRegistry, Metrics
+from farm.ingress.calls import Call, CallRegistry
+from farm.ingress.metrics import Metrics
 from farm.logs import call_logger, quote
 from farm.protocol import vosk_server as proto
 from farm.protocol.events import Event

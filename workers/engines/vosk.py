@@ -49,6 +49,7 @@ __all__ = [
     "Result",
     "warmup_audio",
     "limit_malloc_arenas",
+    "rss_bytes",
 ]
 
 log = logging.getLogger("farm.worker.vosk")
@@ -149,9 +150,14 @@ def warmup_audio(rate: int, path: Path = WARMUP) -> bytes:
     return out
 
 
-def _rss_mb() -> float:
+def rss_bytes() -> int:
+    """This process's resident memory."""
     with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_mb() -> float:
+    return rss_bytes() / 1e6
 
 
 @dataclass(frozen=True)
