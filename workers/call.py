@@ -436,9 +436,19 @@ class CallSession:
         with nothing left to recognise, so the next worker repeats no work; impatient, a
         final still being recognised is recognised again by the next worker, from the
         committed cursor (its speech_start and speech_end come twice, the final once)."""
-        return not self.finishing and all(
-            ch.vad.state is VadState.SILENCE and ch.utterance < 0 and (not patient or not ch.asr.pending)
-            for ch in self.channels
+        # The next worker replays from the committed cursor: if the writer is far ahead of
+        # it (a final pending for long, on a busy node), the ring may overwrite that audio
+        # before the replay reads it, and the words go with it (seen under stress-ng: a call
+        # moved with its final pending 32 s back in a 30 s ring never got that final). Such
+        # a call stays where its recognition is.
+        replayable = self.ring.write_cursor - self.ring.committed <= self.ring.capacity // 2
+        return (
+            replayable
+            and not self.finishing
+            and all(
+                ch.vad.state is VadState.SILENCE and ch.utterance < 0 and (not patient or not ch.asr.pending)
+                for ch in self.channels
+            )
         )
 
     @property

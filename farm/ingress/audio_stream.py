@@ -50,7 +50,14 @@ class StreamAudioPlayer(Player):
     inbound Event Socket (``--esl``); the ``barge_in`` event goes out either way."""
 
     def __init__(self, conn: _Connection, call: Call, fs_uuid: str) -> None:
-        super().__init__(call.call_id, call.ring, conn.site.registry.publish, lead_ms=0, chunk_bytes=None)
+        super().__init__(
+            call.call_id,
+            call.ring,
+            conn.site.registry.publish,
+            lead_ms=0,
+            chunk_bytes=None,
+            max_queued_ms=int(conn.config.playback_max_queued_s * 1000),
+        )
         self.conn = conn
         self.fs_uuid = fs_uuid
 

@@ -25,10 +25,11 @@ MAX_BACKOFF_S = 10.0
 
 
 class InboundEsl:
-    def __init__(self, address: str, password: str) -> None:
+    def __init__(self, address: str, password: str, max_body: int = esl.MAX_BODY_BYTES) -> None:
         host, _, port = address.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port or 8021)
         self.password = password
+        self.max_body = max_body
         self.link: EslLink | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -65,7 +66,7 @@ class InboundEsl:
                 if isinstance(message, esl.AuthRequest) and not greeted.done():
                     greeted.set_result(None)
 
-            link = EslLink(reader, writer, on_message, f"Event Socket {self.host}:{self.port}")
+            link = EslLink(reader, writer, on_message, f"Event Socket {self.host}:{self.port}", self.max_body)
             link.start()
             try:
                 await asyncio.wait_for(greeted, TIMEOUT_S)

@@ -35,7 +35,9 @@ async def serve(config: Config) -> None:
     metrics = Metrics()
     registry = CallRegistry(config, metrics)
     registry.start()
-    inbound = InboundEsl(config.esl_inbound, config.esl_password) if config.esl_inbound else None
+    inbound = (
+        InboundEsl(config.esl_inbound, config.esl_password, config.esl_max_body_bytes) if config.esl_inbound else None
+    )
     if inbound is not None:
         inbound.start()
     # The Event Socket port and the command endpoint are bound before the mod_audio_stream

@@ -10,7 +10,8 @@ FreeSWITCH connects here and farm:
    §2.1) and runs ``socket_audio <host> <port>`` with ``sendmsg``;
 4. waits for FreeSWITCH to connect there. The module reports no failure (§2.1), so a
    timeout is the only signal: then an ``error`` event, and the call is hung up or
-   handed back to the dialplan (``socket_audio_fallback``);
+   handed back to the dialplan (``socket_audio_fallback``); so is a call whose audio
+   stops for ``idle_timeout``;
 5. writes the caller's 16 kHz PCM into the call's ring, odd byte counts carried
    (§2.3), and plays clips back at 24 kHz through a :class:`SocketAudioPlayer`;
 6. ends the call on hang-up, ``uuid_socket_audio_stop`` (EOF on the audio socket),
@@ -66,8 +67,14 @@ _CHANNEL_FIELDS = (
 class SocketAudioPlayer(Player):
     """Plays into the call's audio socket; FreeSWITCH is flushed on its Event Socket."""
 
-    def __init__(self, session: _Session, call: Call, registry: CallRegistry, lead_ms: int) -> None:
-        super().__init__(call.call_id, call.ring, registry.publish, lead_ms=lead_ms)
+    def __init__(self, session: _Session, call: Call, registry: CallRegistry, config: Config) -> None:
+        super().__init__(
+            call.call_id,
+            call.ring,
+            registry.publish,
+            lead_ms=config.playback_lead_ms,
+            max_queued_ms=int(config.playback_max_queued_s * 1000),
+        )
         self.session = session
 
     def _write(self, clip: Clip, data: bytes) -> bool:
@@ -92,7 +99,9 @@ class _Session:
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.local_host = (writer.get_extra_info("sockname") or ("127.0.0.1", 0))[0]
-        self.link = EslLink(reader, writer, self._on_message, f"socket from {self.peer}")
+        self.link = EslLink(
+            reader, writer, self._on_message, f"socket from {self.peer}", self.config.esl_max_body_bytes
+        )
         self.uuid = ""
         self.channel: esl.Headers = esl.Headers()
         self.call: Call | None = None
@@ -102,6 +111,7 @@ class _Session:
         self.hangup = asyncio.Event()
         self.hangup_cause = ""
         self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail)
+        self.stalled = False  # the audio stopped coming: the call is given up (socket_audio_fallback)
 
     def _log(self, level: int, message: str, *args: object) -> None:
         """Log about this session: its call (the call id field) or, before it has one, its peer."""
@@ -213,7 +223,7 @@ class _Session:
         self.call = await self.site.registry.open(
             self.uuid, rate=MIC_RATE, channels=1, protocol="socket_audio", info=info, on_event=None
         )
-        self.player = SocketAudioPlayer(self, self.call, self.site.registry, self.config.playback_lead_ms)
+        self.player = SocketAudioPlayer(self, self.call, self.site.registry, self.config)
         self.call.player = self.player
         self.player.start()
         self.site.live.add(self)
@@ -266,7 +276,10 @@ class _Session:
                 metrics.audio_bytes += len(chunk)
                 metrics.frames += 1
         except TimeoutError:
-            self.end = ("idle", f"no audio in {self.config.idle_timeout:.0f} s")
+            # The module writes a frame every 20 ms while the channel lives (§2.3): a silent
+            # audio socket is a stalled call, and it holds a slot of --max-connections.
+            self._fail(f"no audio in {self.config.idle_timeout:g} s", refused=False, end="idle")
+            self.stalled = True
         except ConnectionError as exc:
             # A hang-up while FreeSWITCH still held our playback surfaces as a reset (§2.6).
             self.end = ("hangup", f"audio stream reset ({exc.__class__.__name__})")
@@ -284,11 +297,15 @@ class _Session:
             self.site.registry.close(self.call, reason, detail)
         elif self.uuid:
             self.site.registry.end_unopened(self.uuid, reason, detail)
+        if self.stalled and not self.link.closed.is_set():
+            await self._fall_back()
         if not self.link.closed.is_set():
-            if self.call is not None and not self.hangup.is_set() and not self.site.draining:
+            if self.call is not None and not self.hangup.is_set() and not self.site.draining and not self.stalled:
                 # socket_audio stopped but the channel lives on: it is still ours until
                 # FreeSWITCH hangs up or closes (the dialer may start it again elsewhere).
                 await self.link.closed.wait()
+                if self.link.close_reason.startswith("bad"):
+                    self._log(logging.WARNING, "Event Socket closed: %s", self.link.close_reason)
             else:
                 self.link.close("done")
 

@@ -89,14 +89,23 @@ class _Connection:
         await self.ws.close(exc.code, str(exc)[:120])
 
     async def _receive(self) -> None:
-        timeout = self.config.first_message_timeout
+        loop = asyncio.get_running_loop()
+        idle = self.config.idle_timeout
+        deadline = loop.time() + self.config.first_message_timeout
+        silent = f"no message in {self.config.first_message_timeout:g} s"
+        spoke = False
         while True:
             try:
-                message = await asyncio.wait_for(self.ws.recv(), timeout)
+                message = await asyncio.wait_for(self.ws.recv(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
-                raise proto.VoskServerError(f"no message in {timeout:.0f} s", CLOSE_POLICY) from None
-            timeout = self.config.idle_timeout
+                raise proto.VoskServerError(silent, CLOSE_POLICY) from None
             recv_ns = time.monotonic_ns()
+            if isinstance(message, bytes) or not spoke:
+                # Only audio keeps a connection alive once it spoke: a client that sends
+                # a config, or text now and then, and no audio holds a slot for nothing.
+                spoke = True
+                deadline = loop.time() + idle
+                silent = f"no audio in {idle:g} s"
             if isinstance(message, bytes):
                 if self.call is None:
                     await self._open()
@@ -109,7 +118,9 @@ class _Connection:
             if command is proto.CONFIG:
                 self._note_config(message, audio_seen)
             elif command is proto.RESET:
+                waited = loop.time()
                 await self._reset()
+                deadline += loop.time() - waited  # waiting for our own worker is not the client's silence
             else:
                 await self._eof()
                 return

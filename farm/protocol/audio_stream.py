@@ -47,6 +47,7 @@ __all__ = [
     "Close",
     "StreamParams",
     "AudioStreamError",
+    "MAX_HELD_BYTES",
     "call_id_from_path",
     "params_from_path",
     "parse_metadata",
@@ -59,6 +60,10 @@ _RATE_KEYS = ("rate", "sample_rate", "sampleRate", "samplerate")
 _CHANNEL_KEYS = ("channels", "nchannels")
 _ID_KEYS = ("call_id", "callId", "uuid", "call_uuid")
 _K_RATES = {"8k": 8000, "16k": 16000}
+# Audio held for late metadata, at most. libwsc sends what it queued while connecting
+# (2 s at most, §1.6: 384 KB at 48 kHz stereo) before the metadata; more than that is
+# no real stream, and the call opens on the URL alone instead of buffering it.
+MAX_HELD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -277,13 +282,16 @@ class AudioStreamSession:
         WAITING    --audio-> HOLDING     libwsc may send audio before the metadata
         HOLDING    --text--> STREAMING   the held audio is written after the open
         HOLDING    --metadata_wait_ms after the upgrade--> STREAMING, on the URL alone
+        HOLDING    --MAX_HELD_BYTES of audio--> STREAMING, on the URL alone
         WAITING    --first_message_timeout--> CLOSED (1008, the call ends idle)
-        STREAMING  --idle_timeout since the last message--> CLOSED (1008, idle)
+        STREAMING  --idle_timeout since the open or the last audio--> CLOSED (1008, idle)
         any        --a rate or channel count farm cannot serve--> CLOSED (1003, refused
                      before the call opened, an error after)
 
     Metadata that comes once the call is open (IXWebSocket re-sends it on every
     reconnect, dialers send text with ``send_text``) changes nothing: the rate is fixed.
+    Nor does it keep the call alive: a call that stalls holds a slot of
+    ``--max-connections``, so only audio moves the idle deadline.
     """
 
     def __init__(
@@ -308,6 +316,7 @@ class AudioStreamSession:
         self._upgraded_at = 0
         self._deadline: int | None = None
         self._held: list[tuple[bytes, int]] = []  # audio that came before the metadata
+        self._held_bytes = 0
         self._carry: SampleCarry | None = None
 
     @property
@@ -344,7 +353,6 @@ class AudioStreamSession:
         except AudioStreamError as exc:
             return self._fail(exc)
         if self.state is STREAMING:
-            self._deadline = now + self._idle_ns
             if error:
                 return [PublishError(error)]
             return [Note(f"metadata again, {len(text)} bytes; kept the stream's parameters")]
@@ -359,9 +367,12 @@ class AudioStreamSession:
         if self.state is CLOSED:
             return []
         self._held.append((data, now))
+        self._held_bytes += len(data)
         self.state = HOLDING
         self._deadline = self._upgraded_at + self._metadata_wait_ns
-        if now >= self._deadline:  # the wait is over (its timer may not have run yet)
+        # The wait is over (its timer may not have run yet), or the peer sends far more
+        # than a real stream could in the wait: stop holding it in memory.
+        if now >= self._deadline or self._held_bytes > MAX_HELD_BYTES:
             return self._open(StreamParams(), False, None, now)
         return []
 
@@ -374,8 +385,11 @@ class AudioStreamSession:
             return []
         if self.state is HOLDING:
             return self._open(StreamParams(), False, None, now)
-        waited = self.first_message_timeout if self.state is WAITING else self.idle_timeout
-        return self._fail(AudioStreamError(f"no message in {waited:.0f} s", CLOSE_POLICY), "idle")
+        if self.state is WAITING:
+            reason = f"no message in {self.first_message_timeout:g} s"
+        else:
+            reason = f"no audio in {self.idle_timeout:g} s"
+        return self._fail(AudioStreamError(reason, CLOSE_POLICY), "idle")
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -393,7 +407,7 @@ class AudioStreamSession:
         actions: list[Action] = [OpenCall(p.call_id, p.rate, p.channels, p.transcribe, p.metadata, metadata_seen)]
         if error:
             actions.append(PublishError(error))
-        held, self._held = self._held, []
+        held, self._held, self._held_bytes = self._held, [], 0
         actions += [self._write(data, received) for data, received in held]
         return actions
 
@@ -406,5 +420,5 @@ class AudioStreamSession:
         end = end or ("error" if self.state is STREAMING else "refused")
         self.state = CLOSED
         self._deadline = None
-        self._held = []
+        self._held, self._held_bytes = [], 0
         return [Close(exc.code, str(exc), end)]
