@@ -302,6 +302,10 @@ class SocketAudioCall:
         return self.channel.hung_up
 
     @property
+    def hangup_cause(self) -> str | None:
+        return self.channel.hangup_cause
+
+    @property
     def switch(self) -> InboundEslServer | None:
         """The inbound server this call is attached to (:meth:`InboundEslServer.attach`)."""
         return self.esl.switch
@@ -309,6 +313,15 @@ class SocketAudioCall:
     @switch.setter
     def switch(self, server: InboundEslServer | None) -> None:
         self.esl.switch = server
+
+    @property
+    def idle_silence(self) -> bool:
+        """Whether the mic sends silence when no speech is queued (False: the stream stalls)."""
+        return self.audio.mic.idle_silence
+
+    @idle_silence.setter
+    def idle_silence(self, on: bool) -> None:
+        self.audio.mic.idle_silence = on
 
     @property
     def closed(self) -> asyncio.Event:

@@ -68,7 +68,7 @@ def active(node: Node, protocol: str) -> int:
     """The node's open calls of one protocol (/metrics): the slots taken on that site."""
     with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/metrics", timeout=20) as r:
         text = r.read().decode()
-    found = re.search(rf'^farm_calls_active_by_protocol\{{protocol="{protocol}"\}} (\d+)$', text, re.M)
+    found = re.search(rf'^farm_calls_active_by_protocol\{{protocol="{protocol}"\}} (\d+)(?:\.0)?$', text, re.M)
     assert found, text
     return int(found.group(1))
 
