@@ -306,6 +306,15 @@ class SocketAudioCall:
         return self.channel.hangup_cause
 
     @property
+    def idle_silence(self) -> bool:
+        """Whether the mic sends zeros when no speech is queued (False: it goes quiet)."""
+        return self.audio.mic.idle_silence
+
+    @idle_silence.setter
+    def idle_silence(self, value: bool) -> None:
+        self.audio.mic.idle_silence = value
+
+    @property
     def switch(self) -> InboundEslServer | None:
         """The inbound server this call is attached to (:meth:`InboundEslServer.attach`)."""
         return self.esl.switch
@@ -313,15 +322,6 @@ class SocketAudioCall:
     @switch.setter
     def switch(self, server: InboundEslServer | None) -> None:
         self.esl.switch = server
-
-    @property
-    def idle_silence(self) -> bool:
-        """Whether the mic sends silence when no speech is queued (False: the stream stalls)."""
-        return self.audio.mic.idle_silence
-
-    @idle_silence.setter
-    def idle_silence(self, on: bool) -> None:
-        self.audio.mic.idle_silence = on
 
     @property
     def closed(self) -> asyncio.Event:

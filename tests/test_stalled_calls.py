@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 import urllib.request
 import uuid
@@ -37,7 +36,7 @@ from farm.client import Subscription
 from farm.protocol.events import Event
 from farm.sender import metadata_for
 
-from .conftest import DATA, MS, Node, free_port, run_call, start_node
+from .conftest import DATA, MS, Node, free_port, metric_value, run_call, start_node
 from .peers import AudioStreamPeer, HandshakeRefused
 from .test_socket_audio import pcm_of
 from .test_vosk_protocol import session, texts
@@ -68,9 +67,9 @@ def active(node: Node, protocol: str) -> int:
     """The node's open calls of one protocol (/metrics): the slots taken on that site."""
     with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/metrics", timeout=20) as r:
         text = r.read().decode()
-    found = re.search(rf'^farm_calls_active_by_protocol\{{protocol="{protocol}"\}} (\d+)(?:\.0)?$', text, re.M)
-    assert found, text
-    return int(found.group(1))
+    found = metric_value(text, "farm_calls_active_by_protocol", protocol=protocol)
+    assert found is not None, text
+    return int(found)
 
 
 async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60_000 * MS) -> None:
