@@ -43,7 +43,6 @@ class CallCost:
         self._wall, self._cpu = clock or (time.monotonic, time.process_time)
         self._last = (self._wall(), self._cpu())
         self.ms = float(prior_ms)
-        self.call_s = 0.0  # call-seconds measured so far
 
     def sample(self, calls: int) -> None:
         """Account the time since the last sample to ``calls`` calls."""
@@ -52,7 +51,6 @@ class CallCost:
         self._last = (wall, cpu)
         if calls <= 0 or dt <= 0:
             return
-        self.call_s += calls * dt
         now = used * 1000 / (calls * dt)
         self.ms += min(1.0, dt / self.tau_s) * (now - self.ms)
 

@@ -296,8 +296,9 @@ class AudioStreamSite:
                 why = self.registry.recognition_ready
                 if not why and self.registry.overloaded:
                     why = f"at capacity: recognition {self.registry.status.lag_ms} ms behind"
-                if not why and self.registry.full:
-                    why = f"at capacity: {self.registry.full}"
+                full = self.registry.full
+                if not why and full:
+                    why = f"at capacity: {full}"
                 if why:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
                 return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")

@@ -314,10 +314,10 @@ class CallRegistry:
     @property
     def full(self) -> str:
         """Why the node's CPUs hold no more calls, ``""`` while they do (the broker's capacity)."""
-        capacity = self.status.capacity
-        if not capacity or self.active < capacity:
+        capacity, active = self.status.capacity, self.active
+        if not capacity or active < capacity:
             return ""
-        return f"{self.active} calls of {capacity}, {self.status.call_cpu_ms} ms CPU per call-second"
+        return f"{active} calls of {capacity}, {self.status.call_cpu_ms} ms CPU per call-second"
 
     @property
     def recognition_ready(self) -> str:
