@@ -22,7 +22,7 @@ from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
 from farm.lifeline import die_with_parent, orphaned
 from farm.logs import call_logger
-from farm.protocol.events import Event, end_reason_of
+from farm.protocol.events import ERROR_ENDS, Event, end_reason_of
 from farm.ring import Ring, RingError
 from workers.asr import ResultQueue
 from workers.call import CallSession
@@ -250,6 +250,9 @@ class Worker:
             "overrun_bytes": ring.overrun_bytes,
             "frames": ring.frames,
         }
+        if data["reason"] in ERROR_ENDS:
+            # The ingress's complaint about this call: said here, so that it comes before call_end.
+            self.publish(session.event_for("error", duration_ms, {"reason": detail or data["reason"]}))
         self.publish(session.event_for("call_end", duration_ms, data))
         ring.committed = ring.write_cursor
         del self.sessions[call_id]

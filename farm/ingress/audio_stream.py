@@ -30,7 +30,7 @@ from farm.ingress.metrics import DROP_WS_BACKLOG, Metrics
 from farm.ingress.playback import OUT_RATE, Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import audio_stream as proto
-from farm.protocol.events import Event
+from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY
 
 
@@ -145,12 +145,14 @@ class _Connection:
         self._log(logging.WARNING, "closing: %s", close.reason)
         if self.end is None:
             self.end = (close.end, close.reason)
+        # An open call ending with an error: its worker publishes the error (ERROR_ENDS).
+        said_by_worker = self.end == (close.end, close.reason) and close.end in ERROR_ENDS
         # The metrics label: what kind of refusal, without the client's own text (it may
         # hold quotes or newlines, which break the exposition format) or numbers (one
         # label per rate tried).
         label = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", close.reason))
         self.site.metrics.reject(" ".join(label.split())[:40])
-        if self.call is not None:
+        if self.call is not None and not said_by_worker:
             self.site.registry.error(self.call.call_id, close.reason)
         await self.ws.close(close.code, close.wire_reason)
 

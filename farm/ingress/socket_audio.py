@@ -36,6 +36,7 @@ from farm.ingress.metrics import Metrics
 from farm.ingress.playback import Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import esl
+from farm.protocol.events import ERROR_ENDS
 from farm.protocol.pcm import SampleCarry
 
 
@@ -348,8 +349,8 @@ class _Session:
         self.end = (end, reason)
         if refused:
             self.site.metrics.reject(reason.split(":")[0].split("(")[0].strip()[:40])
-        if self.uuid:
-            self.site.registry.error(self.uuid, reason)
+        if self.uuid and (self.call is None or end not in ERROR_ENDS):
+            self.site.registry.error(self.uuid, reason)  # else the call's worker says it (ERROR_ENDS)
 
     async def _fall_back(self) -> None:
         """The audio never came: hang up, or give the call back to the dialplan."""

@@ -24,7 +24,7 @@ from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.metrics import Metrics
 from farm.logs import call_logger, quote
 from farm.protocol import vosk_server as proto
-from farm.protocol.events import Event
+from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY, CLOSE_POLICY
 from farm.protocol.pcm import SampleCarry
 
@@ -85,7 +85,8 @@ class _Connection:
         else:
             self.end = ("refused" if self.call is None and exc.code == CLOSE_GOING_AWAY else "error", str(exc))
         self.site.metrics.reject("vosk: " + ("bad json" if exc.code == proto.CLOSE_INVALID else "bad message"))
-        self.site.registry.error(self.call_id, str(exc))
+        if self.call is None or self.end[0] not in ERROR_ENDS:
+            self.site.registry.error(self.call_id, str(exc))  # else the call's worker says it (ERROR_ENDS)
         await self.ws.close(exc.code, str(exc)[:120])
 
     async def _receive(self) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "Event",
     "EventError",
     "END_REASONS",
+    "ERROR_ENDS",
     "end_reason_code",
     "end_reason_of",
     "topic_for",
@@ -83,6 +84,11 @@ END_REASONS = (
     "idle",  # nothing came for --idle-timeout (--first-message-timeout before the call began)
     "error",  # bad input, or a start that failed; detail is the message (also in an error event)
 )
+# A call a worker serves that ends with one of these has its ``error`` event published by
+# that worker, right before call_end, from the ring's end detail: the ingress and the
+# worker publish through different sockets, so an ingress error could reach a subscriber
+# after the worker's call_end, which ends its subscription (detail cut to 120 bytes).
+ERROR_ENDS = ("idle", "error")
 # A call that never began (refused, idle or failed before its audio came) still ends with
 # a call_end, from the ingress: seq 0, duration 0, no call_start before it. Refusals before
 # a WebSocket upgrade (HTTP 503) have no events: FreeSWITCH reports those itself.
