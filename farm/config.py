@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
 
 
@@ -68,6 +69,10 @@ def default_workers() -> int:
 
 def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"must be >= {low:g}, got {v}"
+
+
+def _within(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be within {low:g}-{high:g}, got {v}"
 
 
 def _ms_step(v: int) -> str | None:
@@ -165,7 +170,12 @@ class Config:
     )
     metadata_wait_ms: int = field(default=200, metadata=knob("hold audio this long for late metadata", group="ws"))
     idle_timeout: float = field(
-        default=600.0, metadata=knob("close a call silent on the wire this long, s (a pause is legal)", group="ws")
+        default=600.0,
+        metadata=knob(
+            "close a call that sends no audio this long, s (any kind of call; a shorter pause is legal)",
+            group="ws",
+            check=_at_least(0.1),
+        ),
     )
     first_message_timeout: float = field(
         default=10.0,
@@ -214,12 +224,28 @@ class Config:
     esl_linger_s: int = field(
         default=5, metadata=knob("linger asked of the Event Socket after hang-up, s", group="socket_audio")
     )
+    esl_max_body_bytes: int = field(
+        default=MAX_BODY_BYTES,
+        metadata=knob(
+            "larger Event Socket bodies close that connection (FreeSWITCH's events are a few KiB)",
+            group="socket_audio",
+            check=_within(MAX_HEADER_BYTES, MAX_CONTENT_LENGTH),
+        ),
+    )
     # -- playback and barge-in
     commands: str = field(
         default="tcp://127.0.0.1:5557", metadata=knob("ZeroMQ endpoint for play/flush/state/finalize", group="playback")
     )
     playback_lead_ms: int = field(
         default=200, metadata=knob("write playback this far ahead of real time", group="playback", check=_at_least(0))
+    )
+    playback_max_queued_s: float = field(
+        default=600.0,
+        metadata=knob(
+            "a play that would queue more audio than this for one call is refused, s",
+            group="playback",
+            check=_at_least(1),
+        ),
     )
     barge_in: bool = field(default=True, metadata=knob("caller speech over playback cuts it", group="playback"))
     barge_in_min_speech_ms: int = field(

@@ -26,9 +26,13 @@ Segment layout (little-endian; every header field is 8-byte aligned)::
     120  write_horizon     u64      writer   end of the write in progress (set first)
     128  finalize          u64      writer   1 + the cursor where the writer asked the reader to end the
                                              utterance in progress (an explicit end of speech); 0: never
-    136  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
+    136  end_reason        u64      writer   why the writer closed: a code its reader knows (the ingress and
+                                             the workers: farm.protocol.events.END_REASONS); 0: not said
+    144  end_detail_len    u64      writer   bytes of end_detail used
+    152  end_detail        120 B    writer   UTF-8 text saying more (an error's message); both set before CLOSED
+    272  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
                            frame k lives in slot k % slots
-    136 + 24*slots         payload, capacity bytes
+    272 + 24*slots         payload, capacity bytes
 
 ``write_horizon`` exposes a write that is overwriting bytes a reader is copying, which
 ``write_cursor``, published after the copy, cannot. Relies on in-order store visibility (x86-64).
@@ -68,7 +72,11 @@ _OFFSET_CREATED = 104
 _OFFSET_WRITER_PID = 112
 _OFFSET_WRITE_HORIZON = 120
 _OFFSET_FINALIZE = 128
-_OFFSET_TABLE = 136
+_OFFSET_END_REASON = 136
+_OFFSET_END_DETAIL_LEN = 144
+_OFFSET_END_DETAIL = 152
+_END_DETAIL_BYTES = 120
+_OFFSET_TABLE = 272
 _SLOT_SIZE = 24
 
 _WRITER_CLOSED = 1
@@ -369,10 +377,27 @@ class Ring:
         value: int = _get(self._buf, _OFFSET_FINALIZE)[0]
         return value - 1 if value else None
 
-    def mark_closed(self) -> None:
-        """Tell the reader that no more audio will come (writer only)."""
+    def mark_closed(self, reason: int = 0, detail: str = "") -> None:
+        """Tell the reader that no more audio will come, and why (writer only).
+
+        Args:
+            reason: A code the reader knows; 0 says nothing.
+            detail: Text saying more, cut to 120 bytes of UTF-8.
+        """
+        raw = detail.encode()[:_END_DETAIL_BYTES].decode(errors="ignore").encode()  # whole characters only
+        _put(self._buf, _OFFSET_END_REASON, reason)
+        _put(self._buf, _OFFSET_END_DETAIL_LEN, len(raw))
+        self._buf[_OFFSET_END_DETAIL : _OFFSET_END_DETAIL + len(raw)] = raw
+        # CLOSED last: a reader that sees it also sees why.
         flags = _get(self._buf, _OFFSET_WRITER_FLAGS)[0]
         _put(self._buf, _OFFSET_WRITER_FLAGS, flags | _WRITER_CLOSED)
+
+    @property
+    def end(self) -> tuple[int, str]:
+        """``(reason, detail)`` as given to :meth:`mark_closed`; ``(0, "")`` before it."""
+        n = min(_get(self._buf, _OFFSET_END_DETAIL_LEN)[0], _END_DETAIL_BYTES)
+        detail = bytes(self._buf[_OFFSET_END_DETAIL : _OFFSET_END_DETAIL + n]).decode(errors="replace")
+        return _get(self._buf, _OFFSET_END_REASON)[0], detail
 
     def close(self) -> None:
         """Drop this process's mapping; the segment itself stays. Idempotent."""

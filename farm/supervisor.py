@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from farm.config import Config
+from farm.lifeline import PARENT_ENV
 from farm.ring import sweep_stale
 
 
@@ -118,7 +119,7 @@ class Supervisor:
             self.model_rate,
             os.getpid(),
         )
-        self.heartbeats = HeartbeatTable(64)
+        self.heartbeats = HeartbeatTable()
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)
@@ -157,7 +158,7 @@ class Supervisor:
             pass
 
     def _spawn_process(self, role: str) -> _Child:
-        env = dict(os.environ, FARM_CONFIG=self.config.to_json())
+        env = dict(os.environ, FARM_CONFIG=self.config.to_json(), **{PARENT_ENV: str(os.getpid())})
         popen = subprocess.Popen(
             [sys.executable, "-m", f"farm.{'broker.broker' if role == 'broker' else 'ingress.runner'}"],
             env=env,
@@ -172,7 +173,8 @@ class Supervisor:
 
         cpu = self.cpus[index % len(self.cpus)] if self.cpus else None
         assert isinstance(self.heartbeats, HeartbeatTable)
-        self.heartbeats.beat(index)
+        self.heartbeats.beat(index)  # its slot exists before the fork (see HeartbeatTable)
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.children[pid] = _Child("worker", pid, time.monotonic(), index)
@@ -184,7 +186,7 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             os.close(self.pipe[0])
             os.close(self.pipe[1])
-            code = worker_main(index, cpu, self.config, self.model, self.model_rate, self.heartbeats)
+            code = worker_main(index, cpu, self.config, self.model, self.model_rate, self.heartbeats, parent)
         except BaseException:
             logging.getLogger("farm.worker").exception("worker %d crashed (pid %d)", index, os.getpid())
         finally:
@@ -234,6 +236,12 @@ class Supervisor:
             log.error("farm halted (pid %d): %s", os.getpid(), exc.reason)
             self.stop(graceful=False)
             return exc.exit_status
+        except Exception:
+            # A bug of ours must not leave the broker, the ingress and the workers running
+            # unsupervised: say it and stop them all (drained: the calls are not to blame).
+            log.exception("unexpected error in the supervisor (pid %d): stopping the farm", os.getpid())
+            self.stop(graceful=True)
+            return 1
 
     def _sleep(self) -> None:
         try:
@@ -283,11 +291,8 @@ class Supervisor:
                 continue
             if child.popen is not None:
                 child.popen.returncode = os.waitstatus_to_exitcode(status)
-            cause = (
-                f"killed by {signal.Signals(-code).name}"
-                if (code := os.waitstatus_to_exitcode(status)) < 0
-                else f"exited with code {code}"
-            )
+            code = os.waitstatus_to_exitcode(status)
+            cause = f"killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
             if self.stopping:
                 log.info("%s %s (pid %d)", child.role, cause, pid)
                 continue
@@ -378,6 +383,14 @@ class Supervisor:
         while not done() and time.monotonic() < deadline:  # type: ignore[operator]
             self.reap()
             time.sleep(0.05)
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL``; real-time signals, which have no name of their own: ``SIGRTMIN+1``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN}" if number > signal.SIGRTMIN else f"signal {number}"
 
 
 def run(config: Config) -> int:

@@ -26,6 +26,7 @@ from farm.protocol.audio_stream import (
     CLOSED,
     CONNECTING,
     HOLDING,
+    MAX_HELD_BYTES,
     STREAMING,
     WAITING,
     Action,
@@ -110,9 +111,10 @@ class TestUpgrade:
     )
     def test_a_url_farm_cannot_serve_is_closed_with_1003_at_once(self, query: str, reason: str) -> None:
         session = new_session()
-        assert session.receive_open(f"/stream/{UUID}{query}", T0) == [Close(CLOSE_UNSUPPORTED, reason)]
+        assert session.receive_open(f"/stream/{UUID}{query}", T0) == [Close(CLOSE_UNSUPPORTED, reason, "refused")]
         assert session.state is CLOSED
         assert session.next_deadline() is None
+        assert session.call_id == UUID  # the refused call's call_end names it
 
 
 class TestMetadata:
@@ -131,6 +133,16 @@ class TestMetadata:
         actions = session.receive_text(json.dumps(meta), T0)
         assert actions == [open_call("abc", 16000, 2, "both", meta)]
 
+    def test_the_call_id_the_peer_named_is_the_urls_else_the_metadatas_else_none(self) -> None:
+        assert opened(f"/stream/{UUID}").call_id == UUID
+        session = opened("/?rate=16000")
+        assert session.call_id is None
+        (action,) = session.receive_text('{"event": "start"}', T0)
+        assert isinstance(action, OpenCall) and session.call_id is None  # the id farm made up is not named
+        session = opened("/?rate=16000")
+        session.receive_text('{"call_id": "abc"}', T0)
+        assert session.call_id == "abc"
+
     def test_the_url_wins_over_the_metadata(self) -> None:
         session = opened(f"/stream/{UUID}?rate=16000&channels=1")
         actions = session.receive_text('{"uuid": "other", "rate": 8000, "channels": 2}', T0)
@@ -148,7 +160,11 @@ class TestMetadata:
         session = opened()
         actions = session.receive_text('{"rate": 44100}', T0)
         assert actions == [
-            Close(CLOSE_UNSUPPORTED, "unsupported sample rate 44100 (supported: 8000, 16000, 24000, 32000, 48000)")
+            Close(
+                CLOSE_UNSUPPORTED,
+                "unsupported sample rate 44100 (supported: 8000, 16000, 24000, 32000, 48000)",
+                "refused",  # the call never opened
+            )
         ]
         assert session.state is CLOSED
 
@@ -203,6 +219,17 @@ class TestAudioBeforeMetadata:
         actions = session.receive_binary(bytes(640), T0 + 250 * MS_NS)
         assert [type(a) for a in actions] == [OpenCall, WriteAudio, WriteAudio]
 
+    def test_a_flood_of_audio_before_the_metadata_opens_the_call_instead_of_being_held(self) -> None:
+        """No stream sends MAX_HELD_BYTES in a metadata wait: the session does not buffer it."""
+        session = opened(f"/stream/{UUID}?rate=48000&channels=2", metadata_wait_ms=5000)
+        chunk = bytes(64 * 1024)
+        for i in range(MAX_HELD_BYTES // len(chunk)):
+            assert session.receive_binary(chunk, T0 + i) == []
+        actions = session.receive_binary(chunk, T0 + S)
+        assert actions[0] == open_call(rate=48000, channels=2, metadata_seen=False)
+        assert sum(len(a.pcm) for a in actions[1:] if isinstance(a, WriteAudio)) == MAX_HELD_BYTES + len(chunk)
+        assert session.state is STREAMING
+
     def test_no_metadata_wait_opens_on_the_first_audio(self) -> None:
         session = opened(metadata_wait_ms=0)
         assert [type(a) for a in session.receive_binary(bytes(320), T0)] == [OpenCall, WriteAudio]
@@ -231,7 +258,7 @@ class TestStreaming:
         assert session.receive_text(text, T0 + S) == [
             Note(f"metadata again, {len(text)} bytes; kept the stream's parameters")
         ]
-        assert session.next_deadline() == T0 + S + 600 * S
+        assert session.next_deadline() == T0 + MS_NS + 600 * S  # text does not keep a call alive
         assert session.receive_binary(bytes(3), T0 + 2 * S) == [WriteAudio(bytes(2), T0 + 2 * S, 3)]  # still mono
 
     def test_garbage_text_once_streaming_is_published_and_the_call_goes_on(self) -> None:
@@ -244,6 +271,7 @@ class TestStreaming:
         session = streaming()
         (action,) = session.receive_text('{"rate": 11025}', T0 + S)
         assert isinstance(action, Close) and action.code == CLOSE_UNSUPPORTED
+        assert action.end == "error"  # the open call ends in an error
         assert session.state is CLOSED
 
 
@@ -253,17 +281,33 @@ class TestTimeouts:
     def test_a_connection_that_sends_nothing_is_closed_1008_after_first_message_timeout(self) -> None:
         session = opened()
         assert session.timeout(T0 + 10 * S - 1) == []
-        assert session.timeout(T0 + 10 * S) == [Close(CLOSE_POLICY, "no message in 10 s")]
+        assert session.timeout(T0 + 10 * S) == [Close(CLOSE_POLICY, "no message in 10 s", "idle")]
         assert session.state is CLOSED and session.next_deadline() is None
 
-    def test_every_message_moves_the_idle_deadline(self) -> None:
+    def test_every_audio_message_moves_the_idle_deadline(self) -> None:
         session = streaming(idle_timeout=30.0)
         session.receive_binary(bytes(640), T0 + 5 * S)
         assert session.next_deadline() == T0 + 35 * S
         assert session.timeout(T0 + 34 * S) == []
-        session.receive_text("{}", T0 + 40 * S)  # a late message still counts
-        assert session.next_deadline() == T0 + 70 * S
-        assert session.timeout(T0 + 70 * S) == [Close(CLOSE_POLICY, "no message in 30 s")]
+        session.receive_binary(bytes(640), T0 + 34 * S)  # a late message still counts
+        assert session.next_deadline() == T0 + 64 * S
+        assert session.timeout(T0 + 64 * S) == [Close(CLOSE_POLICY, "no audio in 30 s", "idle")]
+
+    def test_a_call_that_sent_only_metadata_is_closed_1008_after_idle_timeout(self) -> None:
+        """A stalled call holds a slot of --max-connections: it must not hold it for ever."""
+        session = streaming(idle_timeout=2.0)  # opened at T0 + 1 ms
+        assert session.timeout(T0 + MS_NS + 2 * S - 1) == []
+        assert session.timeout(T0 + MS_NS + 2 * S) == [Close(CLOSE_POLICY, "no audio in 2 s", "idle")]
+        assert session.state is CLOSED
+
+    def test_text_without_audio_does_not_keep_a_call_open(self) -> None:
+        """Metadata again, send_text, garbage: only audio counts as the call being alive."""
+        session = streaming(idle_timeout=2.5)
+        session.receive_binary(bytes(640), T0 + S)
+        for i, text in enumerate(['{"rate": 8000}', "\x00garbage", '{"type": "mark"}']):
+            session.receive_text(text, T0 + S + (i + 1) * S // 2)
+        assert session.next_deadline() == T0 + S + 5 * S // 2
+        assert session.timeout(T0 + S + 5 * S // 2) == [Close(CLOSE_POLICY, "no audio in 2.5 s", "idle")]
 
 
 class TestCloseFrame:
@@ -271,7 +315,7 @@ class TestCloseFrame:
 
     def test_the_close_reason_fits_a_close_frame(self) -> None:
         reason = "unsupported sample rate " + "9" * 200
-        assert Close(CLOSE_UNSUPPORTED, reason).wire_reason == reason[:120]
+        assert Close(CLOSE_UNSUPPORTED, reason, "refused").wire_reason == reason[:120]
 
     def test_a_reason_with_the_clients_multibyte_text_is_cut_to_123_bytes_on_a_character(self) -> None:
         session = new_session()
@@ -302,7 +346,7 @@ class TestMisuse:
         session = opened()
         session.receive_binary(bytes(640), T0)  # held audio is dropped with the connection
         assert session.receive_text('{"rate": 5}', T0)[0] == Close(
-            CLOSE_UNSUPPORTED, "unsupported sample rate 5 (supported: 8000, 16000, 24000, 32000, 48000)"
+            CLOSE_UNSUPPORTED, "unsupported sample rate 5 (supported: 8000, 16000, 24000, 32000, 48000)", "refused"
         )
         assert session.receive_text("{}", T0) == []
         assert session.receive_binary(bytes(640), T0) == []
@@ -470,7 +514,8 @@ def test_every_capture_replayed_every_way_opens_one_call_with_exactly_the_record
         else:
             assert opened_at == max(first_binary, T0 + 200 * MS_NS), how
         assert session.state is STREAMING
-        last = max(opened_at, *(at for at, _ in chunks))  # the open by timeout may come last
+        # Audio moves the idle deadline, text does not; the open by timeout may come last.
+        last = max(opened_at, *(at for at, p in chunks if isinstance(p, bytes)))
         assert session.next_deadline() == last + 600 * S, how
 
 

@@ -17,9 +17,11 @@ worker's partial schedule, so an undisturbed call gives exactly its finals.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -100,6 +102,8 @@ def assert_good(farm: Farm, run: CallRun) -> None:
     assert not run.of("overrun"), run.of("overrun")
     assert_transcribed(run.events, GOOD)
     assert run.sent is not None and run.sent.close_code == 1000
+    end = run.events[-1]
+    assert end["reason"] == "hangup" and end["detail"].startswith("close 1000"), end.data  # the sender's Close
 
 
 def assert_alive(farm: Farm) -> None:
@@ -230,6 +234,7 @@ def test_a_10_mb_message_is_refused_with_1009_and_logged(farm: Farm) -> None:
     good, (peer, big) = asyncio.run(beside_good_call(farm, bad))
     assert peer.close_code == 1009, (peer.close_code, peer.close_reason)
     assert big[0].type == "call_start" and big[-1].type == "call_end"
+    assert big[-1]["reason"] == "error" and big[-1]["detail"] == f"closed with 1009 {peer.close_reason}"
     log = farm.node.log()
     assert f"call {call_id}: closed with 1009 {peer.close_reason}" in log, log[-2000:]
     assert "10485760" in peer.close_reason  # the reason names the size
@@ -288,23 +293,29 @@ def test_an_unknown_rate_in_the_url_is_closed_with_1003_naming_the_rate(farm: Fa
         "?channels=3": "unsupported channel count 3",
     }
 
-    async def one(query: str) -> AudioStreamPeer:
-        peer = await AudioStreamPeer("127.0.0.1", farm.node.port, f"/stream/{uuid.uuid4()}{query}").connect()
-        await peer.send_binary(bytes(640))  # audio already on its way, as libwsc queues it
-        await asyncio.wait_for(peer.closed.wait(), 20_000 * MS)
-        await asyncio.wait_for(peer.eof.wait(), 20_000 * MS)
-        peer.abort()
-        return peer
+    async def one(query: str) -> tuple[AudioStreamPeer, list[Event]]:
+        call_id = str(uuid.uuid4())
+        async with Subscription(farm.node.events, call_id) as sub:
+            peer = await AudioStreamPeer("127.0.0.1", farm.node.port, f"/stream/{call_id}{query}").connect()
+            await peer.send_binary(bytes(640))  # audio already on its way, as libwsc queues it
+            await asyncio.wait_for(peer.closed.wait(), 20_000 * MS)
+            await asyncio.wait_for(peer.eof.wait(), 20_000 * MS)
+            peer.abort()
+            return peer, await events_until_end(sub)
 
-    async def bad() -> list[AudioStreamPeer]:
+    async def bad() -> list[tuple[AudioStreamPeer, list[Event]]]:
         return await asyncio.gather(*(one(q) for q in cases))
 
-    good, peers = asyncio.run(beside_good_call(farm, bad))
-    for (query, reason), peer in zip(cases.items(), peers, strict=True):
+    good, results = asyncio.run(beside_good_call(farm, bad))
+    for (query, reason), (peer, events) in zip(cases.items(), results, strict=True):
         assert peer.status == 101
         assert peer.close_code == 1003, (query, peer.close_code, peer.close_reason)
         assert reason in peer.close_reason, (query, peer.close_reason)
         assert len(peer.close_reason.encode()) <= 123
+        # The call never began, and its subscribers hear why it ended all the same.
+        [end] = events
+        assert (end.type, end["reason"], end.seq, end["duration_ms"]) == ("call_end", "refused", 0, 0)
+        assert reason in end["detail"], (query, end.data)
     log = farm.node.log()
     assert "closing: unsupported sample rate 44100" in log
     assert "connection handler failed" not in log
@@ -328,22 +339,25 @@ def test_a_client_that_connects_and_sends_nothing_is_harmless_and_closed_by_the_
     then sends nothing: the good call is served meanwhile; the server closes both once
     its first-message timeout (10 s) has run, not before."""
 
-    async def bad() -> tuple[bytes, float, AudioStreamPeer, float]:
-        t0 = time.monotonic()
-        reader, writer = await asyncio.open_connection("127.0.0.1", farm.node.port)
-        peer = await AudioStreamPeer("127.0.0.1", farm.node.port, f"/stream/{uuid.uuid4()}").connect()
-        # Harmless while the good call streams: still open after 3 s.
-        await asyncio.sleep(3.0)
-        assert not reader.at_eof() and not peer.closed.is_set()
-        data = await asyncio.wait_for(reader.read(), 60_000 * MS)
-        tcp_closed = time.monotonic() - t0
-        writer.close()
-        await asyncio.wait_for(peer.eof.wait(), 60_000 * MS)
-        peer_closed = time.monotonic() - t0
-        peer.abort()
-        return data, tcp_closed, peer, peer_closed
+    async def bad() -> tuple[bytes, float, AudioStreamPeer, float, list[Event]]:
+        call_id = str(uuid.uuid4())
+        async with Subscription(farm.node.events, call_id) as sub:
+            t0 = time.monotonic()
+            reader, writer = await asyncio.open_connection("127.0.0.1", farm.node.port)
+            peer = await AudioStreamPeer("127.0.0.1", farm.node.port, f"/stream/{call_id}").connect()
+            # Harmless while the good call streams: still open after 3 s.
+            await asyncio.sleep(3.0)
+            assert not reader.at_eof() and not peer.closed.is_set()
+            data = await asyncio.wait_for(reader.read(), 60_000 * MS)
+            tcp_closed = time.monotonic() - t0
+            writer.close()
+            await asyncio.wait_for(peer.eof.wait(), 60_000 * MS)
+            peer_closed = time.monotonic() - t0
+            peer.abort()
+            return data, tcp_closed, peer, peer_closed, await events_until_end(sub)
 
-    good, (data, tcp_closed, peer, peer_closed) = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
+    good, (data, tcp_closed, peer, peer_closed, events) = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
+    assert [(e.type, e["reason"]) for e in events] == [("call_end", "idle")]
     assert data == b""  # closed without an answer
     assert tcp_closed >= 9.9 and peer_closed >= 9.9  # the 10 s timeout (timers round to ms), from after t0
     assert peer.close_code == 1008, (peer.close_code, peer.close_reason)
@@ -389,7 +403,47 @@ def test_a_client_that_vanishes_mid_call_still_gets_call_end_and_its_ring_unlink
     good, gone = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
     assert gone[0].type == "call_start" and gone[-1].type == "call_end"
     assert gone[-1]["duration_ms"] == 1000
+    assert (gone[-1]["reason"], gone[-1]["detail"]) == ("hangup", "no close frame")
     assert f"call {call_id}: connection lost (no close frame)" in farm.node.log()
     assert_good(farm, good)
     assert rings_gone(farm) == []
+    assert_alive(farm)
+
+
+def test_a_call_id_or_metadata_with_a_newline_writes_no_line_of_its_own_into_the_log(farm: Farm) -> None:
+    """Two calls name themselves with a newline and a fake log line: one in the URL path
+    (percent-encoded, as FreeSWITCH would pass it), one in its metadata. The ingress,
+    the broker and a worker all log about them; not one line of the log is the peer's."""
+    fake = "CRITICAL fake"
+    in_path = f"path-{uuid.uuid4()}\n{fake} line from the path"
+    in_meta = f"meta-{uuid.uuid4()}\r\n{fake} line from the metadata"
+
+    async def call(call_id: str, path: str, metadata: str) -> list[Event]:
+        async with Subscription(farm.node.events, call_id) as sub:
+            peer = await AudioStreamPeer("127.0.0.1", farm.node.port, path).connect()
+            await peer.send_text(metadata)
+            await peer.send_pcm(wav_pcm(OTHER)[:32000], [640], 0.020)
+            await peer.close()
+            return await events_until_end(sub)
+
+    async def bad() -> list[list[Event]]:
+        return await asyncio.gather(
+            call(in_path, f"/stream/{urllib.parse.quote(in_path, safe='')}?rate=16000", "{}"),
+            call(in_meta, "/?rate=16000", json.dumps({"call_id": in_meta, "note": f"\n{fake} note"})),
+        )
+
+    good, runs = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
+    for call_id, events in zip((in_path, in_meta), runs, strict=True):
+        assert events[0].type == "call_start" and events[-1].type == "call_end"
+        assert all(e.call_id == call_id for e in events)  # the id itself is the peer's, unchanged
+    log = farm.node.log()
+    injected = [line for line in log.splitlines() if line.startswith(fake)]
+    assert injected == [], injected
+    # Each is logged, escaped, as the call's field by every process that served it.
+    for call_id in (in_path, in_meta):
+        field = "call " + json.dumps(call_id) + ": "
+        assert f"farm.ingress.ws: {field}mod_audio_stream from" in log
+        assert f"farm.broker: {field}assigned to worker" in log
+        assert f"farm.worker: {field}done," in log
+    assert_good(farm, good)
     assert_alive(farm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 from collections.abc import Iterator
 from typing import get_args
 
@@ -18,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 from farm.protocol.esl import (
     CLOSED,
     FAILED,
+    MAX_BODY_BYTES,
     MAX_CONTENT_LENGTH,
     MAX_HEADER_BYTES,
     OPEN,
@@ -494,7 +496,12 @@ class TestSection3_1Framing:
         assert isinstance(message, ApiResponse) and message.body == "+OK\n"
 
     def test_maximum_content_length_is_accepted(self) -> None:
-        parser = parse_whole(f"Content-Type: api/response\nContent-Length: {MAX_CONTENT_LENGTH}\n\n".encode())
+        parser = parse_whole(f"Content-Type: api/response\nContent-Length: {MAX_BODY_BYTES}\n\n".encode())
+        assert parser.state is OPEN and parser.parser_exc is None
+
+    def test_freeswitchs_own_maximum_is_accepted_when_allowed(self) -> None:
+        parser = EventSocketParser(max_body=MAX_CONTENT_LENGTH)
+        parser.receive_data(f"Content-Type: api/response\nContent-Length: {MAX_CONTENT_LENGTH}\n\n".encode())
         assert parser.state is OPEN and parser.parser_exc is None
 
     def test_header_block_of_exactly_the_limit_is_accepted(self) -> None:
@@ -586,8 +593,39 @@ class TestSection3_1BadInput:
 
     def test_huge_content_length(self) -> None:
         assert failed_with(b"Content-Type: api/response\nContent-Length: 16777217\n\n") == (
-            "content-length 16777217 exceeds the limit of 16777216 bytes"
+            "content-length 16777217 exceeds the limit of 1048576 bytes"
         )
+
+    def test_a_body_over_the_limit_is_refused_before_it_is_read(self) -> None:
+        """FreeSWITCH's events are a few KiB (§3.4); a 16 MiB body would be held whole."""
+        parser = EventSocketParser(max_body=4096)
+        parser.receive_data(b"Content-Type: api/response\nContent-Length: 4097\n\n")
+        assert parser.state is FAILED
+        assert str(parser.parser_exc) == "content-length 4097 exceeds the limit of 4096 bytes"
+        parser.receive_data(bytes(4097))  # the body that follows is not buffered
+        assert parser.events_received() == []
+
+    def test_the_limit_is_at_most_freeswitchs_own(self) -> None:
+        with pytest.raises(LocalProtocolError, match="max_body 16777217 is not within 0-16777216 bytes"):
+            EventSocketParser(max_body=MAX_CONTENT_LENGTH + 1)
+
+    def test_a_parser_keeps_no_big_buffer_after_a_big_body(self) -> None:
+        """A link lives as long as its call: one big body must not stay allocated in it."""
+        body = b"+" * MAX_BODY_BYTES
+        message = b"Content-Type: api/response\nContent-Length: " + str(len(body)).encode() + b"\n\n" + body
+        tracemalloc.start()
+        try:
+            parser = EventSocketParser()
+            for i in range(0, len(message), 65536):
+                parser.receive_data(message[i : i + 65536])
+            (response,) = parser.events_received()
+            assert isinstance(response, ApiResponse) and len(response.body) == len(body)
+            del response
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert parser.state is OPEN
+        assert held < len(body) // 4, f"the parser holds {held} bytes after a {len(body)}-byte body"
 
     def test_enormous_content_length_is_not_converted(self) -> None:
         digits = "9" * 50_000

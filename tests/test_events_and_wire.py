@@ -7,7 +7,15 @@ import json
 import pytest
 
 from farm.broker import wire
-from farm.protocol.events import Event, EventError, call_id_from_topic, topic_for
+from farm.protocol.events import (
+    END_REASONS,
+    Event,
+    EventError,
+    call_id_from_topic,
+    end_reason_code,
+    end_reason_of,
+    topic_for,
+)
 
 
 class TestEventSchema:
@@ -49,6 +57,13 @@ class TestEventSchema:
     def test_malformed_events_raise_event_error(self, raw: bytes, message: str) -> None:
         with pytest.raises(EventError, match=message):
             Event.from_json(raw)
+
+    def test_every_end_reason_has_a_ring_code_and_back(self) -> None:
+        assert set(END_REASONS) == {"hangup", "stop", "drain", "refused", "idle", "error"}
+        codes = [end_reason_code(r) for r in END_REASONS]
+        assert 0 not in codes and len(set(codes)) == len(codes)
+        assert [end_reason_of(c) for c in codes] == list(END_REASONS)
+        assert (end_reason_code("shrug"), end_reason_of(0), end_reason_of(99)) == (0, "", "")
 
     def test_topic_of_one_call_is_not_a_prefix_of_another(self) -> None:
         assert not topic_for("abcd").startswith(topic_for("abc"))

@@ -32,8 +32,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from farm.broker import wire
-from farm.ingress.metrics import Metrics
-from farm.protocol.events import Event
+from farm.ingress.metrics import END_UNKNOWN, Metrics
+from farm.protocol.events import END_REASONS, Event
 from farm.protocol.latency import LATENCY_STAGES
 
 from .conftest import DATA, MS, Node, free_port, run_call, start_node
@@ -196,6 +196,10 @@ def test_prometheus_scrapes_the_stage_histograms_of_a_node_under_load(prometheus
     assert prometheus.value('farm_broker_up{job="farm"}') == 1
     assert (prometheus.value('farm_calls_total{job="farm"}') or 0) >= 3
     assert (prometheus.value('sum(farm_events_total{job="farm",type="final"})') or 0) >= 3
+    # Each call's call_end, by its reason: the three calls hung up (closed their WebSockets).
+    ended = 'farm_calls_ended_total{job="farm",reason="hangup"}'
+    wait_for("call ends counted", lambda: (prometheus.value(ended) or 0) >= 3)
+    assert prometheus.value('farm_calls_ended_total{job="farm",reason="error"}') == 0
 
 
 # Words of PromQL that are not metric names.
@@ -313,3 +317,21 @@ def test_a_final_ending_an_utterance_is_timed_from_the_end_of_speech() -> None:
     assert samples["farm_stage_latency_seconds_bucket", "end_of_speech_to_final", "0.3"] == 0
     assert {stage for _, stage, _ in samples} == set(LATENCY_STAGES)
     assert m.events["final"] == 1
+
+
+def test_call_ends_are_counted_by_a_bounded_reason() -> None:
+    m = Metrics()
+    assert m.ended == dict.fromkeys(END_REASONS, 0)  # every reason exported from the start, at 0
+
+    def end(call_id: str, data: dict[str, Any]) -> Event:
+        return Event("call_end", call_id, 3, 0, data, {"publish": 1_000})
+
+    m.observe(end("a", {"reason": "hangup", "detail": "close 1000", "duration_ms": 10}), 2_000)
+    m.observe(end("b", {"reason": "refused", "detail": "at capacity", "duration_ms": 0}), 2_000)
+    m.observe(end("c", {"reason": "hangup", "detail": "", "duration_ms": 20}), 2_000)
+    m.observe(end("d", {"duration_ms": 5}), 2_000)  # an older worker's: no reason
+    m.observe(end("e", {"reason": "caller said\nbye", "duration_ms": 5}), 2_000)  # not a reason: no new label
+    assert m.ended["hangup"] == 2 and m.ended["refused"] == 1
+    assert m.ended[END_UNKNOWN] == 2
+    assert set(m.ended) == {*END_REASONS, END_UNKNOWN}
+    assert m.events["call_end"] == 5

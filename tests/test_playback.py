@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from farm.ingress.playback import FRAME_BYTES, Clip, PlaybackError, Player, to_pcm24k, wav_to_pcm24k
+from farm.ingress.playback import FRAME_BYTES, Clip, PlaybackError, Player, to_pcm24k, wav_duration_ms, wav_to_pcm24k
 from farm.protocol.events import Event
 from farm.ring import Ring
 
@@ -250,3 +250,76 @@ def test_after_a_flush_the_next_clip_waits_for_freeswitchs_playback_stop(ring: R
         player.close()
 
     run(scenario())
+
+
+def test_a_play_past_the_queued_audio_limit_is_refused_naming_it_and_what_is_queued_plays_on(ring: Ring) -> None:
+    """A dialer that queues without end must not make the ingress hold hours of audio."""
+    events: list[Event] = []
+
+    async def scenario() -> tuple[ListPlayer, str]:
+        player = ListPlayer(ring, events)
+        player.max_queued_ms = 1000
+        player.start()
+        for i in range(4):
+            player.play(Clip(bytes(48000 // 4), f"quarter-{i}"))  # 250 ms each: 1 s in all
+        with pytest.raises(PlaybackError) as refused:
+            player.play(Clip(bytes(480), "one-more"))  # 10 ms
+        await wait_until(lambda: sum(e.type == "playback_stop" for e in events) == 4)
+        # Played out, the queue has room again.
+        assert player.play(Clip(bytes(480), "later"))["starts_in_ms"] == 0
+        player.close()
+        return player, str(refused.value)
+
+    player, refused = asyncio.run(scenario())
+    assert "over the limit of 1000 ms of queued audio (--playback-max-queued-s)" in refused
+    assert refused.endswith(")") and "this clip is 10 ms" in refused
+    stops = [(e["id"], e["reason"]) for e in events if e.type == "playback_stop"]
+    assert stops[:4] == [(f"quarter-{i}", "complete") for i in range(4)]
+    assert sum(len(d) for _, d in player.writes) >= 48000  # every queued clip went out whole
+    assert "one-more" not in [e["id"] for e in events]
+
+
+def test_a_play_past_the_clip_limit_is_refused(ring: Ring) -> None:
+    """Tiny clips fit any audio limit; each one still costs an object and two events."""
+    events: list[Event] = []
+
+    async def scenario() -> str:
+        player = ListPlayer(ring, events)
+        player.max_clips = 3
+        player.hold_until = time.monotonic_ns() + 60 * 1_000_000_000  # nothing goes out meanwhile
+        player.start()
+        for i in range(3):
+            player.play(Clip(bytes(48), f"tiny-{i}"))
+        with pytest.raises(PlaybackError) as refused:
+            player.play(Clip(bytes(48), "tiny-3"))
+        assert [c.play_id for c in player.queue] == ["tiny-0", "tiny-1", "tiny-2"]
+        player.close()
+        return str(refused.value)
+
+    assert asyncio.run(scenario()) == "3 clips are queued, the limit for one call"
+
+
+def test_the_play_limits_are_checked_before_a_clip_is_converted(ring: Ring) -> None:
+    """The command socket asks admit() with the length a request says, before converting it."""
+    events: list[Event] = []
+
+    async def scenario() -> None:
+        player = ListPlayer(ring, events)
+        player.max_queued_ms = 1000
+        player.play(Clip(bytes(48000), "one-second"))
+        with pytest.raises(PlaybackError, match="1000 ms are queued and this clip is 1 ms"):
+            player.admit(1)
+        player.close()
+
+    asyncio.run(scenario())
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(tone(8000, 1.5, channels=2))
+    assert wav_duration_ms(wav.getvalue()) == 1500
+    assert wav_duration_ms(b"not a wav") == 0
+    # A streaming writer's placeholder length (data chunk 0xFFFFFFFF): the bytes there count.
+    streamed = wav.getvalue()[:40] + b"\xff\xff\xff\xff" + wav.getvalue()[44:]
+    assert 1500 <= wav_duration_ms(streamed) <= 1502

@@ -105,7 +105,7 @@ def test_create_rounds_capacity_and_attach_reads_every_header_field(make_ring: C
         assert (reader.write_cursor, reader.read_cursor, reader.committed, reader.frames) == (0, 0, 0, 0)
         assert (reader.overrun_bytes, reader.overrun_count) == (0, 0)
         assert not reader.closed and not reader.in_speech
-        assert SHM.joinpath(writer.name).stat().st_size == 136 + 64 * 24 + 1008
+        assert SHM.joinpath(writer.name).stat().st_size == 272 + 64 * 24 + 1008
         assert isinstance(Ring.write_cursor, ring_mod._Field)  # class access yields the descriptor
     finally:
         reader.close()
@@ -123,10 +123,14 @@ def test_header_fields_sit_at_the_documented_offsets(make_ring: Callable[..., Ri
     assert (u64(8), u64(16), u64(80), u64(88), u64(96), u64(112), u64(120)) == (64, 3, 1, 4, 3, os.getpid(), 3)
     assert int.from_bytes(raw[40:44], "little") == 48000 and int.from_bytes(raw[44:48], "little") == 2
     assert u64(128) == 0  # no finalize asked
-    assert u64(136) == 3 and u64(144) == 5  # slot 0: end_cursor, recv_ns
-    assert raw[136 + 4 * 24 : 136 + 4 * 24 + 3] == b"abc"
+    assert (u64(136), u64(144)) == (0, 0)  # no end reason, no detail
+    assert u64(272) == 3 and u64(280) == 5  # slot 0: end_cursor, recv_ns
+    assert raw[272 + 4 * 24 : 272 + 4 * 24 + 3] == b"abc"
     assert ring.request_finalize() == 3
     assert int.from_bytes(SHM.joinpath(ring.name).read_bytes()[128:136], "little") == 4  # 1 + the cursor
+    ring.mark_closed(6, "bad")
+    raw = SHM.joinpath(ring.name).read_bytes()
+    assert (u64(136), u64(144), raw[152:155]) == (6, 3, b"bad")
 
 
 def test_a_finalize_request_marks_the_cursor_the_reader_sees(make_ring: Callable[..., Ring]) -> None:
@@ -548,9 +552,13 @@ def test_flags_and_event_seq_are_shared_and_independent(make_ring: Callable[...,
         reader.in_speech = False
         assert not writer.in_speech
         assert ring_mod._get(writer._buf, ring_mod._OFFSET_READER_FLAGS)[0] == 0b100
+        assert reader.end == (0, "")
         writer.mark_closed()
-        writer.mark_closed()
+        writer.mark_closed(2, "said why")
         assert reader.closed and not reader.in_speech
+        assert reader.end == (2, "said why")
+        writer.mark_closed(6, "é" * 100)  # 200 bytes of UTF-8: cut to whole characters within 120
+        assert reader.end == (6, "é" * 60)
         reader.event_seq += 1
         assert writer.event_seq == 1
         writer.playing = True  # the PLAYING bit sits beside CLOSED; neither disturbs the other

@@ -542,16 +542,15 @@ def test_hangup_stop_and_reset_each_end_the_call_cleanly(node: Node) -> None:
     reset = legs[2]
     assert [e["reason"] for e in reset.of("playback_stop")] in (["hangup"], ["call_end"])
     no_rings_left(node)
-    hung, stopped = (leg.peer.uuid for leg in legs[:2])
-    # The ingress logs how each call ended. A hang-up closes the audio socket too: which of
-    # the two farm sees first is a race, either is a clean end.
-    ends = {
-        stopped: r"audio stream ended \(uuid_socket_audio_stop or hang-up\)",
-        hung: r"(hangup NORMAL_CLEARING|audio stream ended \(uuid_socket_audio_stop or hang-up\))",
-    }
-    for call_id, how in ends.items():
-        line = re.compile(rf"call {call_id}: ended: {how}\n")
-        settled(lambda line=line: line.search(node.log()) is not None, f"{call_id}'s end logged")
+    # call_end says how each ended. A hang-up closes the audio socket too, and farm may see
+    # that before CHANNEL_HANGUP: it is a hang-up all the same, not a stop.
+    ends = [(leg.of("call_end")[0]["reason"], leg.of("call_end")[0]["detail"]) for leg in legs]
+    assert ends[0] == ("hangup", "NORMAL_CLEARING")
+    assert ends[1] == ("stop", "audio stream ended")
+    assert ends[2][0] == "hangup"
+    for leg, (reason, _) in zip(legs, ends):
+        line = re.compile(rf"call {leg.peer.uuid}: ended \({reason}\): ")
+        settled(lambda line=line: line.search(node.log()) is not None, f"{leg.peer.uuid}'s end logged")
 
 
 def test_bad_event_socket_input_ends_that_call_only(node: Node) -> None:
@@ -573,16 +572,22 @@ def test_bad_event_socket_input_ends_that_call_only(node: Node) -> None:
         await good.close()
         # farm hangs the mute call up after its error (the default fallback)
         await wait_until(lambda: mute.peer.hung_up, "the mute call hung up by farm")
+        await mute.until("call_end")
         for leg in (garbage, huge, mute):
             await leg.peer.aclose()
             leg.close_subscription()
         return good, [garbage, huge], mute
 
     good, broken, mute = asyncio.run(scenario())
-    assert good.of("final")[0]["text"] and good.of("call_end")
+    assert good.of("final")[0]["text"] and good.of("call_end")[0]["reason"] == "hangup"
     for leg in broken:
         assert "Event Socket" in leg.of("error")[0]["reason"]
+        end = leg.of("call_end")[0]
+        assert (end["reason"], end["detail"]) == ("error", leg.of("error")[0]["reason"])
     assert "did not connect to the audio port" in mute.of("error")[0]["reason"]
+    # Its audio never came, so no worker had it: the ingress ends it, the same way.
+    [end] = mute.of("call_end")
+    assert (end["reason"], end["detail"], end.seq) == ("error", mute.of("error")[0]["reason"], 0)
     hangups = [c for c in mute.peer.commands if c.name == "sendmsg" and c.header("call-command") == "hangup"]
     assert hangups and mute.peer.hung_up
     no_rings_left(node)

@@ -21,10 +21,12 @@ import pytest
 
 from farm.client import Subscription
 from farm.ring import Ring, segment_name
+from workers.worker import HeartbeatTable
 
 from .conftest import (
     DATA,
     MS,
+    CallRun,
     direct_decode,
     farm_segments,
     free_port,
@@ -143,14 +145,18 @@ def test_start_removes_rings_of_a_crashed_farm_and_only_those(tmp_path: Path) ->
 def test_a_killed_worker_is_replaced_and_the_node_keeps_serving(tmp_path: Path) -> None:
     n = start_node(tmp_path, workers=2)
     try:
-        victim = n.pids("worker")[0]
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 30_000 * MS
-        while n.log().count(") started on cpu") < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert n.log().count(") started on cpu") == 3, "no replacement worker started"
-        assert f"killed by SIGKILL (pid {victim})" in n.log()
-        assert victim not in n.pids("worker") and len(n.pids("worker")) == 2
+        # SIGKILL, then a real-time signal (no name in Python's signal.Signals: its death
+        # once crashed the supervisor's reaping).
+        for started, sig, name in ((3, signal.SIGKILL, "SIGKILL"), (4, signal.SIGRTMIN + 1, "SIGRTMIN+1")):
+            victim = n.pids("worker")[0]
+            os.kill(victim, sig)
+            deadline = time.monotonic() + 30_000 * MS
+            while n.log().count(") started on cpu") < started and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert n.log().count(") started on cpu") == started, f"no replacement worker started:\n{n.log()[-3000:]}"
+            assert f"killed by {name} (pid {victim})" in n.log()
+            assert victim not in n.pids("worker") and len(n.pids("worker")) == 2
+        assert n.proc.poll() is None
         wav = DATA / "ko_01.wav"
         run = asyncio.run(run_call(n, wav, realtime=False))
         assert similarity(run.text, " ".join(direct_decode(wav))) >= 0.8
@@ -210,6 +216,7 @@ def test_sigterm_lets_utterances_in_flight_finish_and_leaves_no_ring(tmp_path: P
                 in_flight += 1
                 assert final["text"]
         assert run.sent is not None and run.sent.close_code == 1001
+        assert run.events[-1]["reason"] == "drain", run.events[-1].data
     assert in_flight >= 1  # the speech_start that triggered the SIGTERM, at least
     assert "ingress draining" in n.log() and "farm stopped" in n.log()
     assert not any(farm_segments(pid) for pid in ingress)
@@ -219,7 +226,7 @@ def test_new_connections_are_refused_while_draining(tmp_path: Path) -> None:
     n = start_node(tmp_path, "--drain-timeout", "5", workers=1)
     wav = DATA / "ko_dialog_16k.wav"
 
-    async def scenario() -> int | None:
+    async def scenario() -> tuple[int | None, CallRun]:
         first = asyncio.create_task(run_call(n, wav, realtime=True))
         async with Subscription(n.events) as watch:
             while (await watch.next(timeout=20_000 * MS)).type != "speech_start":
@@ -236,11 +243,11 @@ def test_new_connections_are_refused_while_draining(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
             except OSError as exc:
                 status = getattr(exc, "code", None)
-        await first
-        return status
+        return status, await first
 
-    status = asyncio.run(scenario())
+    status, first = asyncio.run(scenario())
     assert status in (503, None)  # draining answers 503, or the listener is already closed
+    assert (first.events[-1].type, first.events[-1]["reason"]) == ("call_end", "drain")
     assert n.proc.wait(60) == 0
 
 
@@ -267,3 +274,54 @@ def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_pat
         assert r.headers.get_all("Content-Type") == ["text/plain; version=0.0.4"]
     finally:
         assert n.stop() == 0
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow to reap it, or never)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_every_farm_process_exits_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    n = start_node(tmp_path, workers=2)
+    children = {role: n.pids(role) for role in ("broker", "ingress", "worker")}
+    assert [len(pids) for pids in children.values()] == [1, 1, 2], children
+    os.kill(n.proc.pid, signal.SIGKILL)  # the supervisor alone: no chance to stop anything
+    assert n.proc.wait(10) == -signal.SIGKILL
+    deadline = time.monotonic() + 15_000 * MS
+    while (left := [p for pids in children.values() for p in pids if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"still running without their supervisor: {left}"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a listener would: TIME_WAIT is no owner
+        s.bind(("127.0.0.1", n.port))  # the ingress's port is free again
+
+
+class TestHeartbeatTable:
+    """The supervisor's view of each worker's loop, shared with the workers by fork."""
+
+    def test_it_has_a_slot_for_any_number_of_workers(self) -> None:
+        table = HeartbeatTable()
+        many = 4 * HeartbeatTable.PAGE_SLOTS + 3  # more workers than one page holds (64 did once)
+        for index in (0, HeartbeatTable.PAGE_SLOTS - 1, HeartbeatTable.PAGE_SLOTS, many):
+            assert table.age(index) == 0.0  # never beaten
+            table.beat(index)
+            assert 0.0 <= table.age(index) < 5
+            table.clear(index)
+            assert table.age(index) == 0.0
+        assert table.slots > many
+
+    def test_a_worker_forked_after_the_table_grew_beats_where_the_supervisor_looks(self) -> None:
+        table = HeartbeatTable()
+        index = 2 * HeartbeatTable.PAGE_SLOTS + 5
+        table.beat(index)  # as the supervisor does before it forks the worker
+        table.clear(index)
+        pid = os.fork()
+        if pid == 0:  # the worker: beats its own slot, nothing else
+            table.beat(index)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert 0.0 < table.age(index) < 5

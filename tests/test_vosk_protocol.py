@@ -24,6 +24,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from farm.client import Subscription
+from farm.protocol.events import Event
 
 from .conftest import (
     DATA,
@@ -230,18 +231,32 @@ def test_an_unsupported_sample_rate_is_refused_with_a_reason(vnode: Node) -> Non
     assert rcvd.code == 1003 and "unsupported sample rate 11025" in rcvd.reason
 
 
+async def the_call_end(sub: Subscription) -> Event:
+    """The call_end of the first call that starts on ``sub`` (which hears every call)."""
+    call_id = None
+    while True:
+        event = await sub.next(timeout=60_000 * MS)
+        if call_id is None and event.type == "call_start":
+            call_id = event.call_id
+        elif event.type == "call_end" and event.call_id == call_id:
+            return event
+
+
 def test_an_abrupt_disconnect_leaves_no_ring_behind(vnode: Node) -> None:
     ingress = vnode.pids("ingress")[0]
 
-    async def run() -> None:
-        ws = await websockets.connect(url(vnode))
-        pcm, _ = pcm_of(DATA / "ko_02_8k.wav")
-        for i in range(0, 16000, 3200):
-            await ws.send(pcm[i : i + 3200])
-            await ws.recv()
-        ws.transport.abort()  # no close frame, no eof
+    async def run() -> Event:
+        async with Subscription(vnode.events) as sub:
+            ws = await websockets.connect(url(vnode))
+            pcm, _ = pcm_of(DATA / "ko_02_8k.wav")
+            for i in range(0, 16000, 3200):
+                await ws.send(pcm[i : i + 3200])
+                await ws.recv()
+            ws.transport.abort()  # no close frame, no eof
+            return await the_call_end(sub)
 
-    asyncio.run(run())
+    end = asyncio.run(run())
+    assert (end["reason"], end["detail"]) == ("hangup", "no close frame")
     deadline = time.monotonic() + 20_000 * MS
     while farm_segments(ingress) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -276,15 +291,18 @@ def test_a_client_that_closes_right_after_eof_like_vosk_asterisk_leaves_no_ring(
     ingress = vnode.pids("ingress")[0]
     pcm, _ = pcm_of(DATA / "ko_02_8k.wav")
 
-    async def run() -> None:
-        async with websockets.connect(url(vnode)) as ws:  # no config: 8 kHz slin, as res_speech_vosk
-            for i in range(0, len(pcm), 3200):
-                await ws.send(pcm[i : i + 3200])
-                await ws.recv()
-            await ws.send('{"eof" : 1}')
-            await ws.close(1000)
+    async def run() -> Event:
+        async with Subscription(vnode.events) as sub:
+            async with websockets.connect(url(vnode)) as ws:  # no config: 8 kHz slin, as res_speech_vosk
+                for i in range(0, len(pcm), 3200):
+                    await ws.send(pcm[i : i + 3200])
+                    await ws.recv()
+                await ws.send('{"eof" : 1}')
+                await ws.close(1000)
+            return await the_call_end(sub)
 
-    asyncio.run(run())
+    end = asyncio.run(run())
+    assert (end["reason"], end["detail"]) == ("stop", "eof")  # the client's eof ended it, not its close
     deadline = time.monotonic() + 20_000 * MS
     while farm_segments(ingress) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -20,7 +20,9 @@ import zmq
 
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
-from farm.protocol.events import Event
+from farm.lifeline import die_with_parent, orphaned
+from farm.logs import call_logger
+from farm.protocol.events import ERROR_ENDS, Event, end_reason_of
 from farm.ring import Ring, RingError
 from workers.asr import ResultQueue
 from workers.call import CallSession
@@ -39,25 +41,43 @@ RELEASE_PATIENCE_S = 3.0
 
 
 class HeartbeatTable:
-    """Per-worker ``time.monotonic()`` stamps in anonymous shared memory (made before fork)."""
+    """Per-worker ``time.monotonic()`` stamps in anonymous shared memory, shared by fork.
 
-    def __init__(self, slots: int) -> None:
-        self._map = mmap.mmap(-1, 8 * max(slots, 1))
-        self.slots = slots
+    A worker is forked after its slot exists and writes only that slot. The table grows a
+    page at a time as the supervisor adds workers (a host with many CPUs, TTIN): a page
+    made later is shared with the workers forked after it, the only ones it has slots for.
+    """
+
+    PAGE_SLOTS = mmap.PAGESIZE // 8
+
+    def __init__(self) -> None:
+        self._pages: list[mmap.mmap] = []
+
+    def _at(self, index: int) -> tuple[mmap.mmap, int]:
+        page, slot = divmod(index, self.PAGE_SLOTS)
+        while len(self._pages) <= page:
+            self._pages.append(mmap.mmap(-1, mmap.PAGESIZE))  # MAP_SHARED: seen across fork
+        return self._pages[page], 8 * slot
+
+    @property
+    def slots(self) -> int:
+        return len(self._pages) * self.PAGE_SLOTS
 
     def beat(self, index: int) -> None:
-        struct.pack_into("<d", self._map, 8 * index, time.monotonic())
+        struct.pack_into("<d", *self._at(index), time.monotonic())
 
     def age(self, index: int) -> float:
-        (t,) = struct.unpack_from("<d", self._map, 8 * index)
+        (t,) = struct.unpack_from("<d", *self._at(index))
         return time.monotonic() - t if t else 0.0
 
     def clear(self, index: int) -> None:
-        struct.pack_into("<d", self._map, 8 * index, 0.0)
+        struct.pack_into("<d", *self._at(index), 0.0)
 
 
 class Worker:
-    def __init__(self, index: int, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable) -> None:
+    def __init__(
+        self, index: int, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable, parent: int
+    ) -> None:
         self.index = index
         self.config = config
         self.heartbeats = heartbeats
@@ -85,7 +105,7 @@ class Worker:
         self.published = 0  # events published (the metrics' counter)
         self.partials_dropped = 0  # partials not published, of the calls no longer served
         self.running = True
-        self.parent = os.getppid()
+        self.parent = parent  # the supervisor: exit when it is gone
         self.broker_expiry = 0.0
 
     # -- broker link -------------------------------------------------------------
@@ -137,7 +157,7 @@ class Worker:
             info = wire.decode_info(raw_info)
             ring = Ring.attach(ring_name)
         except (wire.WireError, RingError) as exc:
-            self.log.warning("call %s: cannot serve it: %s", call_id, exc)
+            call_logger(self.log.logger, call_id).warning("cannot serve it: %s", exc)
             self.publish(Event("error", call_id, 0, 0, {"reason": f"worker could not attach: {exc}"}))
             self.send(wire.W_DONE, call_id)
             return
@@ -145,9 +165,8 @@ class Worker:
             call_id, ring, info, self.config, pool=self.pool, scheduler=self.scheduler, results=self.results
         )
         self.sessions[call_id] = session
-        self.log.info(
-            "call %s: serving ring %s (%d Hz, %d ch)%s",
-            call_id,
+        call_logger(self.log.logger, call_id).info(
+            "serving ring %s (%d Hz, %d ch)%s",
             ring_name,
             ring.rate,
             ring.channels,
@@ -187,7 +206,7 @@ class Worker:
                 del self.sessions[call_id]
                 self.close_session(session)
                 self.send(wire.W_RELEASED, call_id)
-                self.log.info("call %s: released to another worker", call_id)
+                call_logger(self.log.logger, call_id).info("released to another worker")
 
     def load(self) -> wire.Load:
         """The heartbeat's body: for the broker's balance and admission, and for the node's
@@ -223,18 +242,23 @@ class Worker:
         self.on_results()
         ring = session.ring
         duration_ms = session.offset_ms_of_cursor(ring.write_cursor)
-        self.publish(
-            session.event_for(
-                "call_end",
-                duration_ms,
-                {"duration_ms": duration_ms, "overrun_bytes": ring.overrun_bytes, "frames": ring.frames},
-            )
-        )
+        code, detail = ring.end  # why the ingress closed the ring
+        data = {
+            "reason": end_reason_of(code),
+            "detail": detail,
+            "duration_ms": duration_ms,
+            "overrun_bytes": ring.overrun_bytes,
+            "frames": ring.frames,
+        }
+        if data["reason"] in ERROR_ENDS:
+            # The ingress's complaint about this call: said here, so that it comes before call_end.
+            self.publish(session.event_for("error", duration_ms, {"reason": detail or data["reason"]}))
+        self.publish(session.event_for("call_end", duration_ms, data))
         ring.committed = ring.write_cursor
         del self.sessions[call_id]
         self.close_session(session)
         self.send(wire.W_DONE, call_id)
-        self.log.info("call %s: done, %d ms of audio", call_id, duration_ms)
+        call_logger(self.log.logger, call_id).info("done, %d ms of audio (%s)", duration_ms, data["reason"])
 
     # -- the loop ----------------------------------------------------------------
 
@@ -302,8 +326,8 @@ class Worker:
         if now > self.broker_expiry:
             self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
             self.connect()
-        if os.getppid() != self.parent:
-            self.log.warning("supervisor is gone: exiting")
+        if orphaned(self.parent):
+            self.log.warning("supervisor (pid %d) is gone: exiting (pid %d)", self.parent, os.getpid())
             return False
         return True
 
@@ -317,11 +341,13 @@ class Worker:
 
 
 def worker_main(
-    index: int, cpu: int | None, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable
+    index: int, cpu: int | None, config: Config, model: Any, model_rate: int, heartbeats: HeartbeatTable, parent: int
 ) -> int:
-    """Entry point in the forked child; returns the exit code."""
+    """Entry point in the forked child of supervisor ``parent``; returns the exit code."""
     from farm.logs import setup_logging
 
+    if not die_with_parent(parent):
+        return 1  # the supervisor died while forking us
     setup_logging(config.log_level, f"worker{index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     limit_malloc_arenas()
@@ -332,7 +358,7 @@ def worker_main(
             pass
     else:
         cpu = None
-    worker = Worker(index, config, model, model_rate, heartbeats)
+    worker = Worker(index, config, model, model_rate, heartbeats, parent)
 
     def stop(signum: int, frame: object) -> None:
         worker.running = False

@@ -19,6 +19,7 @@ import zmq
 
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
+from farm.lifeline import die_with_parent, orphaned, parent_from_env
 from farm.protocol.events import SUBSCRIBED
 
 
@@ -123,6 +124,7 @@ class Broker:
         self.pending: deque[str] = deque()
         self.ingress_identity: bytes | None = None
         self.running = True
+        self.parent = parent_from_env()  # the supervisor: exit when it is gone
         self.releasing: tuple[str, bytes, float] | None = None  # (call, from worker, since): one move at a time
         cpus = default_workers()
         self.cpus = min(cpus, config.workers) if config.pin_workers else cpus  # what calls' decoding may use
@@ -183,11 +185,11 @@ class Broker:
         worker.calls.add(call.call_id)
         self._send_worker(worker, wire.B_ASSIGN, call.call_id, call.ring, call.info)
         log.info(
-            "call %s assigned to worker %d (pid %d, %d calls)",
-            call.call_id,
+            "assigned to worker %d (pid %d, %d calls)",
             worker.index,
             worker.pid,
             len(worker.calls),
+            extra={"call_id": call.call_id},
         )
         return True
 
@@ -216,12 +218,12 @@ class Broker:
         self.releasing = (call_id, busiest.identity, now)
         self._send_worker(busiest, wire.B_RELEASE, call_id)
         log.info(
-            "call %s: moving it off worker %d (%d calls) to balance with worker %d (%d calls)",
-            call_id,
+            "moving it off worker %d (%d calls) to balance with worker %d (%d calls)",
             busiest.index,
             len(busiest.calls),
             idlest.index,
             len(idlest.calls),
+            extra={"call_id": call_id},
         )
 
     def _forget_worker(self, worker: _Worker, why: str) -> None:
@@ -314,7 +316,7 @@ class Broker:
             call = _Call(call_id, ring, info)
             self.calls[call_id] = call
             if not self._assign(call):
-                log.info("call %s queued: no worker ready", call_id)
+                log.info("queued: no worker ready", extra={"call_id": call_id})
                 self.pending.append(call_id)
         elif command == wire.I_HEARTBEAT:
             self._send_status()
@@ -323,6 +325,9 @@ class Broker:
 
     def tick(self) -> None:
         """Heartbeats out, expired workers out; call at least every heartbeat interval."""
+        if orphaned(self.parent):
+            log.warning("supervisor (pid %d) is gone: exiting (pid %d)", self.parent, os.getpid())
+            self.running = False
         now = time.monotonic()
         for worker in list(self.workers.values()):
             if worker.expiry < now:
@@ -365,6 +370,8 @@ class Broker:
 def main() -> None:
     from farm.logs import setup_logging
 
+    if not die_with_parent(parent_from_env()):
+        return  # the supervisor died while starting us
     config = Config.from_env()
     setup_logging(config.log_level, "broker")
     broker = Broker(config)

@@ -28,8 +28,9 @@ from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.exposition import CONTENT_TYPE, Exposition
 from farm.ingress.metrics import DROP_WS_BACKLOG, Metrics
 from farm.ingress.playback import OUT_RATE, Clip, Player
+from farm.logs import call_logger, quote
 from farm.protocol import audio_stream as proto
-from farm.protocol.events import Event
+from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY
 
 
@@ -49,7 +50,14 @@ class StreamAudioPlayer(Player):
     inbound Event Socket (``--esl``); the ``barge_in`` event goes out either way."""
 
     def __init__(self, conn: _Connection, call: Call, fs_uuid: str) -> None:
-        super().__init__(call.call_id, call.ring, conn.site.registry.publish, lead_ms=0, chunk_bytes=None)
+        super().__init__(
+            call.call_id,
+            call.ring,
+            conn.site.registry.publish,
+            lead_ms=0,
+            chunk_bytes=None,
+            max_queued_ms=int(conn.config.playback_max_queued_s * 1000),
+        )
         self.conn = conn
         self.fs_uuid = fs_uuid
 
@@ -92,6 +100,7 @@ class _Connection:
         self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
+        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail); first wins
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_events())
@@ -99,33 +108,51 @@ class _Connection:
             await self._receive()
         except ConnectionClosed as exc:
             rcvd, sent = exc.rcvd, exc.sent
-            if sent is not None and sent.code not in (1000, 1001) and not exc.rcvd_then_sent:
+            if self.end is not None:
+                pass  # we closed it (drain) and said why
+            elif sent is not None and sent.code not in (1000, 1001) and not exc.rcvd_then_sent:
                 # We failed the connection (1009 message too big, 1002, 1007): say why.
-                self.log.warning("%s: closed with %d %s", self.name, sent.code, sent.reason)
-            elif rcvd is None or rcvd.code not in (1000, 1001):
-                self.log.warning(
-                    "%s: connection lost (%s)",
-                    self.name,
-                    f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame",
-                )
+                self._log(logging.WARNING, "closed with %d %s", sent.code, sent.reason)
+                self.end = ("error", f"closed with {sent.code} {sent.reason}")
+            else:
+                if rcvd is None or rcvd.code not in (1000, 1001):
+                    how = f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame"
+                    self._log(logging.WARNING, "connection lost (%s)", how)
+                self.end = ("hangup", f"close {rcvd.code} {rcvd.reason}".strip() if rcvd else "no close frame")
         finally:
             sender.cancel()
-            if self.call is not None:
-                self.site.registry.close(self.call)
-                self.site.live.discard(self)
+            self._ended()
 
-    @property
-    def name(self) -> str:
-        return f"call {self.call.call_id}" if self.call else f"connection from {self.peer}"
+    def _ended(self) -> None:
+        # Anything else that ended the connection is a bug of ours: it ends the call as an error.
+        reason, detail = self.end or ("error", "internal error")
+        if self.call is not None:
+            self.site.registry.close(self.call, reason, detail)
+            self.site.live.discard(self)
+            return
+        call_id = self.session.call_id  # a call that never opened ends too, if it was named
+        if call_id is not None:
+            self.site.registry.end_unopened(call_id, reason, detail)
+
+    def _log(self, level: int, message: str, *args: object) -> None:
+        """Log about this connection: its call (the call id field) or, before it has one, its peer."""
+        if self.call is None:
+            log.log(level, "connection from %s: " + message, self.peer, *args)
+        else:
+            self.log.log(level, message, *args)
 
     async def refuse(self, close: proto.Close) -> None:
-        self.log.warning("%s: closing: %s", self.name, close.reason)
+        self._log(logging.WARNING, "closing: %s", close.reason)
+        if self.end is None:
+            self.end = (close.end, close.reason)
+        # An open call ending with an error: its worker publishes the error (ERROR_ENDS).
+        said_by_worker = self.end == (close.end, close.reason) and close.end in ERROR_ENDS
         # The metrics label: what kind of refusal, without the client's own text (it may
         # hold quotes or newlines, which break the exposition format) or numbers (one
         # label per rate tried).
         label = _LABEL_NUMBERS.sub("N", _LABEL_DETAILS.sub(" ", close.reason))
         self.site.metrics.reject(" ".join(label.split())[:40])
-        if self.call is not None:
+        if self.call is not None and not said_by_worker:
             self.site.registry.error(self.call.call_id, close.reason)
         await self.ws.close(close.code, close.wire_reason)
 
@@ -156,15 +183,15 @@ class _Connection:
         """Do what the session asks (audio aside); False once the connection is closing."""
         if isinstance(action, proto.OpenCall):
             if self.site.draining:
-                await self.refuse(proto.Close(CLOSE_GOING_AWAY, "farm is shutting down"))
+                await self.refuse(proto.Close(CLOSE_GOING_AWAY, "farm is shutting down", "refused"))
                 return False
             await self._open(action)
         elif isinstance(action, proto.PublishError):
-            self.log.warning("%s: %s", self.name, action.reason)
+            self._log(logging.WARNING, "%s", action.reason)
             assert self.call is not None
             self.site.registry.error(self.call.call_id, action.reason)
         elif isinstance(action, proto.Note):
-            self.log.info("%s: %s", self.name, action.message)
+            self._log(logging.INFO, "%s", action.message)
         else:
             await self.refuse(action)
             return False
@@ -186,13 +213,12 @@ class _Connection:
             info=info,
             on_event=self._queue_event if self.config.ws_events else None,
         )
-        self.log = logging.LoggerAdapter(log, {"call_id": self.call.call_id})
+        self.log = call_logger(log, self.call.call_id)
         self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))
         self.call.player.start()
         self.site.live.add(self)
         self.log.info(
-            "call %s: mod_audio_stream from %s, %d Hz, %d ch%s",
-            self.call.call_id,
+            "mod_audio_stream from %s, %d Hz, %d ch%s",
             self.peer,
             p.rate,
             p.channels,
@@ -281,7 +307,7 @@ class AudioStreamSite:
             if path == "/metrics":
                 return _text(conn, http.HTTPStatus.OK, self.exposition.render(), CONTENT_TYPE)
             self.metrics.reject("not a websocket request")
-            log.info("refused a plain HTTP request for %s: not a WebSocket upgrade", path[:80])
+            log.info("refused a plain HTTP request for %s: not a WebSocket upgrade", quote(path[:80]))
             return _text(
                 conn,
                 http.HTTPStatus.UPGRADE_REQUIRED,
@@ -309,6 +335,7 @@ class AudioStreamSite:
             quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
             for conn in quiet:
                 self.live.discard(conn)
+                conn.end = ("drain", "farm is shutting down")
                 await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:

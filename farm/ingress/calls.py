@@ -23,7 +23,8 @@ import zmq.asyncio
 from farm.broker import wire
 from farm.config import Config
 from farm.ingress.metrics import DROP_MALFORMED, Metrics
-from farm.protocol.events import SUBSCRIBED, Event, EventError
+from farm.logs import quote
+from farm.protocol.events import SUBSCRIBED, Event, EventError, end_reason_code
 from farm.ring import Ring, segment_name
 
 
@@ -122,7 +123,11 @@ class CallRegistry:
             n = 2
             while f"{call_id}-{n}" in self.calls:
                 n += 1
-            log.warning("call id %s is in use by a live connection: serving this one as %s-%d", call_id, call_id, n)
+            log.warning(
+                "call id in use by a live connection: serving this one as %s",
+                quote(f"{call_id}-{n}"),
+                extra={"call_id": call_id},
+            )
             # Say it on the original id too: its subscribers would miss the new one.
             self.error(call_id, f"a second live connection used this call id; it is served as {call_id}-{n}")
             call_id = f"{call_id}-{n}"
@@ -150,13 +155,24 @@ class CallRegistry:
         await self.dealer.send_multipart(wire.message(wire.I_OPEN, call_id, ring.name, wire.encode_info(info)))
         return call
 
-    def close(self, call: Call) -> None:
-        """The connection ended: no more audio. The worker finishes what it has."""
+    def close(self, call: Call, reason: str, detail: str = "") -> None:
+        """The connection ended: no more audio. The worker finishes what it has, then
+        publishes call_end with ``reason`` (one of END_REASONS) and ``detail``; the
+        first close of a call says why."""
         if call.player is not None:
             call.player.close()
         if not call.closed_at:
             call.closed_at = time.monotonic()
-            call.ring.mark_closed()
+            call.ring.mark_closed(end_reason_code(reason), detail)
+
+    def end_unopened(self, call_id: str, reason: str, detail: str = "") -> None:
+        """A call that never began (refused, or failed before its audio came) ends too:
+        its call_end, said by the ingress as no worker ever had it. Not while a call of
+        that id is served: its subscribers would take it for the end of that call."""
+        if call_id in self.calls or call_id in self._late:
+            return
+        data = {"reason": reason, "detail": detail, "duration_ms": 0, "overrun_bytes": 0, "frames": 0}
+        self.publish(Event("call_end", call_id, 0, 0, data, {"recv": time.monotonic_ns()}))
 
     def _finish(self, call_id: str, why: str) -> None:
         call = self.calls.pop(call_id, None)
@@ -173,7 +189,7 @@ class CallRegistry:
             self._late[call_id] = call
             asyncio.get_running_loop().call_later(LATE_EVENTS_S, self._forget_late, call)
         call.done.set()
-        log.debug("call %s: ring %s unlinked (%s)", call_id, call.ring.name, why)
+        log.debug("ring %s unlinked (%s)", call.ring.name, why, extra={"call_id": call_id})
 
     def _forget_late(self, call: Call) -> None:
         call.on_event = None
@@ -242,7 +258,8 @@ class CallRegistry:
             now = time.monotonic()
             for call in list(self.calls.values()):
                 if call.closed_at and now - call.closed_at > DONE_TIMEOUT_S:
-                    log.warning("call %s: no worker finished it in %.0f s; ring unlinked", call.call_id, DONE_TIMEOUT_S)
+                    why = "no worker finished it in %.0f s; ring unlinked"
+                    log.warning(why, DONE_TIMEOUT_S, extra={"call_id": call.call_id})
                     self._finish(call.call_id, "timeout")
 
     @property

@@ -7,7 +7,8 @@ the reply is ``[b"", reply-json]``. Requests (``op``):
 * ``play``: ``call_id``, and either ``format: "wav"`` with a WAV file as payload, or
   ``rate`` (and ``channels``) with raw int16 LE PCM as payload; optional ``id``. The
   audio is converted to 24 kHz mono off the loop and queued behind what plays.
-  Reply ``{"ok": true, "id", "duration_ms", "starts_in_ms"}``.
+  Reply ``{"ok": true, "id", "duration_ms", "starts_in_ms"}``. Refused, with the
+  limit in the error, past ``--playback-max-queued-s`` of queued audio or MAX_QUEUED_CLIPS clips.
 * ``flush``: ``call_id``. Cuts what plays; ``{"ok": true, "flushed": bool, ...}``.
 * ``state``: ``call_id``. ``{"ok": true, "playing", "id", "queued", "queued_ms", ...}``.
 * ``finalize``: ``call_id``. An explicit end of utterance (a dialer with its own
@@ -32,7 +33,7 @@ import zmq.asyncio
 
 from farm.config import Config
 from farm.ingress.calls import CallRegistry
-from farm.ingress.playback import Clip, PlaybackError, to_pcm24k, wav_to_pcm24k
+from farm.ingress.playback import Clip, PlaybackError, to_pcm24k, wav_duration_ms, wav_to_pcm24k
 
 
 __all__ = ["CommandServer"]
@@ -106,12 +107,16 @@ class CommandServer:
         if op == "play":
             payload = b"".join(frames[1:])
             if header.get("format") == "wav":
+                # Refused before the conversion if it cannot be queued: no work, no memory for it.
+                call.player.admit(wav_duration_ms(payload))
                 pcm = await asyncio.to_thread(wav_to_pcm24k, payload)
             else:
                 try:
                     rate, channels = int(header["rate"]), int(header.get("channels", 1))
                 except (KeyError, TypeError, ValueError):
                     raise PlaybackError("play needs 'rate' (and 'channels') for raw PCM, or format 'wav'") from None
+                if rate > 0 and channels > 0:
+                    call.player.admit(len(payload) // (2 * channels) * 1000 // rate)
                 pcm = await asyncio.to_thread(to_pcm24k, payload, rate, channels)
             if not pcm:
                 raise PlaybackError("no audio to play")

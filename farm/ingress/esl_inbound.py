@@ -25,10 +25,11 @@ MAX_BACKOFF_S = 10.0
 
 
 class InboundEsl:
-    def __init__(self, address: str, password: str) -> None:
+    def __init__(self, address: str, password: str, max_body: int = esl.MAX_BODY_BYTES) -> None:
         host, _, port = address.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port or 8021)
         self.password = password
+        self.max_body = max_body
         self.link: EslLink | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -65,13 +66,13 @@ class InboundEsl:
                 if isinstance(message, esl.AuthRequest) and not greeted.done():
                     greeted.set_result(None)
 
-            link = EslLink(reader, writer, on_message, f"Event Socket {self.host}:{self.port}")
+            link = EslLink(reader, writer, on_message, f"Event Socket {self.host}:{self.port}", self.max_body)
             link.start()
             try:
                 await asyncio.wait_for(greeted, TIMEOUT_S)
                 reply = await link.request(esl.command("auth", self.password), TIMEOUT_S)
                 if not (isinstance(reply, esl.Reply) and reply.ok):
-                    raise EslClosed(f"authentication refused ({getattr(reply, 'reply_text', '?')})")
+                    raise EslClosed(f"authentication refused ({getattr(reply, 'reply_text', '?')!r})")
             except (EslClosed, TimeoutError) as exc:
                 log.warning(
                     "Event Socket %s:%d: %s; retrying in %.1f s", self.host, self.port, exc or "timeout", backoff
@@ -98,4 +99,4 @@ def _report(what: str, future: asyncio.Future[esl.Message]) -> None:
         return
     reply = future.result()
     if isinstance(reply, esl.ApiResponse) and not reply.ok:
-        log.warning("api %s answered %s", what, reply.body.strip()[:200])
+        log.warning("api %r answered %r", what, reply.body.strip()[:200])

@@ -37,12 +37,13 @@ class EslLink:
         writer: asyncio.StreamWriter,
         on_message: Callable[[esl.Message], None],
         name: str,
+        max_body: int = esl.MAX_BODY_BYTES,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.on_message = on_message
         self.name = name
-        self.parser = esl.EventSocketParser()
+        self.parser = esl.EventSocketParser(max_body)
         self.pending: deque[asyncio.Future[esl.Message]] = deque()
         self.closed = asyncio.Event()
         self.close_reason = ""

@@ -104,6 +104,13 @@ class NodeCollector(Collector):
         speaking = sum(bool(c.ring.in_speech) for c in active)
         yield _gauge("farm_calls_in_speech", "Calls whose caller is speaking now", speaking)
         yield _counter("farm_calls", "Calls taken", m.calls_total)
+        yield _labelled(
+            CounterMetricFamily,
+            "farm_calls_ended",
+            "Calls ended (their call_end events), by reason",
+            ["reason"],
+            (([r], n) for r, n in m.ended.items()),
+        )
         yield _counter("farm_barge_ins", "Playback cut because the caller spoke over it", m.barge_ins)
         yield _labelled(
             CounterMetricFamily,

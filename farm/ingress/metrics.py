@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Histogram
 
 from farm.broker import wire
-from farm.protocol.events import EVENT_TYPES, Event
+from farm.protocol.events import END_REASONS, EVENT_TYPES, Event
 from farm.protocol.latency import LATENCY_STAGES, stage_latencies
 
 
@@ -51,6 +51,7 @@ __all__ = [
     "DROP_WS_BACKLOG",
     "DROP_MALFORMED",
     "DROP_RECOGNITION_BEHIND",
+    "END_UNKNOWN",
 ]
 
 # Seconds. Fine around the SLOs (onset -> speech_start 150 ms, end of speech -> final
@@ -97,6 +98,10 @@ DROP_WS_BACKLOG = "websocket backlog"  # the call's WebSocket stopped taking the
 DROP_MALFORMED = "malformed"  # not an event of this schema
 DROP_RECOGNITION_BEHIND = "recognition behind"  # a worker's partial, its call's recognition late
 
+# farm_calls_ended_total's reason for a call_end whose reason is not one of END_REASONS
+# (an older worker's, which says none): the label stays bounded whatever an event says.
+END_UNKNOWN = "unknown"
+
 
 @dataclass
 class WorkerTotals:
@@ -120,6 +125,7 @@ class Metrics:
         self.overruns = 0  # likewise, writes that overwrote unread audio
         self.barge_ins = 0
         self.events: dict[str, int] = dict.fromkeys(sorted(EVENT_TYPES), 0)  # seen on the event stream
+        self.ended: dict[str, int] = dict.fromkeys(END_REASONS, 0)  # call_end events, by their reason
         self.dropped: dict[str, int] = dict.fromkeys((DROP_WS_BACKLOG, DROP_MALFORMED), 0)
         self.workers: dict[int, WorkerTotals] = {}
         self._last: dict[tuple[int, int], wire.Load] = {}  # per (index, pid): counters to count increments from
@@ -143,6 +149,10 @@ class Metrics:
     def observe(self, event: Event, received_ns: int) -> None:
         """An event arrived on the event stream at ``received_ns``: count it, time its stages."""
         self.events[event.type] = self.events.get(event.type, 0) + 1
+        if event.type == "call_end":
+            reason = event.get("reason")
+            key = reason if isinstance(reason, str) and reason in END_REASONS else END_UNKNOWN
+            self.ended[key] = self.ended.get(key, 0) + 1
         for stage, ns in stage_latencies(event, received_ns):
             self.latency.labels(stage).observe(ns / 1e9)
 

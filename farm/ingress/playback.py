@@ -28,11 +28,22 @@ from typing import Any
 import numpy as np
 import soxr
 
+from farm.logs import call_logger, quote
 from farm.protocol.events import Event
 from farm.ring import Ring
 
 
-__all__ = ["Clip", "Player", "PlaybackError", "to_pcm24k", "wav_to_pcm24k", "OUT_RATE", "FRAME_BYTES"]
+__all__ = [
+    "Clip",
+    "Player",
+    "PlaybackError",
+    "to_pcm24k",
+    "wav_to_pcm24k",
+    "wav_duration_ms",
+    "OUT_RATE",
+    "FRAME_BYTES",
+    "MAX_QUEUED_CLIPS",
+]
 
 log = logging.getLogger("farm.ingress.playback")
 
@@ -43,6 +54,9 @@ FRAME_BYTES = 960  # 20 ms at 24 kHz: an even write, one FreeSWITCH frame (TV-MS
 # or this long before writing the next clip, or its first chunk is eaten (§2.5).
 FLUSH_HOLD_NS = 100_000_000
 MAX_CLIP_S = 600
+# Clips one call may have queued: each is an object and two events, whatever its length
+# (the audio itself is bounded by the queued-audio limit, --playback-max-queued-s).
+MAX_QUEUED_CLIPS = 256
 
 
 class PlaybackError(ValueError):
@@ -65,6 +79,17 @@ def to_pcm24k(pcm: bytes, rate: int, channels: int = 1) -> bytes:
     if rate != OUT_RATE and len(samples):
         samples = soxr.resample(samples, rate, OUT_RATE, quality="HQ")
     return np.ascontiguousarray(samples, dtype="<i2").tobytes()
+
+
+def wav_duration_ms(data: bytes) -> int:
+    """How long a WAV file plays, from its header alone (0 if it has none: converting it says why)."""
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            # Streaming writers put a placeholder length in the header: the bytes bound it.
+            frames = min(int(w.getnframes()), len(data) // max(int(w.getsampwidth() * w.getnchannels()), 1))
+            return frames * 1000 // max(int(w.getframerate()), 1)
+    except (wave.Error, EOFError):
+        return 0
 
 
 def wav_to_pcm24k(data: bytes) -> bytes:
@@ -113,8 +138,13 @@ class Player:
         *,
         lead_ms: int,
         chunk_bytes: int | None = FRAME_BYTES,
+        max_queued_ms: int = MAX_CLIP_S * 1000,
+        max_clips: int = MAX_QUEUED_CLIPS,
     ) -> None:
         self.call_id = call_id
+        self.log = call_logger(log, call_id)
+        self.max_queued_ms = max_queued_ms
+        self.max_clips = max_clips
         self.ring = ring
         self._publish = publish
         self.lead_ns = lead_ms * 1_000_000
@@ -144,10 +174,26 @@ class Player:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"playback {self.call_id}")
 
-    def play(self, clip: Clip) -> dict[str, Any]:
+    def admit(self, duration_ms: int) -> int:
+        """Check that a clip this long may be queued now; return what is queued (ms).
+
+        Raises PlaybackError naming the limit: a dialer that queues without end would
+        otherwise hold any amount of audio in the ingress.
+        """
         if self.closed:
             raise PlaybackError("the call has ended")
+        if len(self.queue) >= self.max_clips:
+            raise PlaybackError(f"{len(self.queue)} clips are queued, the limit for one call")
         queued_ms = self.queued_ms(time.monotonic_ns())
+        if queued_ms + duration_ms > self.max_queued_ms:
+            raise PlaybackError(
+                f"{queued_ms} ms are queued and this clip is {duration_ms} ms: over the limit of "
+                f"{self.max_queued_ms} ms of queued audio (--playback-max-queued-s)"
+            )
+        return queued_ms
+
+    def play(self, clip: Clip) -> dict[str, Any]:
+        queued_ms = self.admit(clip.duration_ms)
         self.queue.append(clip)
         self._set_flag(time.monotonic_ns())
         self._wake.set()
@@ -168,7 +214,7 @@ class Player:
         if not self.is_playing(now):
             # Playback ended between the worker's look at the flag and now: flushing
             # an idle mod_socket_audio would eat the next prompt's start (§2.5).
-            log.debug("call %s: barge-in request after playback ended; nothing to cut", self.call_id)
+            self.log.debug("barge-in request after playback ended; nothing to cut")
             return False
         info = self._cut(now, "barge_in")
         flush_ns = self._flush_remote()
@@ -178,10 +224,9 @@ class Player:
             stamps["flush"] = flush_ns
         data = {**info, "flush_sent": bool(flush_ns), "voiced_ms": request.get("voiced_ms", 0)}
         self._publish(Event("barge_in", self.call_id, 0, request.offset_ms, data, stamps))
-        log.info(
-            "call %s: barge-in, cut %s after %d ms, %d ms dropped",
-            self.call_id,
-            info.get("id"),
+        self.log.info(
+            "barge-in, cut %s after %d ms, %d ms dropped",
+            quote(info.get("id")),
             info.get("played_ms", 0),
             info.get("flushed_ms", 0),
         )

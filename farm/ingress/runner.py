@@ -16,6 +16,7 @@ from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.metrics import Metrics
 from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
+from farm.lifeline import die_with_parent, orphaned, parent_from_env
 
 
 __all__ = ["main", "serve"]
@@ -34,7 +35,9 @@ async def serve(config: Config) -> None:
     metrics = Metrics()
     registry = CallRegistry(config, metrics)
     registry.start()
-    inbound = InboundEsl(config.esl_inbound, config.esl_password) if config.esl_inbound else None
+    inbound = (
+        InboundEsl(config.esl_inbound, config.esl_password, config.esl_max_body_bytes) if config.esl_inbound else None
+    )
     if inbound is not None:
         inbound.start()
     # The Event Socket port and the command endpoint are bound before the mod_audio_stream
@@ -50,7 +53,9 @@ async def serve(config: Config) -> None:
     vosk_site = await start_vosk_site(config, registry, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)  # also sent when the supervisor dies (lifeline)
+    parent = parent_from_env()
+    watch = asyncio.create_task(_watch_parent(parent, stop), name="lifeline")
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     log.info("ingress ready (pid %d): mod_audio_stream on ws://%s:%d/<call-id>", os.getpid(), config.ws_host, site.port)
     if socket_site is not None:
@@ -62,28 +67,43 @@ async def serve(config: Config) -> None:
         )
     log.info("ingress ready (pid %d): play/flush commands on %s", os.getpid(), config.commands)
     await stop.wait()
-    log.info(
-        "ingress draining (pid %d): no new calls, waiting up to %.0f s for utterances in flight",
-        os.getpid(),
-        config.drain_timeout,
-    )
-    drains = [site.drain(config.drain_timeout)]
+    watch.cancel()
+    # Without a supervisor the workers are going too: nobody would finish an utterance.
+    drain_s = 0.0 if orphaned(parent) else config.drain_timeout
+    if drain_s:
+        log.info(
+            "ingress draining (pid %d): no new calls, waiting up to %.0f s for utterances in flight",
+            os.getpid(),
+            drain_s,
+        )
+    else:
+        log.warning("supervisor (pid %d) is gone: ingress closing every call now (pid %d)", parent, os.getpid())
+    drains = [site.drain(drain_s)]
     if socket_site is not None:
-        drains.append(socket_site.drain(config.drain_timeout))
+        drains.append(socket_site.drain(drain_s))
     if vosk_site is not None:
-        drains.append(vosk_site.drain(config.drain_timeout))
+        drains.append(vosk_site.drain(drain_s))
     await asyncio.gather(*drains)
     commands.close()
     if inbound is not None:
         inbound.close()
-    await registry.wait_all_done(timeout=10.0)
+    await registry.wait_all_done(timeout=10.0 if drain_s else 0.0)
     registry.close_all()
     log.info("ingress stopped (pid %d)", os.getpid())
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """The lifeline's second way: notice a supervisor gone where no signal said so."""
+    while not orphaned(parent):
+        await asyncio.sleep(1.0)
+    stop.set()
 
 
 def main() -> None:
     from farm.logs import setup_logging
 
+    if not die_with_parent(parent_from_env()):
+        return  # the supervisor died while starting us
     config = Config.from_env()
     setup_logging(config.log_level, "ingress")
     _raise_fd_limit()

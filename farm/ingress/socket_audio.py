@@ -10,7 +10,8 @@ FreeSWITCH connects here and farm:
    §2.1) and runs ``socket_audio <host> <port>`` with ``sendmsg``;
 4. waits for FreeSWITCH to connect there. The module reports no failure (§2.1), so a
    timeout is the only signal: then an ``error`` event, and the call is hung up or
-   handed back to the dialplan (``socket_audio_fallback``);
+   handed back to the dialplan (``socket_audio_fallback``); so is a call whose audio
+   stops for ``idle_timeout``;
 5. writes the caller's 16 kHz PCM into the call's ring, odd byte counts carried
    (§2.3), and plays clips back at 24 kHz through a :class:`SocketAudioPlayer`;
 6. ends the call on hang-up, ``uuid_socket_audio_stop`` (EOF on the audio socket),
@@ -33,7 +34,9 @@ from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_link import EslClosed, EslLink
 from farm.ingress.metrics import Metrics
 from farm.ingress.playback import Clip, Player
+from farm.logs import call_logger, quote
 from farm.protocol import esl
+from farm.protocol.events import ERROR_ENDS
 from farm.protocol.pcm import SampleCarry
 
 
@@ -44,6 +47,9 @@ log = logging.getLogger("farm.ingress.socket_audio")
 MIC_RATE = 16000  # what the module sends, whatever the call's codec (§2.2)
 READ_BYTES = 65536
 REPLY_TIMEOUT_S = 5.0
+# A hang-up also ends the audio stream, and FreeSWITCH's CHANNEL_HANGUP may come a moment
+# after the audio's end: wait this long for it before calling the end a stop.
+HANGUP_GRACE_S = 0.5
 # Playback bytes FreeSWITCH has not read yet beyond which we stop writing: it reads
 # only when its own queue is nearly empty (§2.4), so this is kernel buffers, not lead.
 MAX_UNSENT_BYTES = 256 * 1024
@@ -62,8 +68,14 @@ _CHANNEL_FIELDS = (
 class SocketAudioPlayer(Player):
     """Plays into the call's audio socket; FreeSWITCH is flushed on its Event Socket."""
 
-    def __init__(self, session: _Session, call: Call, registry: CallRegistry, lead_ms: int) -> None:
-        super().__init__(call.call_id, call.ring, registry.publish, lead_ms=lead_ms)
+    def __init__(self, session: _Session, call: Call, registry: CallRegistry, config: Config) -> None:
+        super().__init__(
+            call.call_id,
+            call.ring,
+            registry.publish,
+            lead_ms=config.playback_lead_ms,
+            max_queued_ms=int(config.playback_max_queued_s * 1000),
+        )
         self.session = session
 
     def _write(self, clip: Clip, data: bytes) -> bool:
@@ -88,7 +100,9 @@ class _Session:
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.local_host = (writer.get_extra_info("sockname") or ("127.0.0.1", 0))[0]
-        self.link = EslLink(reader, writer, self._on_message, f"socket from {self.peer}")
+        self.link = EslLink(
+            reader, writer, self._on_message, f"socket from {self.peer}", self.config.esl_max_body_bytes
+        )
         self.uuid = ""
         self.channel: esl.Headers = esl.Headers()
         self.call: Call | None = None
@@ -97,11 +111,15 @@ class _Session:
         self.accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self.hangup = asyncio.Event()
         self.hangup_cause = ""
-        self.end_reason = ""
+        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail)
+        self.stalled = False  # the audio stopped coming: the call is given up (socket_audio_fallback)
 
-    @property
-    def name(self) -> str:
-        return f"call {self.uuid}" if self.uuid else f"Event Socket from {self.peer}"
+    def _log(self, level: int, message: str, *args: object) -> None:
+        """Log about this session: its call (the call id field) or, before it has one, its peer."""
+        if self.uuid:
+            call_logger(log, self.uuid).log(level, message, *args)
+        else:
+            log.log(level, "Event Socket from %s: " + message, self.peer, *args)
 
     # -- the call's life ---------------------------------------------------------
 
@@ -112,7 +130,7 @@ class _Session:
                 return
             why = self.site.registry.admission()
             if why:
-                self._fail(f"farm cannot take the call: {why}", refused=False)  # counted by admission()
+                self._fail(f"farm cannot take the call: {why}", refused=False, end="refused")  # counted by admission()
                 await self._fall_back()
                 return
             audio = await self._start_audio()
@@ -120,7 +138,7 @@ class _Session:
                 return
             await self._serve(*audio)
         except EslClosed as exc:
-            self._fail(f"Event Socket closed before the call started: {exc}")
+            self._fail(f"Event Socket closed before the call started: {exc}", end="hangup")
         except TimeoutError:
             self._fail("FreeSWITCH did not answer a command in time")
         finally:
@@ -130,11 +148,11 @@ class _Session:
         try:
             reply = await self.link.request(esl.command("connect"), self.config.first_message_timeout)
         except TimeoutError:
-            log.warning("%s: no answer to connect in %.0f s; closing", self.name, self.config.first_message_timeout)
+            self._log(logging.WARNING, "no answer to connect in %.0f s; closing", self.config.first_message_timeout)
             self.site.metrics.reject("no answer to connect")
             return False
         if not isinstance(reply, esl.ChannelData) or not reply.unique_id:
-            log.warning("%s: the answer to connect is not a channel (%s); closing", self.name, type(reply).__name__)
+            self._log(logging.WARNING, "the answer to connect is not a channel (%s); closing", type(reply).__name__)
             self.site.metrics.reject("not an outbound Event Socket")
             return False
         self.uuid = reply.unique_id
@@ -155,7 +173,7 @@ class _Session:
         if refused:
             text = refused[0].reply_text if isinstance(refused[0], esl.Reply) else type(refused[0]).__name__
             self._fail(
-                f"FreeSWITCH refused a subscription ({text.strip()}): the dialplan must run "
+                f"FreeSWITCH refused a subscription ({text.strip()!r}): the dialplan must run "
                 f"'socket <host>:<port> async full'"
             )
             return False
@@ -173,7 +191,7 @@ class _Session:
             )
             if not (isinstance(reply, esl.Reply) and reply.ok):
                 text = reply.reply_text if isinstance(reply, esl.Reply) else type(reply).__name__
-                self._fail(f"FreeSWITCH refused to run socket_audio: {text}")
+                self._fail(f"FreeSWITCH refused to run socket_audio: {text.strip()!r}")
                 return None
             try:
                 return await asyncio.wait_for(asyncio.shield(self.accepted), self.config.socket_audio_timeout)
@@ -206,16 +224,16 @@ class _Session:
         self.call = await self.site.registry.open(
             self.uuid, rate=MIC_RATE, channels=1, protocol="socket_audio", info=info, on_event=None
         )
-        self.player = SocketAudioPlayer(self, self.call, self.site.registry, self.config.playback_lead_ms)
+        self.player = SocketAudioPlayer(self, self.call, self.site.registry, self.config)
         self.call.player = self.player
         self.player.start()
         self.site.live.add(self)
-        log.info(
-            "call %s: mod_socket_audio from %s, channel %s (%s)",
-            self.call.call_id,
+        self._log(
+            logging.INFO,
+            "mod_socket_audio from %s, channel %s (%s)",
             self.peer,
-            self.channel.get("Channel-Name", "?"),
-            self.channel.get("Channel-Read-Codec-Name", "?"),
+            quote(self.channel.get("Channel-Name", "?")),
+            quote(self.channel.get("Channel-Read-Codec-Name", "?")),
         )
         receiving = asyncio.create_task(self._receive(reader))
         hangup = asyncio.create_task(self.hangup.wait())
@@ -225,13 +243,22 @@ class _Session:
         finally:
             for task in (receiving, hangup, closed):
                 task.cancel()
-        if not self.end_reason:
-            if hangup.done() and not hangup.cancelled():
-                self.end_reason = f"hangup {self.hangup_cause}".strip()
-            elif closed.done() and not closed.cancelled():
-                self.end_reason = f"Event Socket closed ({self.link.close_reason})"
+        stopped = self.end is not None and self.end[0] == "stop"
+        if stopped and not self.hangup.is_set() and not self.link.closed.is_set():
+            # The audio ended: uuid_socket_audio_stop, unless a hang-up is on its way.
+            hangup = asyncio.create_task(self.hangup.wait())
+            closed = asyncio.create_task(self.link.closed.wait())
+            await asyncio.wait({hangup, closed}, timeout=HANGUP_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+            for task in (hangup, closed):
+                task.cancel()
+        if self.end is None or self.end[0] == "stop":
+            if self.hangup.is_set():
+                self.end = ("hangup", self.hangup_cause)
+            elif self.link.closed.is_set():
                 if self.link.close_reason.startswith(("bad", "connection closed inside")):
                     self._fail(f"Event Socket: {self.link.close_reason}", refused=False)
+                else:
+                    self.end = ("hangup", f"Event Socket closed ({self.link.close_reason})")
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         assert self.call is not None
@@ -241,7 +268,7 @@ class _Session:
             while True:
                 chunk = await asyncio.wait_for(reader.read(READ_BYTES), self.config.idle_timeout)
                 if not chunk:
-                    self.end_reason = "audio stream ended (uuid_socket_audio_stop or hang-up)"
+                    self.end = ("stop", "audio stream ended")  # or a hang-up: see _serve
                     return
                 recv_ns = time.monotonic_ns()
                 pcm = carry.feed(chunk)
@@ -250,10 +277,13 @@ class _Session:
                 metrics.audio_bytes += len(chunk)
                 metrics.frames += 1
         except TimeoutError:
-            self.end_reason = f"no audio in {self.config.idle_timeout:.0f} s"
+            # The module writes a frame every 20 ms while the channel lives (§2.3): a silent
+            # audio socket is a stalled call, and it holds a slot of --max-connections.
+            self._fail(f"no audio in {self.config.idle_timeout:g} s", refused=False, end="idle")
+            self.stalled = True
         except ConnectionError as exc:
             # A hang-up while FreeSWITCH still held our playback surfaces as a reset (§2.6).
-            self.end_reason = f"audio stream reset ({exc.__class__.__name__})"
+            self.end = ("hangup", f"audio stream reset ({exc.__class__.__name__})")
 
     async def _end(self) -> None:
         self.site.live.discard(self)
@@ -261,14 +291,22 @@ class _Session:
             self.player.close("hangup" if self.hangup.is_set() else "call_end")
         if self.audio_writer is not None:
             self.audio_writer.close()
+        # Anything else that ended the session is a bug of ours: an error for the call.
+        reason, detail = self.end or ("error", "internal error")
         if self.call is not None:
-            log.info("call %s: ended: %s", self.call.call_id, self.end_reason or "closed")
-            self.site.registry.close(self.call)
+            self._log(logging.INFO, "ended (%s): %s", reason, quote(detail))
+            self.site.registry.close(self.call, reason, detail)
+        elif self.uuid:
+            self.site.registry.end_unopened(self.uuid, reason, detail)
+        if self.stalled and not self.link.closed.is_set():
+            await self._fall_back()
         if not self.link.closed.is_set():
-            if self.call is not None and not self.hangup.is_set() and not self.site.draining:
+            if self.call is not None and not self.hangup.is_set() and not self.site.draining and not self.stalled:
                 # socket_audio stopped but the channel lives on: it is still ours until
                 # FreeSWITCH hangs up or closes (the dialer may start it again elsewhere).
                 await self.link.closed.wait()
+                if self.link.close_reason.startswith("bad"):
+                    self._log(logging.WARNING, "Event Socket closed: %s", self.link.close_reason)
             else:
                 self.link.close("done")
 
@@ -288,7 +326,7 @@ class _Session:
             return
         reply = future.result()
         if isinstance(reply, esl.ApiResponse) and not reply.ok:
-            log.warning("%s: %s answered %s", self.name, what, reply.body.strip()[:200])
+            self._log(logging.WARNING, "%s answered %r", what, reply.body.strip()[:200])
 
     def _on_message(self, message: esl.Message) -> None:
         if isinstance(message, esl.Event):
@@ -304,14 +342,15 @@ class _Session:
             if not message.linger:
                 self.link.close("FreeSWITCH said goodbye")
 
-    def _fail(self, reason: str, refused: bool = True) -> None:
-        """Log, publish an ``error`` event on the call id and count a refusal (before the call ran)."""
-        log.warning("%s: %s", self.name, reason)
-        self.end_reason = reason
+    def _fail(self, reason: str, refused: bool = True, end: str = "error") -> None:
+        """Log, publish an ``error`` event on the call id and count a refusal (before the call
+        ran); the call ends with ``end`` (one of END_REASONS)."""
+        self._log(logging.WARNING, "%s", reason)
+        self.end = (end, reason)
         if refused:
             self.site.metrics.reject(reason.split(":")[0].split("(")[0].strip()[:40])
-        if self.uuid:
-            self.site.registry.error(self.uuid, reason)
+        if self.uuid and (self.call is None or end not in ERROR_ENDS):
+            self.site.registry.error(self.uuid, reason)  # else the call's worker says it (ERROR_ENDS)
 
     async def _fall_back(self) -> None:
         """The audio never came: hang up, or give the call back to the dialplan."""
@@ -391,7 +430,7 @@ class SocketAudioSite:
                 ring = session.call.ring if session.call else None
                 if time.monotonic() >= deadline or ring is None or not ring.in_speech:
                     self.live.discard(session)
-                    session.end_reason = "farm is shutting down"
+                    session.end = ("drain", "farm is shutting down")
                     # Hand the call back to its dialplan instead of hanging it up.
                     try:
                         session.link.send(esl.command("resume"))

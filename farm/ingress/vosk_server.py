@@ -22,8 +22,9 @@ from websockets.http11 import Request, Response
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.metrics import Metrics
+from farm.logs import call_logger, quote
 from farm.protocol import vosk_server as proto
-from farm.protocol.events import Event
+from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY, CLOSE_POLICY
 from farm.protocol.pcm import SampleCarry
 
@@ -53,7 +54,8 @@ class _Connection:
         self.ended = asyncio.Event()  # the worker's call_end for this call
         self.reset_final = asyncio.Event()  # the final of the utterance a reset ended
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
-        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {"call_id": self.call_id})
+        self.log = call_logger(log, self.call_id)
+        self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail)
 
     async def run(self) -> None:
         try:
@@ -64,27 +66,47 @@ class _Connection:
             rcvd = exc.rcvd
             if rcvd is None or rcvd.code not in (1000, 1001):
                 reason = f"close {rcvd.code} {rcvd.reason!r}" if rcvd else "no close frame"
-                self.log.info("call %s: client went away (%s)", self.call_id, reason)
+                self.log.info("client went away (%s)", reason)
+            if self.end is None:
+                self.end = ("hangup", f"close {rcvd.code} {rcvd.reason}".strip() if rcvd else "no close frame")
         finally:
+            # Anything else that ended the connection is a bug of ours: an error for the call.
+            reason, detail = self.end or ("error", "internal error")
             if self.call is not None:
-                self.site.registry.close(self.call)
+                self.site.registry.close(self.call, reason, detail)
+            else:
+                self.site.registry.end_unopened(self.call_id, reason, detail)
             self.site.live.discard(self)
 
     async def _refuse(self, exc: proto.VoskServerError) -> None:
-        self.log.warning("call %s: closing: %s", self.call_id, exc)
+        self.log.warning("closing: %s", exc)
+        if exc.code == CLOSE_POLICY:  # no message in time
+            self.end = ("idle", str(exc))
+        else:
+            self.end = ("refused" if self.call is None and exc.code == CLOSE_GOING_AWAY else "error", str(exc))
         self.site.metrics.reject("vosk: " + ("bad json" if exc.code == proto.CLOSE_INVALID else "bad message"))
-        self.site.registry.error(self.call_id, str(exc))
+        if self.call is None or self.end[0] not in ERROR_ENDS:
+            self.site.registry.error(self.call_id, str(exc))  # else the call's worker says it (ERROR_ENDS)
         await self.ws.close(exc.code, str(exc)[:120])
 
     async def _receive(self) -> None:
-        timeout = self.config.first_message_timeout
+        loop = asyncio.get_running_loop()
+        idle = self.config.idle_timeout
+        deadline = loop.time() + self.config.first_message_timeout
+        silent = f"no message in {self.config.first_message_timeout:g} s"
+        spoke = False
         while True:
             try:
-                message = await asyncio.wait_for(self.ws.recv(), timeout)
+                message = await asyncio.wait_for(self.ws.recv(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
-                raise proto.VoskServerError(f"no message in {timeout:.0f} s", CLOSE_POLICY) from None
-            timeout = self.config.idle_timeout
+                raise proto.VoskServerError(silent, CLOSE_POLICY) from None
             recv_ns = time.monotonic_ns()
+            if isinstance(message, bytes) or not spoke:
+                # Only audio keeps a connection alive once it spoke: a client that sends
+                # a config, or text now and then, and no audio holds a slot for nothing.
+                spoke = True
+                deadline = loop.time() + idle
+                silent = f"no audio in {idle:g} s"
             if isinstance(message, bytes):
                 if self.call is None:
                     await self._open()
@@ -97,7 +119,9 @@ class _Connection:
             if command is proto.CONFIG:
                 self._note_config(message, audio_seen)
             elif command is proto.RESET:
+                waited = loop.time()
                 await self._reset()
+                deadline += loop.time() - waited  # waiting for our own worker is not the client's silence
             else:
                 await self._eof()
                 return
@@ -106,17 +130,13 @@ class _Connection:
         cfg = self.session.config
         if late:
             # vosk-server reads the config when it makes the recogniser, at the first audio.
-            self.log.info("call %s: config after audio ignored, as vosk-server does", self.call_id)
+            self.log.info("config after audio ignored, as vosk-server does")
             return
-        self.log.debug("call %s: config %s", self.call_id, text[:200])
+        self.log.debug("config %r", text[:200])
         if cfg.phrase_list:
-            self.log.info(
-                "call %s: phrase_list of %d phrases not supported; decoding with the full model",
-                self.call_id,
-                len(cfg.phrase_list),
-            )
+            self.log.info("phrase_list of %d phrases not supported; decoding with the full model", len(cfg.phrase_list))
         if cfg.ignored:
-            self.log.info("call %s: config members not supported, ignored: %s", self.call_id, ", ".join(cfg.ignored))
+            self.log.info("config members not supported, ignored: %s", ", ".join(quote(k) for k in cfg.ignored))
             cfg.ignored.clear()
 
     async def _open(self) -> None:
@@ -132,7 +152,7 @@ class _Connection:
             on_event=self._on_event,
         )
         self.site.live.add(self)
-        self.log.info("call %s: vosk-server client %s, %d Hz", self.call_id, self.peer, rate)
+        self.log.info("vosk-server client %s, %d Hz", self.peer, rate)
 
     def _write(self, chunk: bytes, recv_ns: int) -> None:
         assert self.call is not None
@@ -160,17 +180,18 @@ class _Connection:
             try:
                 await asyncio.wait_for(self.reset_final.wait(), RESET_WAIT_S)
             except TimeoutError:
-                self.log.warning("call %s: no final %.0f s after reset, replying", self.call_id, RESET_WAIT_S)
+                self.log.warning("no final %.0f s after reset, replying", RESET_WAIT_S)
         await self.ws.send(self.session.final_reply())
 
     async def _eof(self) -> None:
         """No more audio: wait for the worker to finish the call, reply, close normally."""
+        self.end = ("stop", "eof")
         if self.call is not None:
-            self.site.registry.close(self.call)
+            self.site.registry.close(self.call, *self.end)
             try:
                 await asyncio.wait_for(self.ended.wait(), EOF_WAIT_S)
             except TimeoutError:
-                self.log.warning("call %s: no call_end %.0f s after eof, replying", self.call_id, EOF_WAIT_S)
+                self.log.warning("no call_end %.0f s after eof, replying", EOF_WAIT_S)
         await self.ws.send(self.session.final_reply())
         await self.ws.close()
 
@@ -232,6 +253,7 @@ class VoskServerSite:
             quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
             for conn in quiet:
                 self.live.discard(conn)
+                conn.end = ("drain", "farm is shutting down")
                 await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
             await asyncio.sleep(0.05)
         if self.server is not None:

@@ -47,6 +47,8 @@ __all__ = [
     "Close",
     "StreamParams",
     "AudioStreamError",
+    "MAX_HELD_BYTES",
+    "call_id_from_path",
     "params_from_path",
     "parse_metadata",
     "resolve",
@@ -58,6 +60,10 @@ _RATE_KEYS = ("rate", "sample_rate", "sampleRate", "samplerate")
 _CHANNEL_KEYS = ("channels", "nchannels")
 _ID_KEYS = ("call_id", "callId", "uuid", "call_uuid")
 _K_RATES = {"8k": 8000, "16k": 16000}
+# Audio held for late metadata, at most. libwsc sends what it queued while connecting
+# (2 s at most, §1.6: 384 KB at 48 kHz stereo) before the metadata; more than that is
+# no real stream, and the call opens on the URL alone instead of buffering it.
+MAX_HELD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -133,11 +139,17 @@ def params_from_path(path: str) -> StreamParams:
 
     Raises :class:`AudioStreamError` for a rate or channel count farm cannot serve.
     """
-    parts = urlsplit(path)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    segments = [unquote(s) for s in parts.path.split("/") if s]
-    call_id = _first(query, _ID_KEYS) or (segments[-1] if segments else None)
-    return _params(query, call_id, {})
+    return _params(_query(path), call_id_from_path(path), {})
+
+
+def call_id_from_path(path: str) -> str | None:
+    """The call id the request target names, if any, even where its parameters are bad."""
+    segments = [unquote(s) for s in urlsplit(path).path.split("/") if s]
+    return _first(_query(path), _ID_KEYS) or (segments[-1] if segments else None)
+
+
+def _query(path: str) -> dict[str, Any]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
 
 
 def parse_metadata(text: str) -> tuple[StreamParams, str | None]:
@@ -233,10 +245,16 @@ class Note:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the WebSocket with ``code`` and stop reading; ``reason`` is for logs and events."""
+    """Close the WebSocket with ``code`` and stop reading; ``reason`` is for logs and events.
+
+    ``end`` is why the call ends, ``call_end``'s reason (``farm.protocol.events.END_REASONS``):
+    ``idle`` (nothing came in time), ``refused`` (the call was never opened: a URL or
+    metadata farm cannot serve), ``error`` (the open call's metadata broke it).
+    """
 
     code: int
     reason: str
+    end: str
 
     @property
     def wire_reason(self) -> str:
@@ -264,12 +282,16 @@ class AudioStreamSession:
         WAITING    --audio-> HOLDING     libwsc may send audio before the metadata
         HOLDING    --text--> STREAMING   the held audio is written after the open
         HOLDING    --metadata_wait_ms after the upgrade--> STREAMING, on the URL alone
-        WAITING    --first_message_timeout--> CLOSED (1008)
-        STREAMING  --idle_timeout since the last message--> CLOSED (1008)
-        any        --a rate or channel count farm cannot serve--> CLOSED (1003)
+        HOLDING    --MAX_HELD_BYTES of audio--> STREAMING, on the URL alone
+        WAITING    --first_message_timeout--> CLOSED (1008, the call ends idle)
+        STREAMING  --idle_timeout since the open or the last audio--> CLOSED (1008, idle)
+        any        --a rate or channel count farm cannot serve--> CLOSED (1003, refused
+                     before the call opened, an error after)
 
     Metadata that comes once the call is open (IXWebSocket re-sends it on every
     reconnect, dialers send text with ``send_text``) changes nothing: the rate is fixed.
+    Nor does it keep the call alive: a call that stalls holds a slot of
+    ``--max-connections``, so only audio moves the idle deadline.
     """
 
     def __init__(
@@ -290,10 +312,18 @@ class AudioStreamSession:
         self._idle_ns = int(idle_timeout * 1e9)
         self.state = CONNECTING
         self.url = StreamParams()
+        self._meta_call_id: str | None = None
         self._upgraded_at = 0
         self._deadline: int | None = None
         self._held: list[tuple[bytes, int]] = []  # audio that came before the metadata
+        self._held_bytes = 0
         self._carry: SampleCarry | None = None
+
+    @property
+    def call_id(self) -> str | None:
+        """The call id the peer named, in the URL (even one farm refused) or else in the
+        metadata; None while it named none (the opened call's id is then farm's own)."""
+        return self.url.call_id or self._meta_call_id
 
     def next_deadline(self) -> int | None:
         """When :meth:`timeout` is due (``time.monotonic_ns()``), or None: never."""
@@ -306,6 +336,7 @@ class AudioStreamSession:
         try:
             self.url = params_from_path(path)
         except AudioStreamError as exc:
+            self.url = StreamParams(call_id=call_id_from_path(path))  # its call ends, refused
             return self._fail(exc)
         self.state = WAITING
         self._upgraded_at = now
@@ -322,7 +353,6 @@ class AudioStreamSession:
         except AudioStreamError as exc:
             return self._fail(exc)
         if self.state is STREAMING:
-            self._deadline = now + self._idle_ns
             if error:
                 return [PublishError(error)]
             return [Note(f"metadata again, {len(text)} bytes; kept the stream's parameters")]
@@ -337,9 +367,12 @@ class AudioStreamSession:
         if self.state is CLOSED:
             return []
         self._held.append((data, now))
+        self._held_bytes += len(data)
         self.state = HOLDING
         self._deadline = self._upgraded_at + self._metadata_wait_ns
-        if now >= self._deadline:  # the wait is over (its timer may not have run yet)
+        # The wait is over (its timer may not have run yet), or the peer sends far more
+        # than a real stream could in the wait: stop holding it in memory.
+        if now >= self._deadline or self._held_bytes > MAX_HELD_BYTES:
             return self._open(StreamParams(), False, None, now)
         return []
 
@@ -352,8 +385,11 @@ class AudioStreamSession:
             return []
         if self.state is HOLDING:
             return self._open(StreamParams(), False, None, now)
-        waited = self.first_message_timeout if self.state is WAITING else self.idle_timeout
-        return self._fail(AudioStreamError(f"no message in {waited:.0f} s", CLOSE_POLICY))
+        if self.state is WAITING:
+            reason = f"no message in {self.first_message_timeout:g} s"
+        else:
+            reason = f"no audio in {self.idle_timeout:g} s"
+        return self._fail(AudioStreamError(reason, CLOSE_POLICY), "idle")
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -363,6 +399,7 @@ class AudioStreamSession:
 
     def _open(self, meta: StreamParams, metadata_seen: bool, error: str | None, now: int) -> list[Action]:
         p = resolve(self.url, meta, default_rate=self.default_rate, default_channels=self.default_channels)
+        self._meta_call_id = meta.call_id
         assert p.call_id is not None and p.rate is not None and p.channels is not None
         self.state = STREAMING
         self._deadline = now + self._idle_ns
@@ -370,7 +407,7 @@ class AudioStreamSession:
         actions: list[Action] = [OpenCall(p.call_id, p.rate, p.channels, p.transcribe, p.metadata, metadata_seen)]
         if error:
             actions.append(PublishError(error))
-        held, self._held = self._held, []
+        held, self._held, self._held_bytes = self._held, [], 0
         actions += [self._write(data, received) for data, received in held]
         return actions
 
@@ -378,8 +415,10 @@ class AudioStreamSession:
         assert self._carry is not None
         return WriteAudio(self._carry.feed(data), received, len(data))
 
-    def _fail(self, exc: AudioStreamError) -> list[Action]:
+    def _fail(self, exc: AudioStreamError, end: str | None = None) -> list[Action]:
+        """Close; the call ends ``end``, else refused (never opened) or an error (open)."""
+        end = end or ("error" if self.state is STREAMING else "refused")
         self.state = CLOSED
         self._deadline = None
-        self._held = []
-        return [Close(exc.code, str(exc))]
+        self._held, self._held_bytes = [], 0
+        return [Close(exc.code, str(exc), end)]

@@ -31,6 +31,7 @@ from farm.protocol.exceptions import LocalProtocolError, RemoteProtocolError
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_CONTENT_LENGTH",
+    "MAX_BODY_BYTES",
     "ParserState",
     "OPEN",
     "CLOSED",
@@ -57,8 +58,14 @@ __all__ = [
 # 64 KiB leaves room for big variable sets while bounding what a peer that never
 # sends the empty line can make us buffer.
 MAX_HEADER_BYTES = 64 * 1024
-# FreeSWITCH refuses bodies above this itself (mes.c MAX_CONTENT_LENGTH, §3.1).
+# FreeSWITCH refuses bodies above this itself (mes.c MAX_CONTENT_LENGTH, §3.1): the
+# limit of what we send.
 MAX_CONTENT_LENGTH = 16 * 1024 * 1024
+# What we accept, by default (``--esl-max-body-bytes``). FreeSWITCH's own bodies are
+# small: an event with every channel variable is 5-15 KiB (§3.4), an api/response a
+# line. A peer allowed 16 MiB per connection makes the ingress hold 16 MiB per
+# connection.
+MAX_BODY_BYTES = 1024 * 1024
 
 # 16 MiB is 8 digits; anything longer (after leading zeros) is too big without int(),
 # which also keeps a 60 KiB digit string away from int()'s digit limit.
@@ -366,13 +373,13 @@ class _StreamReader:
         return line
 
     def read_exact(self, n: int) -> Generator[None, None, bytes]:
-        """Read exactly ``n`` bytes; ``n`` was checked against MAX_CONTENT_LENGTH."""
+        """Read exactly ``n`` bytes; ``n`` was checked against the parser's body limit."""
         while len(self.buffer) < n:
             if self.eof:
                 raise RemoteProtocolError(f"connection closed after {len(self.buffer)} of {n} body bytes")
             yield
         data = bytes(self.buffer[:n])
-        del self.buffer[:n]
+        del self.buffer[:n]  # emptied, a bytearray gives its memory back (a major downsize)
         return data
 
     def discard(self) -> None:
@@ -390,13 +397,13 @@ def _split_header(line: bytes, lineno: int) -> tuple[str, str]:
     return name, value[1:] if value.startswith(" ") else value
 
 
-def _content_length(value: str) -> int:
+def _content_length(value: str, limit: int = MAX_CONTENT_LENGTH) -> int:
     digits = value.strip()
     if not digits or not digits.isascii() or not digits.isdigit():
         raise RemoteProtocolError(f"content-length of {len(value)} characters is not a number")
     significant = digits.lstrip("0")
-    if len(significant) > _MAX_LENGTH_DIGITS or int(significant or "0") > MAX_CONTENT_LENGTH:
-        raise RemoteProtocolError(f"content-length {digits[:20]} exceeds the limit of {MAX_CONTENT_LENGTH} bytes")
+    if len(significant) > _MAX_LENGTH_DIGITS or int(significant or "0") > limit:
+        raise RemoteProtocolError(f"content-length {digits[:20]} exceeds the limit of {limit} bytes")
     return int(significant or "0")
 
 
@@ -493,14 +500,18 @@ class EventSocketParser:
 
     Bad input never raises: the parser records a
     :class:`~farm.protocol.exceptions.RemoteProtocolError` in :attr:`parser_exc`,
-    moves to ``FAILED`` and ignores further data; the caller should close.
+    moves to ``FAILED`` and ignores further data; the caller should close. A
+    ``Content-Length`` over ``max_body`` is bad input, refused before its body is read.
 
     Attributes:
         state: ``OPEN``, ``CLOSED`` (clean EOF) or ``FAILED`` (terminal error).
         parser_exc: the error that moved the parser to ``FAILED``, else None.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int = MAX_BODY_BYTES) -> None:
+        if not 0 <= max_body <= MAX_CONTENT_LENGTH:
+            raise LocalProtocolError(f"max_body {max_body} is not within 0-{MAX_CONTENT_LENGTH} bytes")
+        self.max_body = max_body
         self.state = OPEN
         self.parser_exc: RemoteProtocolError | None = None
         self._reader = _StreamReader()
@@ -566,8 +577,9 @@ class EventSocketParser:
             body: bytes | None = None
             length = headers.get("Content-Length")
             if length is not None:
-                body = yield from reader.read_exact(_content_length(length))
+                body = yield from reader.read_exact(_content_length(length, self.max_body))
             self._messages.append(_build(headers, body))
+            body = None  # this frame waits here for the next message: hold nothing big meanwhile
 
 
 # ---------------------------------------------------------------------------

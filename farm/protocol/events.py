@@ -37,6 +37,10 @@ __all__ = [
     "STAGES",
     "Event",
     "EventError",
+    "END_REASONS",
+    "ERROR_ENDS",
+    "end_reason_code",
+    "end_reason_of",
     "topic_for",
     "call_id_from_topic",
     "SUBSCRIBED",
@@ -50,7 +54,7 @@ SUBSCRIBED = b""
 EVENT_TYPES = frozenset(
     {
         "call_start",  # ingress saw the call begin: protocol, rate, channels, metadata
-        "call_end",  # the call's audio is fully processed: reason, duration
+        "call_end",  # the call's audio is fully processed: reason (END_REASONS), detail, duration_ms
         "speech_start",  # VAD hysteresis says speech began
         "partial",  # recogniser has a new partial hypothesis: text
         "final",  # utterance finished: text, words, reason (vad|endpoint|end)
@@ -64,6 +68,41 @@ EVENT_TYPES = frozenset(
         "error",  # bad input or a lost worker: reason
     }
 )
+
+# Why a call ended: ``call_end``'s ``reason``. Its ``detail`` says more ("" if nothing):
+# the error's message, the hang-up cause, the close code. A call ends once, with one of:
+END_REASONS = (
+    # The peer ended it: the WebSocket closed or was lost, the channel hung up, the Event
+    # Socket closed. mod_audio_stream's `uuid_audio_stream stop` sends the very Close 1000
+    # a hang-up sends (PROTOCOLS.md §1.10): it is a hangup here too.
+    "hangup",
+    # Audio stopped on request while the call went on: uuid_socket_audio_stop (the audio
+    # socket ended, no hang-up followed), vosk-server's {"eof" : 1}.
+    "stop",
+    "drain",  # farm was shutting down (SIGTERM) and ended it
+    "refused",  # farm did not take the call: shutting down, a rate it cannot serve, at capacity
+    "idle",  # nothing came for --idle-timeout (--first-message-timeout before the call began)
+    "error",  # bad input, or a start that failed; detail is the message (also in an error event)
+)
+# A call a worker serves that ends with one of these has its ``error`` event published by
+# that worker, right before call_end, from the ring's end detail: the ingress and the
+# worker publish through different sockets, so an ingress error could reach a subscriber
+# after the worker's call_end, which ends its subscription (detail cut to 120 bytes).
+ERROR_ENDS = ("idle", "error")
+# A call that never began (refused, idle or failed before its audio came) still ends with
+# a call_end, from the ingress: seq 0, duration 0, no call_start before it. Refusals before
+# a WebSocket upgrade (HTTP 503) have no events: FreeSWITCH reports those itself.
+
+
+def end_reason_code(reason: str) -> int:
+    """The ring's code for an end reason (1, 2 ...); 0 for one not in :data:`END_REASONS`."""
+    return END_REASONS.index(reason) + 1 if reason in END_REASONS else 0
+
+
+def end_reason_of(code: int) -> str:
+    """The end reason of a ring code; "" for 0 (none recorded) or an unknown code."""
+    return END_REASONS[code - 1] if 0 < code <= len(END_REASONS) else ""
+
 
 # Latency stages in pipeline order (ARCHITECTURE.md, "Per-stage latency vocabulary").
 STAGES = ("recv", "commit", "read", "vad", "asr", "publish")
