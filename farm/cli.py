@@ -28,13 +28,16 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def cmd_up(args: argparse.Namespace) -> int:
     from farm.logs import setup_logging
     from farm.supervisor import run
+    from workers.analysis import IntentLibrary, node_amd_config
     from workers.call import vad_config_for
 
     config = from_args(args)
     try:
         config.check()
         vad_config_for(config)
-    except ValueError as exc:
+        node_amd_config(config)
+        IntentLibrary(config.intents)
+    except (OSError, ValueError) as exc:
         # Refused here, not by every worker on every call.
         print(f"farm up: {exc}", file=sys.stderr)
         return 2

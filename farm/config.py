@@ -264,6 +264,35 @@ class Config:
         ),
     )
     esl_password: str = field(default="ClueCon", metadata=knob("its password", group="playback"))
+    # -- what a dialer wants besides words (workers/analysis.py)
+    amd: str = field(
+        default="ask",
+        metadata=knob(
+            "answering-machine detection: on the calls that ask for it (amd in metadata, farm_amd), or all",
+            group="dialer",
+            choices=("ask", "all"),
+        ),
+    )
+    amd_params: str = field(
+        default="",
+        metadata=knob(
+            'AMD settings as JSON, e.g. {"greeting_ms": 1200} (workers/amd.py AmdConfig; a call may send its own)',
+            group="dialer",
+        ),
+    )
+    tones: bool = field(
+        default=True,
+        metadata=knob(
+            "detect beeps, SIT, busy, reorder and fax tones on every call (a call may say tones: false)", group="dialer"
+        ),
+    )
+    intents: str = field(
+        default="",
+        metadata=knob(
+            "intent rules: a TOML/JSON file for every call, or a directory of named sets (default.*: every call)",
+            group="dialer",
+        ),
+    )
     # -- vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py)
     vosk_port: int = field(
         default=2700, metadata=knob("port for vosk-server clients (0: off)", group="vosk", check=_port)

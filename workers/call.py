@@ -24,6 +24,7 @@ import soxr
 from farm.config import Config
 from farm.protocol.events import Event
 from farm.ring import Ring
+from workers.analysis import CallAnalysis, Found, Options
 from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
 from workers.scheduler import AsrScheduler
@@ -107,6 +108,9 @@ class _Channel:
                 self.quiet_frames += self.vad.preroll_frames
 
     def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[_Draft]:
+        drafts: list[_Draft] = []
+        if self.index == 0 and len(samples):
+            drafts += self.session.found(self.session.analysis.on_audio(samples), {"read": read_ns})
         if self.resampler is not None:
             # Resample whole 20 ms input blocks only: soxr's output moves by an LSB or
             # two with the chunking, and what the ring holds at each look is timing.
@@ -121,7 +125,6 @@ class _Channel:
                 self.unresampled = self.unresampled[:0]
         else:
             self.pending += samples.tobytes()
-        drafts: list[_Draft] = []
         fb = self.frame_bytes
         n = len(self.pending) // fb
         for i in range(n):
@@ -138,6 +141,9 @@ class _Channel:
             self.vad.reset()
             decision = None
         drafts: list[_Draft] = []
+        if self.index == 0:
+            voiced = self.vad.voiced and k >= self.quiet_frames  # a fresh webrtcvad flags any onset
+            drafts += s.found(s.analysis.on_frame(s.offset_ms(k), voiced), {"read": read_ns})
         cursor_end = s.cursor_of(k + 1)
         if not s.config.gating:
             if self.utterance < 0:
@@ -253,6 +259,8 @@ class _Channel:
             self.asr.end("end", self.utterance, cursor)
             self.utterance = -1
             self.held = None
+        if self.index == 0:
+            drafts += self.session.found(self.session.analysis.on_end(), {"read": read_ns})
         return drafts
 
 
@@ -266,6 +274,7 @@ class CallSession:
         info: dict[str, Any],
         config: Config,
         *,
+        options: Options,
         pool: RecognizerPool,
         scheduler: AsrScheduler,
         results: ResultQueue,
@@ -305,6 +314,8 @@ class CallSession:
             for c in channels
         ]
         self.by_index = {ch.index: ch for ch in self.channels}
+        # AMD, tones and intents of the caller's channel (workers/analysis.py).
+        self.analysis = CallAnalysis(ring.rate, options, self.offset_ms_of_cursor(self.base), self.resumed)
         self.finishing = False
         self.release_asked = 0.0  # when the broker asked to move this call to another worker (0: not)
         # Explicit ends of utterance (Ring.request_finalize) at cursors before ours were
@@ -391,6 +402,10 @@ class CallSession:
             drafts.extend(ch.push(np.ascontiguousarray(mono), read_ns))
         return drafts
 
+    def found(self, found: list[Found], stamps: dict[str, int]) -> list[_Draft]:
+        """Drafts of what the call's analysis found (workers/analysis.py), on the caller's channel."""
+        return [_Draft(type, offset, data, dict(stamps), 0) for type, offset, data in found]
+
     def on_asr(self, out: AsrOutput) -> list[_Draft]:
         """A recogniser output for this call arrived on the main loop."""
         ch = out.stream.tag[1]
@@ -415,7 +430,11 @@ class CallSession:
                 # No VAD gating: one recogniser hears the whole call, so the last
                 # endpoint is the only place a replay can start from.
                 channel.open_utterances = [out.fed_until]
-        return [_Draft(out.kind, out.offset_ms, data, stamps, ch)]
+        drafts = [_Draft(out.kind, out.offset_ms, data, stamps, ch)]
+        if ch == 0:
+            heard_ms = self.offset_ms_of_cursor(out.fed_until)
+            drafts += self.found(self.analysis.on_transcript(heard_ms, out.text, out.kind == "final"), stamps)
+        return drafts
 
     def committed_cursor(self) -> int:
         """Where a worker taking over this call would have to start."""
@@ -442,8 +461,10 @@ class CallSession:
         # moved with its final pending 32 s back in a 30 s ring never got that final). Such
         # a call stays where its recognition is.
         replayable = self.ring.write_cursor - self.ring.committed <= self.ring.capacity // 2
+        # AMD deciding: the answer's cadence is here, a worker taking the call would not have it.
         return (
             replayable
+            and not self.analysis.deciding
             and not self.finishing
             and all(
                 ch.vad.state is VadState.SILENCE and ch.utterance < 0 and (not patient or not ch.asr.pending)

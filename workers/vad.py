@@ -251,6 +251,7 @@ class Vad:
         self._level = _Level(config.tail_margin_db, config.tail_range_db) if config.tail_margin_db else None
         self._state = SILENCE
         self._frames = 0
+        self.voiced = False  # webrtcvad's flag for the last frame processed (AMD cadence reads it)
         self._onset_voiced: deque[int] = deque()  # indices of voiced frames in the onset window
         self._start = 0  # SpeechStart.frame of the current utterance (valid in SPEECH)
         self._last_loud = 0  # index of the latest loud frame (valid in SPEECH)
@@ -308,7 +309,8 @@ class Vad:
         Raises:
             ValueError: if `frame` is not exactly `frame_bytes` long (nothing is counted).
         """
-        kind = self._classify(frame, self.is_voiced(frame))
+        self.voiced = self.is_voiced(frame)
+        kind = self._classify(frame, self.voiced)
         self._frames += 1
         return self._step(kind)
 

@@ -63,7 +63,10 @@ EVENT_TYPES = frozenset(
         "flush",  # a worker asks the ingress to cut playback (caller speech while playing)
         "playback_start",  # the farm began playing audio to the call: play id, duration
         "playback_stop",  # that audio ended: reason complete|flush|barge_in|hangup, played_ms
-        "intent",  # a transcript matched an intent
+        "intent",  # a transcript matched an intent: intent, matched, source, early, also, revised
+        "amd",  # answering-machine detection decided: result human|machine|unknown, reason, features
+        "beep",  # a voicemail beep ended: start_ms, end_ms, freq_hz, level_dbfs
+        "tone",  # a call-progress tone: kind sit|busy|reorder|fax_cng|fax_ced, start_ms, end_ms, freq_hz
         "overrun",  # audio dropped because a reader fell behind: bytes, count
         "error",  # bad input or a lost worker: reason
     }

@@ -1,0 +1,238 @@
+"""What a dialer wants from a call besides its words: answering-machine detection, beeps
+and call-progress tones, and intents. One :class:`CallAnalysis` per call, fed by the
+worker's :class:`~workers.call.CallSession` with what it already has for the caller's
+channel: the input audio (tones), each VAD frame's voicing (AMD cadence) and the
+recogniser's partials and finals (AMD phrases, intents).
+
+What a call gets is asked for with the call (:func:`options_for`): in mod_audio_stream's
+metadata or URL query, or as ``farm_*`` channel variables of a mod_socket_audio call::
+
+    amd      true | false | {"greeting_ms": 1200, "phrases": [...], ...}  (AmdConfig fields
+             or amd.conf's names; --amd all turns it on for every call)
+    tones    true | false   (--tones, default on: every call)
+    intents  NAME (a set of the --intents directory) | {inline rules, farm/intents.py}
+             | false   (--intents FILE: every call; a directory's "default" set likewise)
+
+A bad option is an ``error`` event for the call, which goes on without that part.
+
+Events (offsets are audio time from the start of the stream, i.e. from answer):
+
+- ``amd``: result human|machine|unknown, reason, decision_ms, features (workers/amd.py).
+- ``beep``: start_ms, end_ms (the moment to start a voicemail drop), freq_hz, level_dbfs.
+- ``tone``: kind sit|busy|reorder|fax_cng|fax_ced, with the same members.
+- ``intent``: intent, matched, source "rules", early (fired on a stable partial), also,
+  revised (a final that overrides an early intent).
+
+A worker that takes a call over from another (a move, a crash) starts no AMD for it:
+the answer's cadence is behind it. It still detects tones and matches intents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from farm.config import Config
+from farm.intents import IntentMatcher, IntentRules, IntentsError
+from workers.amd import AmdConfig, AmdDecider, AmdDecision
+from workers.tones import ToneDetector, ToneEvent
+
+
+__all__ = ["Found", "IntentLibrary", "Options", "node_amd_config", "options_for", "CallAnalysis"]
+
+INTENT_SUFFIXES = (".toml", ".json")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+# (event type, offset_ms, data): what the session turns into an event.
+Found = tuple[str, int, dict[str, Any]]
+
+
+class IntentLibrary:
+    """The intent sets of ``--intents``: one file (every call's), or a directory of
+    ``NAME.toml``/``NAME.json`` files that calls pick by name (``default`` for calls
+    that name none). Loaded once per worker; ``farm up`` loads it first to refuse a bad file."""
+
+    def __init__(self, path: str) -> None:
+        self.sets: dict[str, IntentRules] = {}
+        self.default: IntentRules | None = None
+        if not path:
+            return
+        where = Path(path)
+        if where.is_dir():
+            for file in sorted(where.iterdir()):
+                if file.suffix in INTENT_SUFFIXES:
+                    if file.stem in self.sets:
+                        raise IntentsError(f"{file}: a second intent set named {file.stem!r}")
+                    self.sets[file.stem] = IntentRules.load(file)
+            self.default = self.sets.get("default")
+        else:
+            self.default = IntentRules.load(where)
+
+    def rules(self, name: str) -> IntentRules:
+        try:
+            return self.sets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sets)) or "none: --intents is not a directory"
+            raise IntentsError(f"no intent set named {name[:64]!r} (known: {known})") from None
+
+
+def node_amd_config(config: Config) -> AmdConfig:
+    """``--amd-params`` as an AmdConfig; raises ValueError naming what is wrong."""
+    try:
+        params = json.loads(config.amd_params or "{}")
+    except ValueError as exc:
+        raise ValueError(f"amd_params is not JSON ({exc})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"amd_params must be a JSON object, got {config.amd_params[:40]!r}")
+    try:
+        return AmdConfig.from_mapping(params)
+    except ValueError as exc:
+        raise ValueError(f"amd_params: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one call asked for (None / False: not that part)."""
+
+    amd: AmdConfig | None = None
+    tones: bool = True
+    intents: IntentRules | None = None
+
+
+def _value(raw: Any) -> Any:
+    """A per-call option as sent: JSON metadata gives it typed; a URL query or a channel
+    variable gives text ("true", "0", a JSON object)."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not a JSON object ({exc})") from None
+    return text
+
+
+def _option(metadata: Mapping[str, Any], key: str) -> Any:
+    for name in (key, "farm_" + key):
+        if name in metadata:
+            return _value(metadata[name])
+    return None
+
+
+def options_for(
+    info: Mapping[str, Any], config: Config, library: IntentLibrary, node_amd: AmdConfig
+) -> tuple[Options, list[str]]:
+    """The call's options, and what was wrong with the ones it sent (each an error message)."""
+    metadata = info.get("metadata")
+    if not isinstance(metadata, Mapping):
+        metadata = {}
+    errors: list[str] = []
+
+    amd: AmdConfig | None = node_amd if config.amd == "all" else None
+    try:
+        asked = _option(metadata, "amd")
+        if isinstance(asked, Mapping):
+            amd = AmdConfig.from_mapping({**json.loads(config.amd_params or "{}"), **asked})
+        elif asked is True:
+            amd = node_amd
+        elif asked is False:
+            amd = None
+        elif asked is not None:
+            raise ValueError(f"must be true, false or an object, got {str(asked)[:40]!r}")
+    except ValueError as exc:
+        errors.append(f"amd: {exc}")
+
+    tones = config.tones
+    try:
+        asked = _option(metadata, "tones")
+        if isinstance(asked, bool):
+            tones = asked
+        elif asked is not None:
+            raise ValueError(f"must be true or false, got {str(asked)[:40]!r}")
+    except ValueError as exc:
+        errors.append(f"tones: {exc}")
+
+    intents = library.default
+    try:
+        asked = _option(metadata, "intents")
+        if isinstance(asked, Mapping):
+            intents = IntentRules.from_mapping(asked)
+        elif isinstance(asked, str):
+            intents = library.rules(asked)
+        elif asked is False:
+            intents = None
+        elif asked is not None:
+            raise ValueError(f"must be a set's name, an object or false, got {str(asked)[:40]!r}")
+    except ValueError as exc:  # IntentsError included
+        errors.append(f"intents: {exc}")
+    return Options(amd, tones or amd is not None, intents), errors
+
+
+class CallAnalysis:
+    """AMD, tones and intents of one call's caller channel (see the module docstring)."""
+
+    def __init__(self, rate: int, options: Options, start_ms: int, resumed: bool) -> None:
+        self.tones = ToneDetector(rate, start_ms=start_ms) if options.tones else None
+        self.amd = AmdDecider(options.amd) if options.amd is not None and not resumed else None
+        self.intents = IntentMatcher(options.intents) if options.intents is not None else None
+        self.offset_ms = start_ms  # end of the audio seen
+
+    @property
+    def deciding(self) -> bool:
+        """AMD has not decided yet: the call should stay on this worker until it has."""
+        return self.amd is not None and self.amd.decision is None
+
+    def on_audio(self, samples: np.ndarray) -> list[Found]:
+        """The caller's input-rate audio, before the VAD frames made of it."""
+        if self.tones is None:
+            return []
+        return self._tones(self.tones.feed(samples))
+
+    def on_frame(self, offset_ms: int, voiced: bool) -> list[Found]:
+        """One 20 ms VAD frame; ``voiced`` is webrtcvad's flag (False while it settles)."""
+        self.offset_ms = offset_ms + 20
+        if self.amd is None or self.amd.decision is not None:
+            return []
+        if voiced and self.tones is not None and self.tones.is_tonal(offset_ms):
+            voiced = False  # a tone is not a word of a greeting
+        return self._amd(self.amd.on_frame(offset_ms, voiced))
+
+    def on_transcript(self, offset_ms: int, text: str, final: bool) -> list[Found]:
+        found: list[Found] = []
+        if self.amd is not None and self.amd.decision is None and text:
+            found += self._amd(self.amd.on_transcript(offset_ms, text, final))
+        if self.intents is not None:
+            match = self.intents.on_final(text) if final else self.intents.on_partial(text)
+            if match is not None:
+                found.append(("intent", offset_ms, match.to_dict()))
+        return found
+
+    def on_end(self) -> list[Found]:
+        """The call's audio is over."""
+        found = self._tones(self.tones.flush()) if self.tones is not None else []
+        if self.amd is not None:
+            found += self._amd(self.amd.on_end(self.offset_ms))
+        return found
+
+    def _amd(self, decision: AmdDecision | None) -> list[Found]:
+        return [] if decision is None else [("amd", decision.decision_ms, decision.to_dict())]
+
+    def _tones(self, events: list[ToneEvent]) -> list[Found]:
+        found: list[Found] = []
+        for tone in events:
+            data = tone.to_dict()
+            found.append(("beep" if tone.kind == "beep" else "tone", tone.end_ms, data))
+            if self.amd is not None:
+                found += self._amd(self.amd.on_tone(tone.kind, tone.start_ms, tone.end_ms))
+        return found
