@@ -492,6 +492,7 @@ _GROUPS = {
     "playback": "playback and barge-in",
     "vosk": "vosk-server protocol",
     "recognition": "recognition (workers)",
+    "dialer": "answering machines, tones and intents (workers/analysis.py)",
 }
 
 

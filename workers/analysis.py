@@ -13,7 +13,8 @@ metadata or URL query, or as ``farm_*`` channel variables of a mod_socket_audio 
     intents  NAME (a set of the --intents directory) | {inline rules, farm/intents.py}
              | false   (--intents FILE: every call; a directory's "default" set likewise)
 
-A bad option is an ``error`` event for the call, which goes on without that part.
+A bad option is an ``error`` event for the call, which goes on without that part (not
+with the node's settings for it: the call asked for other ones).
 
 Events (offsets are audio time from the start of the stream, i.e. from answer):
 
@@ -152,6 +153,7 @@ def options_for(
             raise ValueError(f"must be true, false or an object, got {str(asked)[:40]!r}")
     except ValueError as exc:
         errors.append(f"amd: {exc}")
+        amd = None  # not the node's settings either: the call asked for others
 
     tones = config.tones
     try:
@@ -167,7 +169,8 @@ def options_for(
     try:
         asked = _option(metadata, "intents")
         if isinstance(asked, Mapping):
-            intents = IntentRules.from_mapping(asked)
+            # A whole intents file's structure, or just its intents table.
+            intents = IntentRules.from_mapping(asked if "intents" in asked else {"intents": asked})
         elif isinstance(asked, str):
             intents = library.rules(asked)
         elif asked is False:
@@ -176,6 +179,7 @@ def options_for(
             raise ValueError(f"must be a set's name, an object or false, got {str(asked)[:40]!r}")
     except ValueError as exc:  # IntentsError included
         errors.append(f"intents: {exc}")
+        intents = None  # not the node's default either: its campaign's intents are others
     return Options(amd, tones or amd is not None, intents), errors
 
 

@@ -28,6 +28,7 @@ from workers.analysis import CallAnalysis, Found, Options
 from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
 from workers.scheduler import AsrScheduler
+from workers.stats import CallStats
 from workers.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart, Vad, VadConfig, VadState
 
 
@@ -316,6 +317,7 @@ class CallSession:
         self.by_index = {ch.index: ch for ch in self.channels}
         # AMD, tones and intents of the caller's channel (workers/analysis.py).
         self.analysis = CallAnalysis(ring.rate, options, self.offset_ms_of_cursor(self.base), self.resumed)
+        self.stats = CallStats(from_ms=self.offset_ms_of_cursor(self.base))  # for call_end
         self.finishing = False
         self.release_asked = 0.0  # when the broker asked to move this call to another worker (0: not)
         # Explicit ends of utterance (Ring.request_finalize) at cursors before ours were
@@ -365,6 +367,8 @@ class CallSession:
             )
             self.overrun_seen = overrun
         if data:
+            if self.ring.playing:
+                self.stats.played(self.offset_ms_of_cursor(len(data)))
             drafts.extend(self._consume(start, data, read_ns))
         if finalize_at is not None and self.ring.read_cursor >= finalize_at:
             self.finalized_until = finalize_at + 1
@@ -490,6 +494,7 @@ class CallSession:
         worker taking over the call continues it."""
         seq = self.ring.event_seq
         self.ring.event_seq = seq + 1
+        self.stats.observe(draft.type, draft.channel, draft.offset_ms, draft.data)
         return Event(draft.type, self.call_id, seq, draft.offset_ms, draft.data, draft.stamps, draft.channel)
 
     def event_for(self, type: str, offset_ms: int, data: dict[str, Any]) -> Event:

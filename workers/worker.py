@@ -24,6 +24,7 @@ from farm.lifeline import die_with_parent, orphaned
 from farm.logs import call_logger
 from farm.protocol.events import ERROR_ENDS, Event, end_reason_of
 from farm.ring import Ring, RingError
+from workers.analysis import IntentLibrary, node_amd_config, options_for
 from workers.asr import ResultQueue
 from workers.call import CallSession
 from workers.cost import CallCost
@@ -101,6 +102,9 @@ class Worker:
         self.scheduler = AsrScheduler(config.asr_threads, name=f"asr{index}")
         self.results = ResultQueue()
         self.sessions: dict[str, CallSession] = {}
+        # Checked by `farm up` before any worker starts: these do not raise here.
+        self.intents = IntentLibrary(config.intents)
+        self.node_amd = node_amd_config(config)
         self.cost = CallCost(config.admission_call_cpu_ms or CALL_CPU_MS_PRIOR)
         self.published = 0  # events published (the metrics' counter)
         self.partials_dropped = 0  # partials not published, of the calls no longer served
@@ -161,10 +165,21 @@ class Worker:
             self.publish(Event("error", call_id, 0, 0, {"reason": f"worker could not attach: {exc}"}))
             self.send(wire.W_DONE, call_id)
             return
+        options, errors = options_for(info, self.config, self.intents, self.node_amd)
         session = CallSession(
-            call_id, ring, info, self.config, pool=self.pool, scheduler=self.scheduler, results=self.results
+            call_id,
+            ring,
+            info,
+            self.config,
+            options=options,
+            pool=self.pool,
+            scheduler=self.scheduler,
+            results=self.results,
         )
         self.sessions[call_id] = session
+        for reason in errors if not session.resumed else ():  # the call goes on without that part
+            call_logger(self.log.logger, call_id).warning("%s", reason)
+            self.publish(session.event_for("error", 0, {"reason": reason}))
         call_logger(self.log.logger, call_id).info(
             "serving ring %s (%d Hz, %d ch)%s",
             ring_name,
@@ -249,6 +264,7 @@ class Worker:
             "duration_ms": duration_ms,
             "overrun_bytes": ring.overrun_bytes,
             "frames": ring.frames,
+            "stats": session.stats.summary(duration_ms),
         }
         if data["reason"] in ERROR_ENDS:
             # The ingress's complaint about this call: said here, so that it comes before call_end.

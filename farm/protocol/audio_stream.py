@@ -59,6 +59,8 @@ __all__ = [
 _RATE_KEYS = ("rate", "sample_rate", "sampleRate", "samplerate")
 _CHANNEL_KEYS = ("channels", "nchannels")
 _ID_KEYS = ("call_id", "callId", "uuid", "call_uuid")
+# What a call may ask for in the URL query as in its metadata (workers/analysis.py).
+_OPTION_KEYS = ("amd", "tones", "intents")
 _K_RATES = {"8k": 8000, "16k": 16000}
 # Audio held for late metadata, at most. libwsc sends what it queued while connecting
 # (2 s at most, §1.6: 384 KB at 48 kHz stereo) before the metadata; more than that is
@@ -139,7 +141,8 @@ def params_from_path(path: str) -> StreamParams:
 
     Raises :class:`AudioStreamError` for a rate or channel count farm cannot serve.
     """
-    return _params(_query(path), call_id_from_path(path), {})
+    query = _query(path)
+    return _params(query, call_id_from_path(path), {k: query[k] for k in _OPTION_KEYS if k in query})
 
 
 def call_id_from_path(path: str) -> str | None:
@@ -182,7 +185,7 @@ def resolve(url: StreamParams, meta: StreamParams, *, default_rate: int, default
         rate=url.rate or meta.rate or default_rate,
         channels=url.channels or meta.channels or default_channels,
         transcribe=url.transcribe or meta.transcribe,
-        metadata=meta.metadata,
+        metadata={**meta.metadata, **url.metadata},  # the URL's options win, as its rate does
     )
 
 
