@@ -11,21 +11,28 @@ from __future__ import annotations
 import json
 import shutil
 import wave
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from workers.amd import DEFAULT_PHRASES, AmdBeep, AmdConfig, AmdDecider, AmdDecision
 
 
-def feed(amd: AmdDecider, runs: list[tuple[bool, int]], start_ms: int = 0) -> tuple[list[AmdDecision], int]:
-    """Feed runs of (voiced, ms) as 20 ms frames; returns every decision returned and the end offset."""
+Run = tuple[bool, int] | tuple[bool, int, bool]  # (voiced, ms) or (voiced, ms, tonal)
+
+
+def feed(amd: AmdDecider, runs: Sequence[Run], start_ms: int = 0) -> tuple[list[AmdDecision], int]:
+    """Feed runs of (voiced, ms) or (voiced, ms, tonal) as 20 ms frames; returns every
+    decision returned and the end offset."""
     got = []
     t = start_ms
-    for voiced, ms in runs:
+    for voiced, ms, *tonal in runs:
         assert ms % 20 == 0
         for _ in range(ms // 20):
-            d = amd.on_frame(t, voiced)
+            d = amd.on_frame(t, voiced, *tonal)
             if d is not None:
                 got.append(d)
             t += 20
@@ -163,6 +170,63 @@ def test_fax_tones_are_a_machine_and_network_tones_are_unknown_with_their_kind(
 ) -> None:
     d = AmdDecider().on_tone(kind, 200, 900)
     assert d is not None and (d.result, d.reason, d.decision_ms) == (result, reason, 900)
+
+
+TONE = True  # a run's third member: the tone detector found its frames tonal
+
+
+def test_a_beep_right_after_a_short_prompt_is_a_machine_as_tonal_frames_are_no_silence() -> None:
+    prompt: list[Run] = [
+        (S, 400),
+        (V, 1000),
+        (S, 500),
+        (V, 600, TONE),
+        (V, 100),
+        (S, 40),
+    ]  # VAD hangover after the beep
+    amd = AmdDecider()
+    got, t = feed(amd, prompt)
+    assert got == [] and t == 2640
+    d = amd.on_tone("beep", 1900, 2500)
+    assert d is not None and (d.result, d.reason, d.decision_ms) == ("machine", "beep", 2640)
+    as_silence = AmdDecider()  # the same tone counted as silence ends the after-greeting silence first
+    got, _ = feed(as_silence, [(S, 400), (V, 1000), (S, 500), (S, 600)])
+    assert [(g.result, g.decision_ms) for g in got] == [("human", 2200)]
+
+
+def test_a_busy_tone_and_the_vads_hangover_after_it_are_no_words_and_no_silence() -> None:
+    cycle: list[Run] = [(V, 500, TONE), (V, 120), (S, 380)]  # webrtcvad voices the tone and 6 frames after it
+    amd = AmdDecider()
+    got, t = feed(amd, [(S, 300)] + cycle * 2 + [(V, 500, TONE)])
+    assert got == [] and t == 2800
+    assert amd.on_frame(t, False) is None
+    assert amd.on_tone("busy", 300, 2820) is not None and amd.decision is not None
+    d = amd.decision
+    assert (d.result, d.reason, d.features["words"], d.features["initial_silence_ms"]) == ("unknown", "busy", 0, 2820)
+    voiced = AmdDecider()  # counted as voice, the same tone is three words
+    got, _ = feed(voiced, [(S, 300)] + [(V, 620), (S, 380)] * 2 + [(V, 500)])
+    assert [(g.result, g.reason) for g in got] == [("machine", "max_words")]
+
+
+def test_a_long_tone_runs_no_initial_silence_but_still_the_total_analysis_time() -> None:
+    amd = AmdDecider()
+    got, t = feed(amd, [(S, 600), (V, 2400, TONE)])
+    assert got == [] and t == 3000
+    d = amd.on_tone("fax_ced", 600, 2600)
+    assert d is not None and (d.result, d.reason, d.decision_ms) == ("machine", "fax", 3000)
+    long = AmdDecider()
+    got, _ = feed(long, [(S, 600), (S, 4400, TONE)])
+    assert [(g.result, g.reason, g.decision_ms) for g in got] == [("unknown", "too_long", 5000)]
+
+
+def test_a_tonal_run_shorter_than_a_word_inside_speech_leaves_the_voicing_after_it_alone() -> None:
+    # a nasal murmur can read tonal for a few frames; the voice after it still counts (not a tone's hangover)
+    got, _ = feed(AmdDecider(), [(S, 300), (V, 200), (V, 80, TONE), (V, 1300)])
+    assert [(g.result, g.reason, g.decision_ms, g.features["greeting_ms"]) for g in got] == [
+        ("machine", "long_greeting", 300 + 200 + 80 + 1300, 1500)
+    ]
+    got, _ = feed(AmdDecider(), [(S, 300), (V, 200), (V, 100, TONE), (V, 1420)])  # a tone: 120 ms after it dropped
+    assert [(g.decision_ms, g.features["greeting_ms"]) for g in got] == [(300 + 200 + 100 + 1420, 1500)]
 
 
 def test_an_unknown_tone_kind_raises() -> None:
@@ -322,18 +386,31 @@ def test_the_evaluator_prints_a_confusion_table_and_decision_times(tmp_path: Pat
     from bench.amd_eval import evaluate, report
 
     cases = generate(tmp_path, count=4, seed=1, kinds=("human", "silence"))
-    calls: list[int] = []
+    calls: list[tuple[str, int]] = []
 
-    def tone_detector() -> object:
-        def detect(frame: bytes, offset_ms: int) -> list[object]:
-            assert len(frame) == 320
-            calls.append(offset_ms)
+    class Detector:
+        def __init__(self) -> None:
+            self.fed = 0
+
+        def feed(self, samples: npt.NDArray[np.int16]) -> list[object]:
+            assert samples.dtype == np.int16 and samples.size == 160
+            calls.append(("feed", self.fed))
+            self.fed += 20
             return []
 
-        return detect
+        def flush(self) -> list[object]:
+            return []
 
-    results = evaluate(cases, tmp_path, tone_detector_factory=tone_detector)  # type: ignore[arg-type]
+        def is_tonal(self, offset_ms: int) -> bool:
+            assert offset_ms < self.fed  # asked only about audio it was fed
+            calls.append(("is_tonal", offset_ms))
+            return False
+
+    results = evaluate(cases, tmp_path, tone_detector_factory=Detector)  # type: ignore[arg-type]
     text = report(results)
-    assert "expected \\ got" in text and "p50" in text
-    assert calls.count(0) == len(cases)  # one detector per case, fed from the answer on
-    assert all(b - a == 20 for a, b in zip(calls, calls[1:]) if b)
+    assert "expected \\ got" in text and "p50" in text and "tone classification" in text
+    assert calls.count(("feed", 0)) == len(cases)  # one detector per case, fed from the answer on
+    assert ("is_tonal", 0) in calls and ("is_tonal", 20) in calls
+    default = evaluate(cases[:1], tmp_path)  # the real detector by default
+    assert default[0].tones is not None
+    assert evaluate(cases[:1], tmp_path, tone_detector_factory=None)[0].tones is None

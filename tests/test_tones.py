@@ -378,3 +378,57 @@ def test_an_event_is_json_ready_and_times_start_at_the_detector_offset() -> None
         "level_dbfs": pytest.approx(-20, abs=1),
     }
     assert abs(data["start_ms"] - 12_300) <= 20 and abs(data["end_ms"] - 12_700) <= 20
+
+
+# -- is_tonal: per-frame flags for the last few seconds ---------------------------------
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_is_tonal_marks_a_beeps_and_a_busy_tones_frames_and_not_silence_or_speech(rate: int) -> None:
+    _, (speech,) = read_wav(DATA / ("ko_01_8k.wav" if rate == 8000 else "ko_01.wav"))
+    speech_ms = 1000 * speech.size // rate // 20 * 20
+    parts = [speech[: rate * speech_ms // 1000].astype(np.float64), silence(rate, 300), sine(rate, (1000,), 400)]
+    parts += [silence(rate, 300), sine(rate, (480, 620), 500), silence(rate, 200)]
+    det = ToneDetector(rate, start_ms=1000)
+    tonal: list[bool] = []
+    step = rate // 50
+    for i, chunk in enumerate(np.split(audio := line(np.concatenate(parts)), range(step, audio.size, step))):
+        det.feed(chunk)
+        tonal.append(det.is_tonal(1000 + 20 * i + 7))  # any offset inside the frame, asked right after feeding it
+    frames = speech_ms // 20
+    assert not any(tonal[:frames])  # speech
+    assert not any(tonal[frames : frames + 15])  # silence
+    assert all(tonal[frames + 15 : frames + 35])  # the beep's 20 frames, exactly aligned
+    assert not any(tonal[frames + 35 : frames + 50])
+    assert all(tonal[frames + 50 : frames + 75])  # the busy tone's on-segment (dual tonal)
+    assert not any(tonal[frames + 75 :])
+
+
+def test_is_tonal_is_false_before_the_start_for_unfed_frames_and_after_three_seconds() -> None:
+    det = ToneDetector(8000, start_ms=500)
+    assert not det.is_tonal(500)
+    det.feed(line(sine(8000, (1000,), 1010)))  # 50 whole frames and half of one
+    assert det.is_tonal(500) and det.is_tonal(519) and det.is_tonal(1499)
+    assert not det.is_tonal(499) and not det.is_tonal(-20)  # before start_ms
+    assert not det.is_tonal(1500)  # the half-fed frame is not analysed yet
+    det.feed(line(silence(8000, 1990)))  # 150 frames in all: the ring is full
+    assert det.is_tonal(500) and not det.is_tonal(1500) and not det.is_tonal(3480)
+    assert not det.is_tonal(3500)  # not fed yet
+    det.feed(line(silence(8000, 20)))  # one frame more: the oldest leaves the ring
+    assert not det.is_tonal(500) and det.is_tonal(520) and det.is_tonal(1480)
+
+
+@pytest.mark.parametrize("rate", RATES)
+@pytest.mark.parametrize(("kind", "on_ms"), [("busy", 500), ("reorder", 250)])
+def test_busy_and_reorder_are_found_wherever_their_edges_fall_in_a_frame(rate: int, kind: str, on_ms: int) -> None:
+    # A tone ending 10-16 ms into a frame leaves a short, smeared dual-tone blip there.
+    ramp = np.linspace(0, 1, rate // 200)  # 5 ms edges
+    for seed in (2, 3):  # the blip's spectrum depends on the tones' phases
+        on = sine(rate, (480, 620), on_ms, dbfs=-16, seed=seed)
+        on[: ramp.size] *= ramp
+        on[-ramp.size :] *= ramp[::-1]
+        for lead in range(300, 320):
+            audio = line(np.concatenate([silence(rate, lead)] + [on, silence(rate, on_ms)] * 6))
+            events = run(rate, audio)
+            assert kinds(events) == [kind], (seed, lead)
+            assert abs(events[0].start_ms - lead) <= 20

@@ -6,8 +6,10 @@ early as the rules below allow. Nothing here reads audio, a clock or a socket.
 
 Inputs (any mix, in audio order):
 
-- ``on_frame(offset_ms, voiced)``: one call per 20 ms frame with the VAD's per-frame
-  voiced flag (webrtcvad's ``Vad.is_voiced``), the input of the cadence rules;
+- ``on_frame(offset_ms, voiced, tonal=False)``: one call per 20 ms frame with the VAD's
+  per-frame voiced flag (webrtcvad's ``Vad.is_voiced``), the input of the cadence
+  rules, and whether the tone detector found the frame tonal
+  (``workers.tones.ToneDetector.is_tonal``; see rule 10);
 - ``on_transcript(offset_ms, text, final)``: Vosk partial or final text;
 - ``on_tone(kind, start_ms, end_ms)``: a tone detector's result (``kind`` one of
   beep, sit, busy, reorder, fax_cng, fax_ced);
@@ -56,7 +58,21 @@ report fax separately):
 
 9. beep undecided -> machine ``beep``; fax_cng or fax_ced -> machine ``fax``; sit, busy
    or reorder -> unknown with that reason (the dialer marks the number, not a person).
-10. A beep that comes after a machine decision, within ``wait_for_beep_ms`` of it, is
+   A tone is decisive whenever it comes before a decision: a beep after a short
+   prompt ("leave a message", then the beep) is a machine, whatever the cadence made
+   of the prompt so far.
+10. Tonal frames are neither voice nor silence: a frame passed with ``tonal=True`` only
+    advances the analysed time, as a lost frame does, and voiced frames within
+    ``TONE_TAIL_MS`` after a tonal run of at least ``min_word_ms`` are the VAD's hangover
+    of that tone (webrtcvad pads every voiced run with 4-6 frames in modes 2-3), not a
+    word. A tone is no greeting and no pause after one; rule 9 judges it once the
+    detector has reported it, which takes time (a beep ~40 ms after its end, busy ~1.9 s,
+    CED 2 s). Counted as voice, a busy tone makes words (max_words: machine); counted as
+    silence, the beep after a short prompt completes its after-greeting silence (human)
+    before it is reported, and a fax CED runs into the initial silence. Tonal runs
+    shorter than a word leave the voicing after them alone: a nasal murmur in speech can
+    read tonal for a frame or a few.
+11. A beep that comes after a machine decision, within ``wait_for_beep_ms`` of it, is
     not a second decision: it is kept in :attr:`AmdDecider.beep` (the moment to start a
     voicemail drop is its ``end_ms``), and :meth:`AmdDecider.wants_beep` tells the
     caller whether to keep its beep detector running. jambonz keeps a separate tone
@@ -65,7 +81,7 @@ report fax separately):
 
 End (Asterisk's HANGUP, ours in detail):
 
-11. ``on_end`` with no decision -> unknown ``hangup``.
+12. ``on_end`` with no decision -> unknown ``hangup``.
 
 Exactly one decision per call: once decided, every ``on_*`` returns None and
 :attr:`AmdDecider.decision` keeps the first one. A decision's ``decision_ms`` is the
@@ -83,6 +99,7 @@ __all__ = [
     "DEFAULT_PHRASES",
     "FRAME_MS",
     "TONE_KINDS",
+    "TONE_TAIL_MS",
     "AmdBeep",
     "AmdConfig",
     "AmdDecider",
@@ -99,6 +116,7 @@ from typing import Final
 
 
 FRAME_MS: Final = 20  # what one on_frame call stands for
+TONE_TAIL_MS: Final = 120  # voicing this soon after a tone is the VAD's hangover of it (rule 10)
 AMD_RESULTS: Final = ("human", "machine", "unknown")
 TONE_KINDS: Final = ("beep", "sit", "busy", "reorder", "fax_cng", "fax_ced")
 
@@ -295,6 +313,8 @@ class AmdDecider:
         self._greeting = False  # a word was heard (inGreeting; not inInitialSilence)
         self._first_word_ms: int | None = None  # where the first word's run began
         self._transcript_words = 0
+        self._tone_run = 0  # current run of tonal frames, ms
+        self._tone_tail = 0  # ms left in which voicing is a tone's hangover
 
     @property
     def config(self) -> AmdConfig:
@@ -319,8 +339,9 @@ class AmdDecider:
 
     # ---- inputs ------------------------------------------------------------------
 
-    def on_frame(self, offset_ms: int, voiced: bool) -> AmdDecision | None:
-        """Feed the VAD's flag for the 20 ms frame starting at ``offset_ms``; frames in order."""
+    def on_frame(self, offset_ms: int, voiced: bool, tonal: bool = False) -> AmdDecision | None:
+        """Feed the VAD's flag for the 20 ms frame starting at ``offset_ms``, and whether
+        the tone detector found it tonal (rule 10); frames in order."""
         if self._decision is not None:
             return None
         cfg = self._cfg
@@ -329,6 +350,16 @@ class AmdDecider:
         self._now = max(self._now, end)
         if self._now >= cfg.total_analysis_ms:
             return self._decide("unknown", "too_long", self._now)
+        if tonal:
+            self._tone_run += step
+            if self._tone_run >= cfg.min_word_ms:
+                self._tone_tail = TONE_TAIL_MS
+            return None
+        self._tone_run = 0
+        if self._tone_tail:
+            self._tone_tail = max(0, self._tone_tail - step) if voiced else 0
+            if voiced:
+                return None
         if not voiced:
             self._silence += step
             if self._silence >= cfg.between_words_silence_ms:
