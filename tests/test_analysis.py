@@ -123,7 +123,7 @@ class TestCallAnalysis:
     def test_a_tone_is_not_a_word_of_the_greeting(self) -> None:
         """A busy signal heard by a VAD that voices it: without the tone detector's view
         the cadence would count its bursts as words (a machine, max_words); with it they
-        are silence and the tone decides."""
+        are neither voice nor silence and the tone decides."""
         rate = 8000
         t = np.arange(rate // 2) / rate
         tone = (8000 * np.sin(2 * np.pi * 480 * t) + 8000 * np.sin(2 * np.pi * 620 * t)).astype("<i2")

@@ -221,12 +221,13 @@ class AmdConfig:
         return self._normalised
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, object]) -> AmdConfig:
-        """A config from JSON metadata or CLI options.
+    def from_mapping(cls, m: Mapping[str, object], over: AmdConfig | None = None) -> AmdConfig:
+        """A config from JSON metadata or CLI options: ``over`` (the defaults if None)
+        with the settings ``m`` gives.
 
         Keys are the field names or amd.conf's names (``initial_silence``,
         ``maximum_number_of_words``...); values must be integers (booleans are not),
-        and ``phrases`` a list of strings, which extends the default phrases.
+        and ``phrases`` a list of strings, which extends ``over``'s phrases.
 
         Raises:
             ValueError: naming the key, on an unknown key, a wrong type or a bad value.
@@ -244,13 +245,16 @@ class AmdConfig:
                     raise ValueError(f"{key} must be a list of strings, got {type(value).__name__}")
                 if not all(isinstance(p, str) for p in value):
                     raise ValueError(f"{key} must be a list of strings, got {value!r}")
-                extra = [p for p in value if p not in DEFAULT_PHRASES]
-                kwargs[name] = DEFAULT_PHRASES + tuple(dict.fromkeys(extra))
+                base = over.phrases if over is not None else DEFAULT_PHRASES
+                extra = [p for p in value if p not in base]
+                kwargs[name] = base + tuple(dict.fromkeys(extra))
             elif not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
             else:
                 kwargs[name] = value
         try:
+            if over is not None:
+                return dataclasses.replace(over, **kwargs)  # type: ignore[arg-type]
             return cls(**kwargs)  # type: ignore[arg-type]
         except ValueError as e:
             message = str(e)

@@ -144,7 +144,7 @@ def options_for(
     try:
         asked = _option(metadata, "amd")
         if isinstance(asked, Mapping):
-            amd = AmdConfig.from_mapping({**json.loads(config.amd_params or "{}"), **asked})
+            amd = AmdConfig.from_mapping(asked, over=node_amd)
         elif asked is True:
             amd = node_amd
         elif asked is False:
@@ -208,9 +208,8 @@ class CallAnalysis:
         self.offset_ms = offset_ms + 20
         if self.amd is None or self.amd.decision is not None:
             return []
-        if voiced and self.tones is not None and self.tones.is_tonal(offset_ms):
-            voiced = False  # a tone is not a word of a greeting
-        return self._amd(self.amd.on_frame(offset_ms, voiced))
+        tonal = self.tones is not None and self.tones.is_tonal(offset_ms)  # not a word (amd.py rule 10)
+        return self._amd(self.amd.on_frame(offset_ms, voiced, tonal))
 
     def on_transcript(self, offset_ms: int, text: str, final: bool) -> list[Found]:
         found: list[Found] = []
