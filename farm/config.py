@@ -264,6 +264,14 @@ class Config:
         ),
     )
     esl_password: str = field(default="ClueCon", metadata=knob("its password", group="playback"))
+    agent_port: int = field(
+        default=0,
+        metadata=knob(
+            "HAProxy agent-check port: weight from free capacity, drain on SIGTERM (0: off; deploy/haproxy)",
+            group="node",
+            check=_port,
+        ),
+    )
     # -- what a dialer wants besides words (workers/analysis.py)
     amd: str = field(
         default="ask",

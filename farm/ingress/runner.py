@@ -9,6 +9,7 @@ import resource
 import signal
 
 from farm.config import Config
+from farm.ingress.agent import AgentSite
 from farm.ingress.audio_stream import AudioStreamSite
 from farm.ingress.calls import CallRegistry
 from farm.ingress.commands import CommandServer
@@ -49,6 +50,8 @@ async def serve(config: Config) -> None:
     commands = CommandServer(config, registry)
     commands.start()
     site = AudioStreamSite(config, registry, metrics, inbound)
+    agent = AgentSite(config, registry, lambda: site.draining)
+    await agent.start()  # before the WebSocket port: that port open means all are bound
     await site.start()
     vosk_site = await start_vosk_site(config, registry, metrics)
     stop = asyncio.Event()
@@ -84,6 +87,7 @@ async def serve(config: Config) -> None:
     if vosk_site is not None:
         drains.append(vosk_site.drain(drain_s))
     await asyncio.gather(*drains)
+    agent.close()  # said "drain" until now
     commands.close()
     if inbound is not None:
         inbound.close()
