@@ -239,6 +239,7 @@ def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_c
 # -- balance ------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # a busy machine: 4 x 30 s of calls, a respawn, then their reference decode
 def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: Path) -> None:
     """Four calls on two workers; one is killed: all four land on the survivor; the
     replacement registers and the broker moves calls back at their pauses, losing no words."""
