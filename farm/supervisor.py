@@ -356,13 +356,21 @@ class Supervisor:
     # -- stop ------------------------------------------------------------------------
 
     def stop(self, graceful: bool = True) -> None:
-        """Ingress first (drain), then workers and broker: TERM, reap, KILL."""
+        """Ingress first (drain), then workers, then the broker: TERM, reap, KILL."""
         self.stopping = True
         ingress = [c for c in self.children.values() if c.role == "ingress"]
         for c in ingress:
             self._kill(c.pid, signal.SIGTERM if graceful else signal.SIGKILL)
         self._reap_until(
             lambda: not any(c.role == "ingress" for c in self.children.values()), self.config.drain_timeout + 15
+        )
+        # Workers next: they finish the recognition their calls still hold (up to the drain
+        # timeout) and publish it through the broker's relay, so the broker goes last.
+        for c in list(self.children.values()):
+            if c.role == "worker":
+                self._kill(c.pid, signal.SIGTERM)
+        self._reap_until(
+            lambda: not any(c.role == "worker" for c in self.children.values()), self.config.drain_timeout + 5.0
         )
         for c in list(self.children.values()):
             self._kill(c.pid, signal.SIGTERM)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import wave
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -79,9 +80,24 @@ def test_a_port_in_use_stops_farm_with_the_start_error_code(tmp_path: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "farm.cli", "up", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-             "--events", f"tcp://127.0.0.1:{free_port()}", "--esl-port", str(free_port()),
-             "--commands", f"tcp://127.0.0.1:{free_port()}"],
+            [
+                sys.executable,
+                "-m",
+                "farm.cli",
+                "up",
+                "--workers",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--events",
+                f"tcp://127.0.0.1:{free_port()}",
+                "--esl-port",
+                str(free_port()),
+                "--commands",
+                f"tcp://127.0.0.1:{free_port()}",
+            ],
             capture_output=True,
             text=True,
             timeout=90,
@@ -98,9 +114,26 @@ def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(t
         taken.listen()
         esl_port = taken.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "farm.cli", "up", "--workers", "1", "--host", "127.0.0.1", "--port",
-             str(free_port()), "--events", f"tcp://127.0.0.1:{free_port()}", "--esl-host", "127.0.0.1",
-             "--esl-port", str(esl_port), "--commands", f"tcp://127.0.0.1:{free_port()}"],
+            [
+                sys.executable,
+                "-m",
+                "farm.cli",
+                "up",
+                "--workers",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--events",
+                f"tcp://127.0.0.1:{free_port()}",
+                "--esl-host",
+                "127.0.0.1",
+                "--esl-port",
+                str(esl_port),
+                "--commands",
+                f"tcp://127.0.0.1:{free_port()}",
+            ],
             capture_output=True,
             text=True,
             timeout=90,
@@ -249,6 +282,34 @@ def test_new_connections_are_refused_while_draining(tmp_path: Path) -> None:
     assert status in (503, None)  # draining answers 503, or the listener is already closed
     assert (first.events[-1].type, first.events[-1]["reason"]) == ("call_end", "drain")
     assert n.proc.wait(60) == 0
+
+
+def test_a_node_stopped_with_recognition_behind_still_ends_every_call_with_its_words(tmp_path: Path) -> None:
+    """30 s of dialog sent at once to one worker with one recognition thread: when the node
+    stops right after, recognition is behind the audio (by how much depends on the machine).
+    The ingress drains and, if the worker is still busy past its wait, exits; the worker is
+    stopped next and finishes what the ring holds; the broker, whose relay carries the
+    worker's events, stops last. Every utterance gets its final, the call its call_end."""
+    n = start_node(tmp_path, "--drain-timeout", "5", "--asr-threads", "1", workers=1)
+    wav = DATA / "ko_dialog_16k.wav"
+    with wave.open(str(wav), "rb") as w:
+        pcm = w.readframes(w.getnframes()) * 3
+
+    async def scenario() -> CallRun:
+        call = asyncio.create_task(run_call(n, wav, pcm=pcm, realtime=False, linger_s=30, timeout=180_000 * MS))
+        async with Subscription(n.events) as watch:
+            while (await watch.next(timeout=30_000 * MS)).type != "speech_start":
+                pass
+        await asyncio.sleep(1)  # the audio is all in the ring by now (sent faster than real time)
+        n.proc.send_signal(signal.SIGTERM)
+        return await call
+
+    run = asyncio.run(scenario())
+    assert n.proc.wait(90) == 0
+    end = run.events[-1]
+    assert end.type == "call_end" and end["reason"] in ("drain", "hangup"), end.data
+    closing = [e for e in run.of("final") if e["reason"] != "endpoint"]
+    assert len(run.of("speech_start")) == len(run.of("speech_end")) == len(closing) >= 1
 
 
 def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
 from farm.lifeline import die_with_parent, orphaned
 from farm.logs import call_logger
-from farm.protocol.events import ERROR_ENDS, Event, end_reason_of
+from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of
 from farm.ring import Ring, RingError
 from workers.analysis import IntentLibrary, node_amd_config, options_for
 from workers.asr import ResultQueue
@@ -251,13 +251,15 @@ class Worker:
             for draft in session.on_asr(out):
                 self.publish(session.event(draft))
 
-    def end(self, call_id: str, session: CallSession) -> None:
+    def end(self, call_id: str, session: CallSession, unfinished: bool = False) -> None:
         # The call's last final may sit in the result queue (its recognition finished after
         # the loop last looked): publish it first, so call_end is the call's last event.
         self.on_results()
         ring = session.ring
         duration_ms = session.offset_ms_of_cursor(ring.write_cursor)
         code, detail = ring.end  # why the ingress closed the ring
+        if unfinished:  # the worker is stopping with this call's recognition not done
+            code, detail = end_reason_code("drain"), "farm stopped before this call's recognition finished"
         data = {
             "reason": end_reason_of(code),
             "detail": detail,
@@ -298,7 +300,16 @@ class Worker:
         if warmup and self.config.recognizer_warm_later:
             self.pool.warm_in_background(self.config.recognizer_warm_later, warmup)
         next_tick = next_beat = time.monotonic()
-        while self.running:
+        stop_by = 0.0
+        # On SIGTERM, calls whose ring the ingress has closed (a node stopping drains the
+        # ingress first) are finished, within --drain-timeout, so that each gets its last
+        # final and its call_end; calls still streaming (one worker fewer, TTOU) are left
+        # to the broker, which moves them to another worker.
+        while True:
+            if not self.running:
+                stop_by = stop_by or time.monotonic() + self.config.drain_timeout
+                if not self.finishing() or time.monotonic() >= stop_by:
+                    break
             # With calls, look at their rings every tick; without, sleep until the next
             # heartbeat (an idle worker wakes 4 times a second, not 100).
             due = min(next_tick, next_beat) if self.sessions else next_beat
@@ -320,6 +331,8 @@ class Worker:
                 if not self.housekeeping(now):
                     return 1
                 next_beat = now + wire.HEARTBEAT_INTERVAL / 2
+        for call_id in self.finishing():
+            self.end(call_id, self.sessions[call_id], unfinished=True)  # its subscribers still get a call_end
         if self.dealer is not None:
             self.send(wire.W_DISCONNECT)
         self.log.info(
@@ -330,6 +343,10 @@ class Worker:
             self.pool.idle,
         )
         return 0
+
+    def finishing(self) -> list[str]:
+        """The calls whose audio is over (the ingress closed their ring) and not yet ended."""
+        return [call_id for call_id, session in self.sessions.items() if session.ring.closed]
 
     def housekeeping(self, now: float) -> bool:
         """Liveness both ways, from the loop itself; False when the worker must exit."""
