@@ -121,7 +121,9 @@ def test_audio_is_a_16_bit_wav_or_raw_pcm_with_its_rate(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = start_node(tmp_path_factory.mktemp("farm-transcribe"), workers=1)
+    from .conftest import free_port
+
+    n = start_node(tmp_path_factory.mktemp("farm-transcribe"), "--http-port", str(free_port()), workers=1)
     yield n
     assert n.stop() == 0
 
@@ -207,3 +209,39 @@ def test_amd_on_a_recorded_voicemail_answer_gives_machine_and_its_beep(
     beeps = [e for e in events if e["type"] == "beep"]
     assert beeps, events
     assert events[-1]["type"] == "call_end"
+
+
+# -- POST /transcribe ------------------------------------------------------------------
+
+
+def post(node: Node, body: bytes, query: str = "", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    import http.client
+
+    port = int(node.args[node.args.index("--http-port") + 1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120_000 * MS)
+    try:
+        conn.request("POST", f"/transcribe{query}", body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_post_transcribe_answers_the_events_of_a_wav_and_of_raw_pcm(node: Node) -> None:
+    wav = (DATA / "ko_02.wav").read_bytes()
+    status, body = post(node, wav)
+    assert status == 200, body
+    events = lines(body.decode())
+    assert any(e["type"] == "final" and e["words"] for e in events), events
+    assert events[-1]["type"] == "call_end" and events[-1]["overrun_bytes"] == 0
+    pcm, rate, _ = parse_audio((DATA / "ko_02_8k.wav").read_bytes())
+    status, body = post(node, pcm, f"?rate={rate}&channels=1")
+    assert status == 200, body
+    assert lines(body.decode())[-1]["type"] == "call_end"
+
+
+def test_post_transcribe_refuses_bad_input_with_a_reason(node: Node) -> None:
+    status, body = post(node, b"not audio")
+    assert status == 400 and b"not a WAV file" in body
+    status, body = post(node, b"\0" * 100, "", {"Content-Length": "60000000"})
+    assert status == 413 and b"more than 50000000" in body
