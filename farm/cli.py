@@ -1,6 +1,7 @@
 """The ``farm`` command: ``up`` runs a node, ``call`` streams a WAV file into it the way
-mod_audio_stream would and prints what the farm says, ``events`` prints the event stream,
-``play`` / ``flush`` / ``calls`` drive playback on live calls."""
+mod_audio_stream would and prints what the farm says, ``transcribe`` runs recorded files
+through it (farm/transcribe.py), ``events`` prints the event stream, ``play`` / ``flush`` /
+``calls`` drive playback on live calls."""
 
 from __future__ import annotations
 
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--fast", action="store_true", help="send as fast as possible instead of real time")
     c.add_argument("--json", action="store_true", help="print events as JSON lines")
     c.add_argument("--timeout", type=float, default=30.0)
+    from farm.transcribe import add_parser as add_transcribe_parser
+
+    add_transcribe_parser(sub)
     e = sub.add_parser("events", help="print the farm's events (all calls, or one)")
     e.add_argument("--events", default="tcp://127.0.0.1:5556")
     e.add_argument("--call-id", default=None)
@@ -170,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         return cmd_up(args)
     try:
+        if args.command == "transcribe":
+            from farm.transcribe import run as transcribe
+
+            return transcribe(args)
         if args.command in ("play", "flush", "calls"):
             return asyncio.run(_control(args))
         return asyncio.run(_call(args) if args.command == "call" else _events(args))

@@ -306,6 +306,15 @@ class Config:
         default=2700, metadata=knob("port for vosk-server clients (0: off)", group="vosk", check=_port)
     )
     vosk_host: str = field(default="", metadata=knob("address for vosk-server clients (default: --host)", group="vosk"))
+    # -- POST /transcribe: recorded files over plain HTTP (farm/ingress/http_transcribe.py)
+    http_port: int = field(
+        default=0,
+        metadata=knob("port for POST /transcribe of recorded files, on --host (0: off)", group="vosk", check=_port),
+    )
+    transcribe_max_bytes: int = field(
+        default=50_000_000,
+        metadata=knob("larger POST /transcribe bodies are refused with 413", group="vosk"),
+    )
     # -- events: dialer apps, bench and the ingress subscribe here
     events: str = field(
         default="tcp://127.0.0.1:5556", metadata=knob("ZeroMQ endpoint where events are published", group="node")

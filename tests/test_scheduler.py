@@ -54,7 +54,7 @@ def test_an_awaited_final_goes_before_audio_queued_earlier() -> None:
     finally:
         scheduler.shutdown()
     assert log == ["blocker", "final", "a", "b", "c"]
-    assert scheduler.turns == [1, 4]
+    assert scheduler.turns == [1, 4, 0, 0]
 
 
 def test_a_queued_stream_promoted_when_its_utterance_ends_jumps_the_queue_once() -> None:

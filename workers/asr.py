@@ -126,6 +126,7 @@ class AsrStream:
         partial_frames: int,
         hold: bool,
         tag: Any = None,
+        background: bool = False,
     ) -> None:
         self.pool = pool
         self.scheduler = scheduler
@@ -133,6 +134,7 @@ class AsrStream:
         self.partial_frames = partial_frames  # ask for a partial every N frames; 0 = never
         self.hold = hold
         self.tag = tag
+        self.background = background  # a recorded file: served after every live stream (workers/scheduler.py)
         self._items: deque[_Item] = deque()
         self._lock = threading.Lock()
         self._scheduled = False  # queued for a slice, or running one
@@ -175,7 +177,7 @@ class AsrStream:
                 return
             self._scheduled = True
             urgent = self._awaited > 0
-        self.scheduler.submit(self, urgent)
+        self.scheduler.submit(self, urgent, self.background)
 
     @property
     def pending(self) -> bool:
@@ -230,7 +232,7 @@ class AsrStream:
                     self._give_back()
                 return
             urgent = self._awaited > 0
-        self.scheduler.submit(self, urgent)
+        self.scheduler.submit(self, urgent, self.background)
 
     def _accept(self, item: _Item) -> None:
         # One AcceptWaveform per 20 ms frame and partials every `partial_frames`

@@ -22,6 +22,7 @@ import numpy as np
 import soxr
 
 from farm.config import Config
+from farm.protocol.audio_stream import is_background
 from farm.protocol.events import Event
 from farm.ring import Ring
 from workers.analysis import CallAnalysis, Found, Options
@@ -37,6 +38,10 @@ __all__ = ["CallSession", "vad_config_for"]
 log = logging.getLogger("farm.worker.call")
 
 FRAME_MS = 20
+# A background call (a recorded file) is read from its ring no further ahead of its
+# recognition than this: the ring then fills and the ingress stops taking the file's audio
+# (farm/ingress/audio_stream.py), so a file queues in the sender, not in a worker's memory.
+BACKGROUND_BACKLOG_MS = 5000
 
 
 def vad_config_for(config: Config) -> VadConfig:
@@ -297,6 +302,8 @@ class CallSession:
         self.next_cursor = self.base
         self.overrun_seen = ring.overrun_bytes
         self.end_of_speech: dict[int, int] = {}
+        # A recorded file: its recognition waits for every live call's (workers/scheduler.py).
+        self.background = is_background(info.get("metadata"))
         wanted = info.get("transcribe", config.transcribe)
         channels = range(ring.channels) if wanted == "both" else range(1)
         self.channels = [
@@ -310,6 +317,7 @@ class CallSession:
                     partial_frames=config.partial_interval_ms // FRAME_MS,
                     hold=not config.gating,
                     tag=(call_id, c),
+                    background=self.background,
                 ),
             )
             for c in channels
@@ -344,7 +352,7 @@ class CallSession:
 
     def pump(self) -> list[_Draft]:
         """Process what the ingress wrote since the last call; return VAD events."""
-        if self.finishing:
+        if self.finishing or (self.background and self.backlog_ms > BACKGROUND_BACKLOG_MS):
             return []
         closed = self.ring.closed  # read before the data so no audio is missed
         finalize_at = self.ring.finalize_at

@@ -7,7 +7,11 @@ thread that other calls' finals wait for. The order:
 
 1. streams whose final is awaited: the utterance ended, paused (its final is prepared
    while the hangover runs) or was ended by a reset. A dialer waits on these;
-2. streams with only audio to decode, first come first served.
+2. streams with only audio to decode, first come first served;
+3. background streams (a recorded file, ``source: file``), awaited finals first, then
+   audio: a thread takes one only when no live call has work queued. A background slice
+   already running finishes (200 ms of audio at most), so live work waits behind a file
+   for one slice at worst, never for the file's backlog.
 
 Vosk releases the GIL inside its calls, so the threads decode in parallel; the main
 loop never runs Vosk and never waits for these threads.
@@ -25,6 +29,8 @@ __all__ = ["Slice", "AsrScheduler"]
 
 URGENT = 0
 NORMAL = 1
+BACKGROUND_URGENT = 2
+BACKGROUND = 3
 
 
 class Slice(Protocol):
@@ -43,28 +49,30 @@ class AsrScheduler:
         self._queued: dict[int, tuple[int, int]] = {}  # id(stream) -> (priority, ticket) of its live entry
         self._tickets = itertools.count()
         self._stopping = False
-        self.turns = [0, 0]  # slices run, urgent and normal: what the queue order did
+        self.turns = [0, 0, 0, 0]  # slices run per priority (urgent, normal, background ...): what the order did
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(max(1, threads))
         ]
         for t in self._threads:
             t.start()
 
-    def submit(self, stream: Slice, urgent: bool) -> None:
-        """Queue ``stream`` for its next slice (it must not be queued already)."""
+    def submit(self, stream: Slice, urgent: bool, background: bool = False) -> None:
+        """Queue ``stream`` for its next slice (it must not be queued already); a
+        ``background`` stream goes after every live one."""
         with self._cv:
-            self._push(stream, URGENT if urgent else NORMAL)
+            self._push(stream, (URGENT if urgent else NORMAL) + (BACKGROUND_URGENT if background else 0))
             self._cv.notify()
 
     def promote(self, stream: Slice) -> None:
-        """A queued stream's final became awaited: move it ahead of audio-only work.
+        """A queued stream's final became awaited: move it ahead of audio-only work of its
+        class (a background stream stays behind every live one).
 
         Does nothing if the stream is running a slice now: it queues again, urgent, after it.
         """
         with self._cv:
             entry = self._queued.get(id(stream))
-            if entry is not None and entry[0] == NORMAL:
-                self._push(stream, URGENT)  # the old entry goes stale (its ticket no longer matches)
+            if entry is not None and entry[0] in (NORMAL, BACKGROUND):
+                self._push(stream, entry[0] - 1)  # the old entry goes stale (its ticket no longer matches)
                 self._cv.notify()
 
     def _push(self, stream: Slice, priority: int) -> None:

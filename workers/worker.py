@@ -228,7 +228,8 @@ class Worker:
         metrics (the broker passes it on to the ingress, which exports it)."""
         return wire.Load(
             calls=len(self.sessions),
-            lag_ms=max((s.backlog_ms for s in self.sessions.values()), default=0),
+            # Files wait behind live calls on purpose: their backlog is no sign of overload.
+            lag_ms=max((s.backlog_ms for s in self.sessions.values() if not s.background), default=0),
             utterances=sum(s.in_speech for s in self.sessions.values()),
             call_cpu_ms=self.cost.figure,
             queued=self.scheduler.waiting,

@@ -30,6 +30,7 @@ from farm.ingress.metrics import DROP_WS_BACKLOG, Metrics
 from farm.ingress.playback import OUT_RATE, Clip, Player
 from farm.logs import call_logger, quote
 from farm.protocol import audio_stream as proto
+from farm.protocol.audio_stream import is_background
 from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY
 
@@ -39,6 +40,7 @@ __all__ = ["AudioStreamSite"]
 log = logging.getLogger("farm.ingress.ws")
 
 
+ROOM_POLL_S = 0.02  # how often a paused file call looks for room in its ring
 _LABEL_DETAILS = re.compile(r"\(.*|'.*'|\".*\"")  # client text, lists of what is allowed
 _LABEL_NUMBERS = re.compile(r"\d+")
 
@@ -166,6 +168,8 @@ class _Connection:
                     self._write(action)  # the hot path: no await
                 elif not await self._perform(action):
                     return
+            if self.call is not None and self.call.background:
+                await self._wait_for_room()
             deadline = self.session.next_deadline()
             timeout = None if deadline is None else max((deadline - time.monotonic_ns()) / 1e9, 0.001)
             try:
@@ -178,6 +182,16 @@ class _Connection:
                 actions = self.session.receive_text(message, now)
             else:
                 actions = self.session.receive_binary(message, now)
+
+    async def _wait_for_room(self) -> None:
+        """A recorded file (``source: file``) comes faster than real time: take no more of it
+        while its ring holds half its capacity unread. The sender then waits on TCP, and
+        the worker, which reads a file no further ahead of its recognition than a few
+        seconds (workers/call.py), sets the pace: nothing is overwritten, nothing lost."""
+        assert self.call is not None
+        ring = self.call.ring
+        while self.end is None and ring.write_cursor - ring.read_cursor > ring.capacity // 2:
+            await asyncio.sleep(ROOM_POLL_S)
 
     async def _perform(self, action: proto.OpenCall | proto.PublishError | proto.Note | proto.Close) -> bool:
         """Do what the session asks (audio aside); False once the connection is closing."""
@@ -212,6 +226,7 @@ class _Connection:
             protocol="audio_stream",
             info=info,
             on_event=self._queue_event if self.config.ws_events else None,
+            background=is_background(p.metadata),
         )
         self.log = call_logger(log, self.call.call_id)
         self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))

@@ -57,6 +57,7 @@ class Call:
     closed_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     player: Player | None = None  # set by sites that can play audio to the caller
+    background: bool = False  # a recorded file (source: file): it holds no live call's capacity
 
     def write(self, pcm: bytes, recv_ns: int) -> None:
         self.ring.write(pcm, recv_ns)
@@ -110,6 +111,7 @@ class CallRegistry:
         protocol: str,
         info: dict[str, Any],
         on_event: Callable[[Event], None] | None,
+        background: bool = False,
     ) -> Call:
         """Create the call's ring, announce it (call_start) and ask for a worker."""
         old = self.calls.get(call_id)
@@ -140,7 +142,7 @@ class CallRegistry:
             channels=channels,
             event_seq=next_seq + 1,
         )
-        call = Call(call_id, ring, protocol, leg + 1, on_event)
+        call = Call(call_id, ring, protocol, leg + 1, on_event, background=background)
         self.calls[call_id] = call
         self.metrics.calls_total += 1
         start = Event(
@@ -308,8 +310,9 @@ class CallRegistry:
 
     @property
     def active(self) -> int:
-        """Calls still streaming (a call whose stream closed is finishing, not holding a slot)."""
-        return sum(not call.closed_at for call in self.calls.values())
+        """Live calls still streaming (a call whose stream closed is finishing, not holding a
+        slot; a recorded file waits behind live calls, it holds none either)."""
+        return sum(not call.closed_at and not call.background for call in self.calls.values())
 
     @property
     def full(self) -> str:

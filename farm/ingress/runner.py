@@ -14,6 +14,7 @@ from farm.ingress.audio_stream import AudioStreamSite
 from farm.ingress.calls import CallRegistry
 from farm.ingress.commands import CommandServer
 from farm.ingress.esl_inbound import InboundEsl
+from farm.ingress.http_transcribe import start_site as start_http_site
 from farm.ingress.metrics import Metrics
 from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
@@ -54,6 +55,7 @@ async def serve(config: Config) -> None:
     await agent.start()  # before the WebSocket port: that port open means all are bound
     await site.start()
     vosk_site = await start_vosk_site(config, registry, metrics)
+    http_site = await start_http_site(config, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # also sent when the supervisor dies (lifeline)
@@ -81,6 +83,8 @@ async def serve(config: Config) -> None:
         )
     else:
         log.warning("supervisor (pid %d) is gone: ingress closing every call now (pid %d)", parent, os.getpid())
+    if http_site is not None:
+        http_site.draining = True  # new POSTs get 503; those in flight finish with their calls
     drains = [site.drain(drain_s)]
     if socket_site is not None:
         drains.append(socket_site.drain(drain_s))
@@ -92,6 +96,8 @@ async def serve(config: Config) -> None:
     if inbound is not None:
         inbound.close()
     await registry.wait_all_done(timeout=10.0 if drain_s else 0.0)
+    if http_site is not None:
+        http_site.close()
     registry.close_all()
     log.info("ingress stopped (pid %d)", os.getpid())
 

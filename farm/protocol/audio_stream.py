@@ -48,6 +48,7 @@ __all__ = [
     "StreamParams",
     "AudioStreamError",
     "MAX_HELD_BYTES",
+    "is_background",
     "call_id_from_path",
     "params_from_path",
     "parse_metadata",
@@ -60,7 +61,7 @@ _RATE_KEYS = ("rate", "sample_rate", "sampleRate", "samplerate")
 _CHANNEL_KEYS = ("channels", "nchannels")
 _ID_KEYS = ("call_id", "callId", "uuid", "call_uuid")
 # What a call may ask for in the URL query as in its metadata (workers/analysis.py).
-_OPTION_KEYS = ("amd", "tones", "intents")
+_OPTION_KEYS = ("amd", "tones", "intents", "source")
 _K_RATES = {"8k": 8000, "16k": 16000}
 # Audio held for late metadata, at most. libwsc sends what it queued while connecting
 # (2 s at most, §1.6: 384 KB at 48 kHz stereo) before the metadata; more than that is
@@ -134,6 +135,16 @@ def _params(values: dict[str, Any], call_id: str | None, metadata: dict[str, Any
         transcribe=_transcribe(transcribe) if transcribe is not None else None,
         metadata=metadata,
     )
+
+
+def is_background(metadata: object) -> bool:
+    """A recorded file (``"source": "file"`` in the metadata or URL query, or the channel
+    variable ``farm_source=file``), not a live caller: served after every live call
+    (workers/scheduler.py) and written into its ring no faster than the worker reads it."""
+    if not isinstance(metadata, dict):
+        return False
+    source = metadata.get("source", metadata.get("farm_source"))
+    return isinstance(source, str) and source.strip().lower() == "file"
 
 
 def params_from_path(path: str) -> StreamParams:
