@@ -6,7 +6,7 @@ the file's suffix), or the same structure as a JSON object from the dialer::
     language = "ko"
     [intents.yes]
     phrases = ["네", "예", "맞아요"]
-    examples = ["네 맞아요"]          # for the LLM fallback's prompt (farm/llm.py)
+    examples = ["네 맞아요"]          # for a language model fallback's prompt (not wired yet)
     [intents.callback]
     phrases = ["나중에 전화"]
     patterns = ["바쁘(다|니까|거든)"]
