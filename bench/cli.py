@@ -5,6 +5,7 @@ farm bench --start-farm --workers 2 --ramp --duration 60 --out results/ramp.json
 farm bench --target ws://127.0.0.1:2700 --protocol vosk --calls 4 --duration 30
 farm bench --start-farm --protocol socket_audio --calls 6 --duration 60 --out results/barge-in.json
 farm bench --rtf
+farm bench --amd /tmp/amd200 --start-farm --workers 2 --calls 10 --cost --micro --json results/amd-live.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
     )
     what = p.add_argument_group("what to run")
     what.add_argument(
-        "--calls", type=int, default=20, help="concurrent calls (default %(default)s; 0: the idle server's cost)"
+        "--calls", type=int, default=None, help="concurrent calls (default 20, --amd 10; 0: the idle server's cost)"
     )
     what.add_argument("--duration", type=float, default=60.0, help="seconds of audio per call (default %(default)s)")
     what.add_argument("--ramp", action="store_true", help="raise the number of calls until the SLO breaks")
@@ -56,6 +57,14 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
         choices=("LQ", "MQ", "HQ", "VHQ", "none"),
         help="--rtf at 8 kHz: also measure with this soxr quality instead of the farm's QQ (none: Kaldi's own)",
     )
+
+    amd = p.add_argument_group("answering machines (--amd: bench/amd_live.py)")
+    amd.add_argument("--amd", default="", metavar="CORPUS_DIR", help="run the AMD corpus (made here if needed)")
+    amd.add_argument("--count", type=int, default=200, help="--amd: corpus cases (default %(default)s)")
+    amd.add_argument("--cost", action="store_true", help="--amd: the same calls again with ?tones=0 (CPU on/off)")
+    amd.add_argument("--micro", action="store_true", help="--amd: also time CallAnalysis alone over the corpus")
+    amd.add_argument("--micro-only", action="store_true", help="--amd: only that (no farm)")
+    amd.add_argument("--json", default="", help="--amd: JSON file with every case's result")
 
     server = p.add_argument_group("the server")
     server.add_argument("--target", default="ws://127.0.0.1:8080", help="server URL (default %(default)s)")
@@ -195,6 +204,12 @@ def _outputs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.calls is None:
+        args.calls = 10 if args.amd else 20
+    if args.amd:
+        from bench.amd_live import main as amd_main
+
+        return amd_main(args)
     if args.rtf:
         from bench.rtf import main as rtf_main
 

@@ -29,6 +29,11 @@ Two kinds of figures (ARCHITECTURE.md, "Per-stage latency vocabulary"):
     read off the socket -> flush command written: ARCHITECTURE.md's barge-in latency);
   - ``eos_final_farm``: ``recv`` of the last frame the farm's VAD called speech ->
     final received (the farm's own view of end of speech -> final).
+  - ``eos_intent_farm``: ``publish - recv`` of an ``intent`` event a final made (it carries
+    the final's stamps; only finals of the farm's VAD or of the call's end, whose ``recv``
+    is the end of speech): end of speech -> intent out of the farm.
+  - ``early_intent_lead``: an ``early`` intent (on a stable partial) received -> the
+    next final received: how much sooner than the final a dialer knew.
 
 * ``reply_lag`` (vosk only): a message sent -> vosk-server's reply to it.
 
@@ -45,7 +50,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-from bench.senders import CallRecord
+from bench.senders import CallRecord, Observation
 from bench.stats import cer, percentile
 
 
@@ -65,6 +70,8 @@ STAGES: dict[str, str] = {
     "barge_in": "onset -> barge-in",
     "barge_in_flush": "barge-in: onset -> flush at FreeSWITCH",
     "barge_in_farm": "barge-in (farm: voiced frame -> flush)",
+    "eos_intent_farm": "end of speech -> intent published (farm)",
+    "early_intent_lead": "early intent: ms before its final",
     "reply_lag": "message -> reply (vosk)",
 }
 GROUND_TRUTH = ("eos_final", "onset_speech_start", "first_partial", "barge_in", "barge_in_flush")
@@ -97,6 +104,7 @@ def call_samples(record: CallRecord) -> dict[str, list[float]]:
         if o.kind == "barge_in" and "flush" in t and "recv" in t:
             out["barge_in_farm"].append(_ms(t["flush"] - t["recv"]))
     out["reply_lag"] = list(record.reply_lag_ms)
+    out["eos_intent_farm"], out["early_intent_lead"] = _intent_samples(record, obs)
 
     # Ground truth: pair each measured utterance with what answered it.
     out["barge_in_flush"] = _flush_samples(record)
@@ -132,6 +140,24 @@ def call_samples(record: CallRecord) -> dict[str, list[float]]:
                     out["first_partial"].append(_ms(o.got_ns - start_ns))
                 break
     return {k: v for k, v in out.items() if v}
+
+
+def _intent_samples(record: CallRecord, obs: list[Observation]) -> tuple[list[float], list[float]]:
+    """(end of speech -> intent published, early intent -> its final) of one call's intents."""
+    finals = [o for o in obs if o.kind == "final"]
+    eos_finals = {o.stamps["asr"] for o in finals if o.reason in ("vad", "end") and "asr" in o.stamps}
+    eos, lead = [], []
+    for o in record.dialer:
+        t = o.stamps
+        if o.kind != "intent":
+            continue
+        if o.data.get("early"):
+            final = next((f for f in finals if f.got_ns >= o.got_ns), None)
+            if final is not None:
+                lead.append(_ms(final.got_ns - o.got_ns))
+        elif t.get("asr") in eos_finals and "publish" in t and "recv" in t:
+            eos.append(_ms(t["publish"] - t["recv"]))
+    return eos, lead
 
 
 def finals_per_utterance(record: CallRecord) -> list[tuple[str, int]]:

@@ -43,6 +43,7 @@ from bench.audio import PROMPT_RATE, CallScript, prompt_pcm, resample_script
 
 
 __all__ = [
+    "DIALER_EVENTS",
     "Observation",
     "CallRecord",
     "SenderOptions",
@@ -61,6 +62,7 @@ __all__ = [
 # ``process_chunk``), spacing included; any other spelling is fed to Vosk as audio.
 VOSK_EOF = '{"eof" : 1}'
 VOSK_RESET = '{"reset" : 1}'
+DIALER_EVENTS = frozenset(("amd", "beep", "tone", "intent"))  # kept in CallRecord.dialer
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Observation:
     text: str = ""
     reason: str = ""
     stamps: dict[str, int] = field(default_factory=dict)  # farm events: stage -> monotonic ns
+    data: dict[str, Any] = field(default_factory=dict)  # dialer events (CallRecord.dialer): their members
 
 
 @dataclass
@@ -101,6 +104,10 @@ class CallRecord:
     flush_idle: int = 0  # flushes that came with nothing playing (they would eat the next prompt's start)
     prompt_after_flush: int = 0  # non-silent prompt frames played > 25 ms after a flush was consumed
     playback_violations: list[str] = field(default_factory=list)
+    # the farm's dialer events (workers/analysis.py: amd, beep, tone, intent) and call_end's
+    # stats; apart from ``observations``, whose stamps are the speech pipeline's
+    dialer: list[Observation] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -222,10 +229,15 @@ class EventRouter:
                     # (under load they coalesce), so count what arrived in whole messages.
                     record.messages_received = record.bytes_received // (record.script.rate * record.chunk_ms // 500)
                 record.overrun_bytes = max(record.overrun_bytes, int(event.get("overrun_bytes", 0)))
+                record.stats = dict(event.get("stats") or {})
                 record.done_ns = got
                 record.done.set()
                 continue
-            if event.type in ("call_start", "intent"):
+            if event.type in DIALER_EVENTS:
+                obs = Observation(event.type, got, event.offset_ms, stamps=dict(event.stamps), data=dict(event.data))
+                record.dialer.append(obs)
+                continue
+            if event.type == "call_start":
                 continue
             obs = Observation(
                 event.type, got, event.offset_ms, str(event.get("text", "")), str(event.get("reason", ""))
