@@ -221,7 +221,8 @@ class Ring:
         """Attach to an existing ring as its reader.
 
         Raises:
-            RingError: The segment is missing, too small or not a farm ring.
+            RingError: The segment is missing, too small or not a farm ring, or this
+                process is out of file descriptors.
         """
         try:
             shm, buf = _open_shm(name)
@@ -229,6 +230,8 @@ class Ring:
             raise RingError(f"ring segment not found: {name}") from exc
         except ValueError as exc:  # mmap refuses an empty segment
             raise RingError(f"segment {name} is too small for a ring header") from exc
+        except OSError as exc:  # EMFILE: a descriptor per ring, and the process has none left
+            raise RingError(f"cannot open ring segment {name}: {exc.strerror or exc}") from exc
         try:
             if shm.size < _OFFSET_TABLE:
                 raise RingError(f"segment {name} is too small for a ring header")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from farm.config import Config
 from farm.lifeline import PARENT_ENV
+from farm.limits import raise_open_files_limit
 from farm.ring import sweep_stale
 
 
@@ -213,6 +214,7 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        raise_open_files_limit()  # the children inherit it (a worker holds a ring per call)
         try:
             self.start()
             while True:

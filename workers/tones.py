@@ -75,6 +75,7 @@ from dataclasses import asdict, dataclass
 from typing import Final, NamedTuple
 
 import numpy as np
+import numpy.fft  # now, not on a call's first tone: a lazy import can fail (EMFILE) mid-call
 import numpy.typing as npt
 
 

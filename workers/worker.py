@@ -21,6 +21,7 @@ import zmq
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
 from farm.lifeline import die_with_parent, orphaned
+from farm.limits import raise_open_files_limit
 from farm.logs import call_logger
 from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of
 from farm.ring import Ring, RingError
@@ -209,7 +210,15 @@ class Worker:
 
     def pump(self) -> None:
         for call_id, session in list(self.sessions.items()):
-            for draft in session.pump():
+            try:
+                drafts = session.pump()
+            except Exception as exc:  # a bug of ours, or the process out of a resource
+                # One call's failure ends that call, not the worker and every call it serves.
+                call_logger(self.log.logger, call_id).exception("failed: ending the call")
+                self.publish(session.event_for("error", 0, {"reason": f"worker failed on this call: {exc}"}))
+                self.end(call_id, session, unfinished=True)
+                continue
+            for draft in drafts:
                 self.publish(session.event(draft))
             if session.idle:
                 self.end(call_id, session)
@@ -398,7 +407,14 @@ def worker_main(
         worker.running = False
 
     signal.signal(signal.SIGTERM, stop)
-    worker.log.info("worker %d (pid %d) started on cpu %s", index, os.getpid(), cpu)
+    files = raise_open_files_limit()  # inherited from the supervisor; a worker started alone raises its own
+    worker.log.info(
+        "worker %d (pid %d) started on cpu %s; open files limit %d (a call's ring takes one)",
+        index,
+        os.getpid(),
+        cpu,
+        files,
+    )
     try:
         return worker.run()
     finally:

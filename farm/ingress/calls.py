@@ -58,6 +58,7 @@ class Call:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     player: Player | None = None  # set by sites that can play audio to the caller
     background: bool = False  # a recorded file (source: file): it holds no live call's capacity
+    lost: str = ""  # the worker gave the call up while it streamed (it said why in an error event)
 
     def write(self, pcm: bytes, recv_ns: int) -> None:
         self.ring.write(pcm, recv_ns)
@@ -166,6 +167,10 @@ class CallRegistry:
         if not call.closed_at:
             call.closed_at = time.monotonic()
             call.ring.mark_closed(end_reason_code(reason), detail)
+            if call.lost:  # no worker has it: the call's end is ours to say
+                data = {"reason": "error", "detail": call.lost, "duration_ms": 0, "overrun_bytes": 0, "frames": 0}
+                self.publish(Event("call_end", call.call_id, 0, 0, data, {"recv": time.monotonic_ns()}))
+                self._finish(call.call_id, "lost")
 
     def end_unopened(self, call_id: str, reason: str, detail: str = "") -> None:
         """A call that never began (refused, or failed before its audio came) ends too:
@@ -177,9 +182,17 @@ class CallRegistry:
         self.publish(Event("call_end", call_id, 0, 0, data, {"recv": time.monotonic_ns()}))
 
     def _finish(self, call_id: str, why: str) -> None:
-        call = self.calls.pop(call_id, None)
+        call = self.calls.get(call_id)
         if call is None:
             return
+        if why == "worker done" and not call.closed_at:
+            # Done while its connection still streams: the worker could not serve it (it
+            # published why). The ring stays until the connection ends (the site writes into
+            # it meanwhile, unread and bounded); then close() says call_end and unlinks it.
+            call.lost = "no worker could serve the call"
+            log.warning("the worker gave the call up while it streams", extra={"call_id": call_id})
+            return
+        del self.calls[call_id]
         self.metrics.overrun_bytes += call.ring.overrun_bytes
         self.metrics.overruns += call.ring.overrun_count
         self._next_seq[call_id] = (call.ring.event_seq, call.leg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import signal
 
 from farm.config import Config
@@ -19,18 +18,12 @@ from farm.ingress.metrics import Metrics
 from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
 from farm.lifeline import die_with_parent, orphaned, parent_from_env
+from farm.limits import raise_open_files_limit
 
 
 __all__ = ["main", "serve"]
 
 log = logging.getLogger("farm.ingress")
-
-
-def _raise_fd_limit() -> None:
-    # Every call is a socket; 500 idle connections must not exhaust the default 1024.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(config: Config) -> None:
@@ -116,7 +109,7 @@ def main() -> None:
         return  # the supervisor died while starting us
     config = Config.from_env()
     setup_logging(config.log_level, "ingress")
-    _raise_fd_limit()
+    raise_open_files_limit()  # every call is a socket and a ring here
     import uvloop
 
     uvloop.run(serve(config))

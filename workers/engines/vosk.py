@@ -151,9 +151,12 @@ def warmup_audio(rate: int, path: Path = WARMUP) -> bytes:
 
 
 def rss_bytes() -> int:
-    """This process's resident memory."""
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's resident memory (0 when it cannot be read: out of file descriptors)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def _rss_mb() -> float:
