@@ -15,6 +15,7 @@ import pytest
 
 from farm.config import Config
 from farm.ring import Ring
+from workers.analysis import Options
 from workers.asr import ResultQueue
 from workers.call import CallSession
 from workers.engines.vosk import RecognizerPool
@@ -34,7 +35,9 @@ def zeros(seconds: float) -> bytes:
 def session() -> Iterator[CallSession]:
     ring = Ring.create(f"farm-test-{os.getpid()}-release", capacity=10 * RATE * 2, rate=RATE, channels=1)
     pool = RecognizerPool(model(), RATE, max_audio_s=600, keep=2)
-    s = CallSession("release", ring, {}, Config(), pool=pool, scheduler=AsrScheduler(1), results=ResultQueue())
+    s = CallSession(
+        "release", ring, {}, Config(), options=Options(), pool=pool, scheduler=AsrScheduler(1), results=ResultQueue()
+    )
     yield s
     s.close()
     ring.close()
