@@ -55,7 +55,8 @@ def test_a_short_live_amd_run_scores_every_case_and_writes_json(
     for r in rows:
         assert r["amd_events"] <= 1  # one decision per call
         assert (r["got"] == "none") == (r["decision_ms"] is None)
-        assert r["stats"]["amd"] == (None if r["got"] == "none" else r["got"])  # call_end's stats agree
+        if r["stats"]["from_ms"] == 0:  # call_end's stats agree (a call moved to another worker counts from there)
+            assert r["stats"]["amd"] == (None if r["got"] == "none" else r["got"])
     for line in text.splitlines():
         if "decided right" in line and line.split()[-3] != "0":
             p50, p95 = (int(x) for x in line.split()[-2:])
