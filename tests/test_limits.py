@@ -12,7 +12,6 @@ import time
 import uuid
 import wave
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import websockets
@@ -24,9 +23,9 @@ from farm.sender import metadata_for
 from .conftest import DATA, MS, Node, run_call, start_node
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path, workers=1)
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = start_node(tmp_path_factory.mktemp("farm-limits"), workers=1)
     yield n
     assert n.stop() == 0
 
