@@ -214,9 +214,16 @@ class Worker:
                 drafts = session.pump()
             except Exception as exc:  # a bug of ours, or the process out of a resource
                 # One call's failure ends that call, not the worker and every call it serves.
-                call_logger(self.log.logger, call_id).exception("failed: ending the call")
+                # As when a call cannot be attached: the error, then W_DONE; the ingress says
+                # its call_end when its connection ends (a live call the worker gave up).
+                call_logger(self.log.logger, call_id).exception("failed: giving the call up")
                 self.publish(session.event_for("error", 0, {"reason": f"worker failed on this call: {exc}"}))
-                self.end(call_id, session, unfinished=True)
+                if session.ring.closed:  # its connection has ended: its call_end is ours to say
+                    self.end(call_id, session)
+                else:
+                    del self.sessions[call_id]
+                    self.close_session(session)
+                    self.send(wire.W_DONE, call_id)
                 continue
             for draft in drafts:
                 self.publish(session.event(draft))
