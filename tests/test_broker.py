@@ -162,6 +162,40 @@ def test_a_disconnecting_worker_hands_its_calls_over_at_once(broker: Config, ctx
     wait_for_workers(ingress, 1)  # gone at once, not after its liveness
 
 
+def assigned_while_beating(peer: Peer, n: int, beating: Peer) -> list[str]:
+    """The call ids of the next ``n`` B_ASSIGNs to ``peer``, while ``beating`` sends heartbeats
+    (so its liveness cannot run out however slow the machine is)."""
+    got: list[str] = []
+    deadline = time.monotonic() + 10_000 * MS
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"only {got} assigned"
+        beating.send(wire.W_HEARTBEAT, wire.Load(n).encode())
+        if peer.sock.poll(int(wire.HEARTBEAT_INTERVAL * 400)):
+            command, body = wire.parse(peer.sock.recv_multipart())
+            if command == wire.B_ASSIGN:
+                got.append(body[0])
+    return sorted(got)
+
+
+def test_a_worker_registering_under_a_held_index_replaces_it_and_takes_its_calls_at_once(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A respawned worker 1 can register before the killed one's liveness runs out: its
+    W_READY is the news that the old worker 1 is gone, so its calls move now."""
+    old, ingress = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("ingress"))
+    old.send(wire.W_READY, "1", "101")
+    for n in range(3):
+        ingress.send(wire.I_OPEN, f"c{n}", f"r{n}", "{}")
+    assert assigned_while_beating(old, 3, beating=old) == ["c0", "c1", "c2"]
+    new = Peer(ctx, broker.endpoint("workers"))
+    new.send(wire.W_READY, "1", "102")
+    # The old registration keeps beating, so only the index can retire it (a rebalance
+    # would move one call, by a B_RELEASE that this peer never answers).
+    assert assigned_while_beating(new, 3, beating=old) == ["c0", "c1", "c2"]
+    old.expect(wire.B_DISCONNECT)
+    wait_for_workers(ingress, 1)
+
+
 def producer(ctx: zmq.Context[zmq.Socket[bytes]], config: Config) -> zmq.Socket[bytes]:
     """An event producer as workers make it: an XPUB that waits for the relay's subscription."""
     pub = ctx.socket(zmq.XPUB)

@@ -241,7 +241,7 @@ def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_c
 
 @pytest.mark.timeout(900)  # a busy machine: 4 x 30 s of calls, a respawn, then their reference decode
 def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: Path) -> None:
-    """Four calls on two workers; one is killed: all four land on the survivor; the
+    """Four calls on two workers; one hangs and is killed: all four land on the survivor; the
     replacement registers and the broker moves calls back at their pauses, losing no words."""
     # No warm-up: the replacement registers within a second or two even on a loaded machine
     # (a warm-up there took 30 s, and the calls' audio was over before it could take any).
@@ -263,7 +263,17 @@ def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: P
                     e = await watch.next(timeout=60_000 * MS)
                     if e.type == "speech_start":
                         starts.add(e.call_id)
-                os.kill(n.pids("worker")[0], signal.SIGKILL)
+                # Hung first, so the broker moves its calls to the survivor; killed only then,
+                # so its replacement registers after the move (a replacement that registers
+                # sooner takes the calls itself: tests/test_broker.py).
+                victim = n.pids("worker")[0]
+                os.kill(victim, signal.SIGSTOP)
+                try:
+                    await asyncio.to_thread(
+                        wait_until, lambda: "missed its heartbeats" in n.log(), what="the hung worker's calls moved"
+                    )
+                finally:
+                    os.kill(victim, signal.SIGKILL)
                 return await asyncio.gather(*calls)
 
         runs = asyncio.run(scenario())

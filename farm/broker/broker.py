@@ -129,7 +129,7 @@ class Broker:
         cpus = default_workers()
         self.cpus = min(cpus, config.workers) if config.pin_workers else cpus  # what calls' decoding may use
         self.call_cpu_ms = 0  # last figure the workers measured, kept while no call runs
-        self.workers_lost = 0  # declared dead: missed their heartbeats (for the metrics)
+        self.workers_lost = 0  # declared dead: missed heartbeats or replaced (for the metrics)
         self.calls_moved = 0  # released by one worker and assigned to another (for the metrics)
 
     # -- sending -----------------------------------------------------------
@@ -267,8 +267,14 @@ class Broker:
             except wire.WireError as exc:
                 log.warning("dropped a message from a worker: %s", exc)
                 return
+            replaced = [w for w in self.workers.values() if w.index == index and w.identity != identity]
             self.workers[identity] = _Worker(identity, index, pid, expiry)
             log.info("worker %d (pid %d) ready", index, pid)
+            for old in replaced:
+                # One process holds an index at a time: the supervisor starts index i only
+                # after the last one exited, and a worker that reconnects drops its calls.
+                self.workers_lost += 1
+                self._forget_worker(old, f"was replaced by pid {pid}")
             self._assign_pending()
             self._send_status()
             return

@@ -24,6 +24,9 @@ are copied).
 Worker -> broker:
 
 * ``W_READY index pid``          register (also after a reconnect); two integers >= 0.
+  A worker index is held by one registration: a ``W_READY`` for an index already
+  registered under another identity replaces it (a respawned or reconnected worker
+  serves none of the old one's calls), and the old one's calls are reassigned at once.
 * ``W_HEARTBEAT load``           sent from the worker's recognition loop every
   ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load` (its calls, how far
   recognition trails, what a call costs it, and the counters and gauges the node's
@@ -294,7 +297,7 @@ class Status:
     calls: int = 0  # calls assigned to workers
     capacity: int = 0  # calls the node's CPUs hold within the SLO (0: no limit)
     call_cpu_ms: int = 0  # the CPU ms per call-second that capacity is computed from
-    workers_lost: int = 0  # workers declared dead (missed heartbeats) since the broker started (counter)
+    workers_lost: int = 0  # workers declared dead (missed heartbeats or replaced) since the broker started (counter)
     calls_moved: int = 0  # calls moved between workers to balance them (counter)
     reports: tuple[WorkerReport, ...] = ()  # one per live worker, by index
 

@@ -172,7 +172,7 @@ class NodeCollector(Collector):
         relay = int(r.relay_subscribed)
         yield _gauge("farm_event_relay_connected", "1 once the broker's event relay takes the ingress's events", relay)
         lost = r.status.workers_lost
-        yield _counter("farm_workers_lost", "Workers the broker declared dead (missed heartbeats)", lost)
+        yield _counter("farm_workers_lost", "Workers the broker declared dead (missed heartbeats or replaced)", lost)
         yield _counter("farm_calls_moved", "Calls moved between workers to balance them", r.status.calls_moved)
 
     def _workers(self, reports: tuple[WorkerReport, ...]) -> Iterator[Metric]:
