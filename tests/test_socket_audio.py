@@ -196,6 +196,7 @@ class Leg:
             f"module events {[(e.subclass or e.name) for e in peer.events if e.delivered]}, "
             f"flush commands {len(self.flush_commands())}, flushes consumed {peer.flushes}, "
             f"speech bytes sent {sum(n for _, n in peer.speech_sent)}, playback bytes {sum(n for _, n in peer.playback_recv)}"
+            "; the node's log of it:\n" + "\n".join(line for line in self.node.log().splitlines() if peer.uuid in line)
         )
 
     def of(self, type: str) -> list[Event]:
