@@ -19,11 +19,17 @@ import signal
 import sys
 
 
-__all__ = ["PARENT_ENV", "die_with_parent", "orphaned", "parent_from_env"]
+__all__ = ["PARENT_ENV", "STOP_SIGNAL", "die_with_parent", "obey_supervisor_only", "orphaned", "parent_from_env"]
 
 # The supervisor's pid, in the environment of the children it starts as new interpreters.
 PARENT_ENV = "FARM_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+# What the supervisor sends a child to stop it (gracefully). Not SIGTERM: SIGTERM and SIGINT
+# reach every process of the group at once (``kill -- -PGID``, Ctrl-C in a terminal), and
+# a worker or broker that stopped then would go before the ingress drained its calls; so a
+# child under a supervisor ignores them and waits for the supervisor, which drains in order.
+STOP_SIGNAL = signal.SIGUSR1
 
 
 def parent_from_env() -> int:
@@ -34,7 +40,17 @@ def parent_from_env() -> int:
         return 0
 
 
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> bool:
+def obey_supervisor_only(parent: int) -> int:
+    """Ignore the group's SIGTERM and SIGINT under a supervisor; the signal that stops this
+    process: :data:`STOP_SIGNAL` under supervisor ``parent``, SIGTERM on its own (0)."""
+    if not parent:
+        return signal.SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return STOP_SIGNAL
+
+
+def die_with_parent(parent: int, sig: int = STOP_SIGNAL) -> bool:
     """Have ``sig`` sent to this process when its parent dies; call once, at the start.
 
     Returns False when ``parent`` is not this process's parent any more (it died before

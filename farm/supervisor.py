@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from farm.config import Config
-from farm.lifeline import PARENT_ENV
+from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
 from farm.ring import sweep_stale
 
@@ -347,7 +347,7 @@ class Supervisor:
                 self._spawn_worker(index)
         for child in list(self.children.values()):
             if child.role == "worker" and child.index >= self.num_workers:
-                self._kill(child.pid, signal.SIGTERM)
+                self._kill(child.pid, STOP_SIGNAL)
 
     def _kill(self, pid: int, sig: int) -> None:
         try:
@@ -358,11 +358,11 @@ class Supervisor:
     # -- stop ------------------------------------------------------------------------
 
     def stop(self, graceful: bool = True) -> None:
-        """Ingress first (drain), then workers, then the broker: TERM, reap, KILL."""
+        """Ingress first (drain), then workers, then the broker: STOP_SIGNAL, reap, KILL."""
         self.stopping = True
         ingress = [c for c in self.children.values() if c.role == "ingress"]
         for c in ingress:
-            self._kill(c.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            self._kill(c.pid, STOP_SIGNAL if graceful else signal.SIGKILL)
         self._reap_until(
             lambda: not any(c.role == "ingress" for c in self.children.values()), self.config.drain_timeout + 15
         )
@@ -370,12 +370,12 @@ class Supervisor:
         # timeout) and publish it through the broker's relay, so the broker goes last.
         for c in list(self.children.values()):
             if c.role == "worker":
-                self._kill(c.pid, signal.SIGTERM)
+                self._kill(c.pid, STOP_SIGNAL)
         self._reap_until(
             lambda: not any(c.role == "worker" for c in self.children.values()), self.config.drain_timeout + 5.0
         )
         for c in list(self.children.values()):
-            self._kill(c.pid, signal.SIGTERM)
+            self._kill(c.pid, STOP_SIGNAL)
         self._reap_until(lambda: not self.children, 5.0)
         for c in list(self.children.values()):
             log.warning("%s did not stop: SIGKILL (pid %d)", c.role, c.pid)

@@ -219,7 +219,16 @@ def test_a_starting_worker_is_not_taken_for_a_hung_one(tmp_path: Path) -> None:
         assert n.stop() == 0
 
 
-def test_sigterm_lets_utterances_in_flight_finish_and_leaves_no_ring(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "to_group, sig",
+    [(False, signal.SIGTERM), (True, signal.SIGTERM), (True, signal.SIGINT)],
+    ids=["supervisor-sigterm", "group-sigterm", "group-sigint"],
+)
+def test_sigterm_lets_utterances_in_flight_finish_and_leaves_no_ring(tmp_path: Path, to_group: bool, sig: int) -> None:
+    """The supervisor drains a node however it is told: SIGTERM to it (systemd, ``docker stop``
+    of a farm that is PID 1), or to its whole process group (``kill -- -PGID``, a shell
+    script's ``docker stop``), or a terminal's Ctrl-C (SIGINT to the foreground group): its
+    children obey the supervisor only."""
     n = start_node(tmp_path, workers=2)
     ingress = n.pids("ingress")
     wav = DATA / "ko_dialog_16k.wav"
@@ -230,7 +239,10 @@ def test_sigterm_lets_utterances_in_flight_finish_and_leaves_no_ring(tmp_path: P
             while (await watch.next(timeout=20_000 * MS)).type != "speech_start":
                 pass
             sent_at = time.monotonic_ns()
-            n.proc.send_signal(signal.SIGTERM)
+            if to_group:
+                os.killpg(n.proc.pid, sig)
+            else:
+                n.proc.send_signal(sig)
             return await asyncio.gather(*tasks, return_exceptions=True), sent_at
 
     runs, sigterm_ns = asyncio.run(calls_then_sigterm())

@@ -20,7 +20,7 @@ import zmq
 
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
-from farm.lifeline import die_with_parent, orphaned
+from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned
 from farm.limits import raise_open_files_limit
 from farm.logs import call_logger
 from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of
@@ -318,10 +318,10 @@ class Worker:
             self.pool.warm_in_background(self.config.recognizer_warm_later, warmup)
         next_tick = next_beat = time.monotonic()
         stop_by = 0.0
-        # On SIGTERM, calls whose ring the ingress has closed (a node stopping drains the
-        # ingress first) are finished, within --drain-timeout, so that each gets its last
-        # final and its call_end; calls still streaming (one worker fewer, TTOU) are left
-        # to the broker, which moves them to another worker.
+        # On the supervisor's stop signal, calls whose ring the ingress has closed (a node
+        # stopping drains the ingress first) are finished, within --drain-timeout, so that
+        # each gets its last final and its call_end; calls still streaming (one worker
+        # fewer, TTOU) are left to the broker, which moves them to another worker.
         while True:
             if not self.running:
                 stop_by = stop_by or time.monotonic() + self.config.drain_timeout
@@ -399,7 +399,7 @@ def worker_main(
     if not die_with_parent(parent):
         return 1  # the supervisor died while forking us
     setup_logging(config.log_level, f"worker{index}")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    stop_signal = obey_supervisor_only(parent)
     limit_malloc_arenas()
     if cpu is not None and config.pin_workers:
         try:
@@ -413,7 +413,7 @@ def worker_main(
     def stop(signum: int, frame: object) -> None:
         worker.running = False
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(stop_signal, stop)
     files = raise_open_files_limit()  # inherited from the supervisor; a worker started alone raises its own
     worker.log.info(
         "worker %d (pid %d) started on cpu %s; open files limit %d (a call's ring takes one)",

@@ -19,7 +19,7 @@ import zmq
 
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
-from farm.lifeline import die_with_parent, orphaned, parent_from_env
+from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.protocol.events import SUBSCRIBED
 
 
@@ -376,7 +376,8 @@ class Broker:
 def main() -> None:
     from farm.logs import setup_logging
 
-    if not die_with_parent(parent_from_env()):
+    parent = parent_from_env()
+    if not die_with_parent(parent):
         return  # the supervisor died while starting us
     config = Config.from_env()
     setup_logging(config.log_level, "broker")
@@ -385,8 +386,7 @@ def main() -> None:
     def stop(signum: int, frame: object) -> None:
         broker.running = False
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+    signal.signal(obey_supervisor_only(parent), stop)
     try:
         broker.run()
     finally:

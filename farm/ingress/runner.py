@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 from farm.config import Config
 from farm.ingress.agent import AgentSite
@@ -17,7 +16,7 @@ from farm.ingress.http_transcribe import start_site as start_http_site
 from farm.ingress.metrics import Metrics
 from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
-from farm.lifeline import die_with_parent, orphaned, parent_from_env
+from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.limits import raise_open_files_limit
 
 
@@ -51,10 +50,10 @@ async def serve(config: Config) -> None:
     http_site = await start_http_site(config, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)  # also sent when the supervisor dies (lifeline)
     parent = parent_from_env()
+    # Also sent when the supervisor dies (the lifeline).
+    loop.add_signal_handler(obey_supervisor_only(parent), stop.set)
     watch = asyncio.create_task(_watch_parent(parent, stop), name="lifeline")
-    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     log.info("ingress ready (pid %d): mod_audio_stream on ws://%s:%d/<call-id>", os.getpid(), config.ws_host, site.port)
     if socket_site is not None:
         log.info(
