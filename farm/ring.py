@@ -449,6 +449,12 @@ class Ring:
         return bool(_get(self._buf, _OFFSET_WRITER_FLAGS)[0] & _WRITER_CLOSED)
 
     @property
+    def writer_gone(self) -> bool:
+        """Whether the process that created (and writes) this ring has died."""
+        pid = self.writer_pid
+        return bool(pid) and _dead(pid)
+
+    @property
     def playing(self) -> bool:
         """Whether the call is hearing audio we play (writer sets it; workers barge in on it)."""
         return bool(_get(self._buf, _OFFSET_WRITER_FLAGS)[0] & _WRITER_PLAYING)
@@ -467,6 +473,17 @@ class Ring:
     def in_speech(self, value: bool) -> None:
         flags = _get(self._buf, _OFFSET_READER_FLAGS)[0] & ~_READER_IN_SPEECH
         _put(self._buf, _OFFSET_READER_FLAGS, flags | (_READER_IN_SPEECH if value else 0))
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` is provably gone (EPERM: another user's; overflow: not a pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
 
 
 def sweep_stale(shm_dir: str = "/dev/shm") -> list[str]:
@@ -488,13 +505,8 @@ def sweep_stale(shm_dir: str = "/dev/shm") -> list[str]:
         pid = int(match.group(1)) if match else 0
         if pid <= 0:
             continue  # not a ring name (and kill(0, 0) would probe our own group)
-        try:
-            os.kill(pid, 0)
-            continue  # alive: its ring is live
-        except ProcessLookupError:
-            pass
-        except (OSError, OverflowError):
-            continue  # unprovable (EPERM: another user's; overflow: not a pid)
+        if not _dead(pid):
+            continue  # alive (its ring is live), or not provably dead
         path = os.path.join(shm_dir, entry)
         try:
             with open(path, "rb") as fh:

@@ -59,7 +59,7 @@ class TestEventSchema:
             Event.from_json(raw)
 
     def test_every_end_reason_has_a_ring_code_and_back(self) -> None:
-        assert set(END_REASONS) == {"hangup", "stop", "drain", "refused", "idle", "error"}
+        assert set(END_REASONS) == {"hangup", "stop", "drain", "refused", "idle", "error", "lost"}
         codes = [end_reason_code(r) for r in END_REASONS]
         assert 0 not in codes and len(set(codes)) == len(codes)
         assert [end_reason_of(c) for c in codes] == list(END_REASONS)

@@ -476,6 +476,19 @@ def test_a_reader_process_that_exits_without_closing_leaves_the_ring_alone(make_
     Ring.attach(ring.name).close()
 
 
+def test_writer_gone_says_whether_the_process_that_created_the_ring_died(make_ring: Callable[..., Ring]) -> None:
+    ring = make_ring()
+    reader = Ring.attach(ring.name)
+    try:
+        assert ring.writer_pid == os.getpid() and not reader.writer_gone
+        # 0: no writer recorded; 2**63: not a pid (kill() overflows): neither is proof of death.
+        for pid, gone in ((dead_pid(), True), (0, False), (2**63, False), (1, False)):
+            ring_mod._put(ring._buf, ring_mod._OFFSET_WRITER_PID, pid)
+            assert reader.writer_gone is gone, pid
+    finally:
+        reader.close()
+
+
 def test_seek_is_clamped_to_the_bytes_still_present(make_ring: Callable[..., Ring]) -> None:
     ring = make_ring(capacity=64)
     ring.write(pattern(0, 40), recv_ns=0)

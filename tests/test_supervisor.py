@@ -19,9 +19,12 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import pytest
+import websockets
 
 from farm.client import Subscription
+from farm.protocol.events import Event
 from farm.ring import Ring, segment_name
+from farm.sender import metadata_for, send_pcm
 from workers.worker import HeartbeatTable
 
 from .conftest import (
@@ -193,6 +196,63 @@ def test_a_killed_worker_is_replaced_and_the_node_keeps_serving(tmp_path: Path) 
         wav = DATA / "ko_01.wav"
         run = asyncio.run(run_call(n, wav, realtime=False))
         assert similarity(run.text, " ".join(direct_decode(wav))) >= 0.8
+    finally:
+        assert n.stop() == 0
+
+
+def test_a_killed_ingress_ends_its_calls_as_lost_and_workers_let_their_rings_go(tmp_path: Path) -> None:
+    """SIGKILL to the ingress mid-utterance: its connections are gone with it. Each call ends
+    with a call_end saying so (reason ``lost``), after the words that came before; no worker
+    keeps a dead ring mapped; the restarted ingress serves new calls."""
+    n = start_node(tmp_path, workers=2)
+    (ingress,) = n.pids("ingress")
+    wav = DATA / "ko_dialog_16k.wav"
+    with wave.open(str(wav), "rb") as w:
+        pcm = w.readframes(w.getnframes())
+
+    async def stream(call_id: str) -> None:
+        try:
+            await send_pcm(f"{n.url}/{call_id}", pcm, rate=16000, metadata=metadata_for(call_id, 16000, 1))
+        except (OSError, websockets.ConnectionClosed):
+            pass  # the ingress died under it
+
+    async def scenario() -> dict[str, list[Event]]:
+        got: dict[str, list[Event]] = {f"lost-{i}": [] for i in range(2)}
+        async with Subscription(n.events) as watch:
+            senders = [asyncio.create_task(stream(call_id)) for call_id in got]
+            ended: set[str] = set()
+            while len(ended) < len(got):
+                e = await watch.next(timeout=60_000 * MS)
+                if e.call_id not in got:
+                    continue
+                got[e.call_id].append(e)
+                if e.type == "final" and ingress in n.pids("ingress"):
+                    os.kill(ingress, signal.SIGKILL)  # after a final: words that came before
+                if e.type == "call_end":
+                    ended.add(e.call_id)
+            await asyncio.gather(*senders)
+        return got
+
+    try:
+        calls = asyncio.run(scenario())
+        for call_id, events in calls.items():
+            end = events[-1]
+            assert end.type == "call_end" and end["reason"] == "lost", (call_id, end.data)
+            assert f"ingress (pid {ingress})" in end["detail"]
+            assert len(events[:-1]) == len({(e.type, e.seq) for e in events[:-1]})
+        assert any(e.type == "final" and e["text"] for events in calls.values() for e in events)
+        for worker in n.pids("worker"):
+            deadline = time.monotonic() + 10_000 * MS
+            while "farm-" in (maps := Path(f"/proc/{worker}/maps").read_text()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "/dev/shm/farm-" not in maps, f"worker {worker} still maps a ring"
+        assert not farm_segments(ingress)
+        deadline = time.monotonic() + 30_000 * MS
+        while not re.search(rf"ingress ready \(pid (?!{ingress}\))\d+\): mod_audio_stream", n.log()):
+            assert time.monotonic() < deadline, f"no new ingress:\n{n.log()[-3000:]}"
+            time.sleep(0.1)
+        run = asyncio.run(run_call(n, DATA / "ko_01.wav", realtime=False))
+        assert run.text and run.of("call_end")[0]["reason"] == "hangup"
     finally:
         assert n.stop() == 0
 

@@ -327,6 +327,7 @@ class CallSession:
         self.analysis = CallAnalysis(ring.rate, options, self.offset_ms_of_cursor(self.base), self.resumed)
         self.stats = CallStats(from_ms=self.offset_ms_of_cursor(self.base))  # for call_end
         self.finishing = False
+        self.writer_lost = False  # the ingress that writes the ring died: what came is all there is
         self.release_asked = 0.0  # when the broker asked to move this call to another worker (0: not)
         # Explicit ends of utterance (Ring.request_finalize) at cursors before ours were
         # honoured by the worker before us, or belong to audio we replay: not again.
@@ -354,7 +355,7 @@ class CallSession:
         """Process what the ingress wrote since the last call; return VAD events."""
         if self.finishing or (self.background and self.backlog_ms > BACKGROUND_BACKLOG_MS):
             return []
-        closed = self.ring.closed  # read before the data so no audio is missed
+        closed = self.ring.closed or self.writer_lost  # read before the data so no audio is missed
         finalize_at = self.ring.finalize_at
         if finalize_at is not None and finalize_at < self.finalized_until:
             finalize_at = None  # done already

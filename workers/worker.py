@@ -277,6 +277,8 @@ class Worker:
         code, detail = ring.end  # why the ingress closed the ring
         if unfinished:  # the worker is stopping with this call's recognition not done
             code, detail = end_reason_code("drain"), "farm stopped before this call's recognition finished"
+        elif session.writer_lost and not ring.closed:
+            code, detail = end_reason_code("lost"), f"the ingress (pid {ring.writer_pid}) holding its connection died"
         data = {
             "reason": end_reason_of(code),
             "detail": detail,
@@ -369,6 +371,7 @@ class Worker:
         """Liveness both ways, from the loop itself; False when the worker must exit."""
         self.heartbeats.beat(self.index)
         self.cost.sample(len(self.sessions))
+        self.notice_lost_writers()
         if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
             self.send(wire.W_HEARTBEAT, self.load().encode())
             while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
@@ -380,6 +383,17 @@ class Worker:
             self.log.warning("supervisor (pid %d) is gone: exiting (pid %d)", self.parent, os.getpid())
             return False
         return True
+
+    def notice_lost_writers(self) -> None:
+        """Calls whose ingress died: its connections are gone, and the supervisor unlinks
+        their rings; finish what came and end them, so their mappings go too."""
+        for call_id, session in self.sessions.items():
+            if session.writer_lost or session.ring.closed or not session.ring.writer_gone:
+                continue
+            session.writer_lost = True
+            call_logger(self.log.logger, call_id).warning(
+                "its ingress (pid %d) died: ending it with what came", session.ring.writer_pid
+            )
 
     def close(self) -> None:
         for session in self.sessions.values():

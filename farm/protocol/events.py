@@ -86,6 +86,9 @@ END_REASONS = (
     "refused",  # farm did not take the call: shutting down, a rate it cannot serve, at capacity
     "idle",  # nothing came for --idle-timeout (--first-message-timeout before the call began)
     "error",  # bad input, or a start that failed; detail is the message (also in an error event)
+    # The ingress process holding the call's connection died (it is restarted, the stream
+    # is gone): the worker finished what had come and ended the call.
+    "lost",
 )
 # A call a worker serves that ends with one of these has its ``error`` event published by
 # that worker, right before call_end, from the ring's end detail: the ingress and the
