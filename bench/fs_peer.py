@@ -29,7 +29,6 @@ timing (commands received, mic bytes sent, playback received and played, events 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import uuid as uuidlib
@@ -117,6 +116,7 @@ class SocketAudioCall:
         self._apps: asyncio.Queue[Command] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._hangup_task: asyncio.Task[None] | None = None
+        self.linger_ran_out = False
 
     # -- the Event Socket -------------------------------------------------------------
 
@@ -268,8 +268,10 @@ class SocketAudioCall:
             self.esl.send(linger_notice(self.uuid, self.channel.name, linger))
             self.fire_channel("CHANNEL_HANGUP_COMPLETE", pre=[("Hangup-Cause", cause)])
             wait = None if linger == -1 else linger * self.linger_scale
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self.closed.wait(), wait)
+            except TimeoutError:
+                self.linger_ran_out = True  # the client held the channel for the whole linger
             self.esl.close_esl()
         else:
             # Without linger the listener closes as soon as it sees the channel down;

@@ -522,7 +522,9 @@ def test_twenty_concurrent_bidirectional_calls(node: Node) -> None:
 
 def test_hangup_stop_and_reset_each_end_the_call_cleanly(node: Node) -> None:
     async def scenario() -> list[Leg]:
-        hung, stopped, reset = [await Leg(node).start() for _ in range(3)]
+        # A linger of 60 s: a farm that waited for it, not closing at the hang-up, would show.
+        hung, stopped = [await Leg(node, linger_scale=12).start() for _ in range(2)]
+        reset = await Leg(node).start()
         async with commands(node) as farm:
             await farm.play(reset.peer.uuid, prompt(20.0), rate=22050)
             # mid-playback: FreeSWITCH plays it (20 s: it still does when the sockets go)
@@ -540,6 +542,10 @@ def test_hangup_stop_and_reset_each_end_the_call_cleanly(node: Node) -> None:
 
     legs = asyncio.run(scenario())
     assert all(leg.of("call_end") for leg in legs)
+    # Whichever ended first, the hang-up (hung) or the audio (stopped, hung up after its
+    # call_end), farm closed the Event Socket at the hang-up, so FreeSWITCH could destroy
+    # the channel at once (it counts against max-sessions until then).
+    assert [leg.peer.linger_ran_out for leg in legs[:2]] == [False, False]
     reset = legs[2]
     assert [e["reason"] for e in reset.of("playback_stop")] in (["hangup"], ["call_end"])
     no_rings_left(node)

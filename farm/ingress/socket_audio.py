@@ -246,11 +246,7 @@ class _Session:
         stopped = self.end is not None and self.end[0] == "stop"
         if stopped and not self.hangup.is_set() and not self.link.closed.is_set():
             # The audio ended: uuid_socket_audio_stop, unless a hang-up is on its way.
-            hangup = asyncio.create_task(self.hangup.wait())
-            closed = asyncio.create_task(self.link.closed.wait())
-            await asyncio.wait({hangup, closed}, timeout=HANGUP_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
-            for task in (hangup, closed):
-                task.cancel()
+            await self._hangup_or_close(HANGUP_GRACE_S)
         if self.end is None or self.end[0] == "stop":
             if self.hangup.is_set():
                 self.end = ("hangup", self.hangup_cause)
@@ -259,6 +255,16 @@ class _Session:
                     self._fail(f"Event Socket: {self.link.close_reason}", refused=False)
                 else:
                     self.end = ("hangup", f"Event Socket closed ({self.link.close_reason})")
+
+    async def _hangup_or_close(self, timeout: float | None = None) -> None:
+        """Until FreeSWITCH hangs up or the Event Socket closes (or ``timeout`` s pass)."""
+        hangup = asyncio.create_task(self.hangup.wait())
+        closed = asyncio.create_task(self.link.closed.wait())
+        try:
+            await asyncio.wait({hangup, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (hangup, closed):
+                task.cancel()
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         assert self.call is not None
@@ -300,15 +306,17 @@ class _Session:
             self.site.registry.end_unopened(self.uuid, reason, detail)
         if self.stalled and not self.link.closed.is_set():
             await self._fall_back()
-        if not self.link.closed.is_set():
-            if self.call is not None and not self.hangup.is_set() and not self.site.draining and not self.stalled:
-                # socket_audio stopped but the channel lives on: it is still ours until
-                # FreeSWITCH hangs up or closes (the dialer may start it again elsewhere).
-                await self.link.closed.wait()
-                if self.link.close_reason.startswith("bad"):
-                    self._log(logging.WARNING, "Event Socket closed: %s", self.link.close_reason)
-            else:
-                self.link.close("done")
+        if self.link.closed.is_set():
+            return
+        if self.call is not None and not self.hangup.is_set() and not self.site.draining and not self.stalled:
+            # socket_audio stopped but the channel lives on: it is still ours until
+            # FreeSWITCH hangs up or closes (the dialer may start it again elsewhere).
+            await self._hangup_or_close()
+            if self.link.close_reason.startswith("bad"):
+                self._log(logging.WARNING, "Event Socket closed: %s", self.link.close_reason)
+        # At the hang-up, close at once: after its linger notice FreeSWITCH keeps the channel
+        # (a slot of its max-sessions) until we do, or until the linger time runs out.
+        self.link.close("done")
 
     # -- Event Socket ------------------------------------------------------------
 
