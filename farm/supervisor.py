@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from farm.broker.wire import RESTART_ENV
 from farm.config import Config
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
@@ -158,8 +159,10 @@ class Supervisor:
         except OSError:
             pass
 
-    def _spawn_process(self, role: str) -> _Child:
+    def _spawn_process(self, role: str, again: bool = False) -> _Child:
         env = dict(os.environ, FARM_CONFIG=self.config.to_json(), **{PARENT_ENV: str(os.getpid())})
+        if again and role == "broker":
+            env[RESTART_ENV] = "1"  # its workers and ingress come back with their calls
         popen = subprocess.Popen(
             [sys.executable, "-m", f"farm.{'broker.broker' if role == 'broker' else 'ingress.runner'}"],
             env=env,
@@ -316,7 +319,7 @@ class Supervisor:
                     # Its calls are gone with it; free their rings before the new one starts.
                     removed = sweep_stale()
                     log.warning("ingress restarted: %d rings of its calls removed", len(removed))
-                self._spawn_process(child.role)
+                self._spawn_process(child.role, again=True)
 
     def murder_workers(self) -> None:
         """SIGABRT a worker whose loop stopped beating, then SIGKILL if it lingers."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,27 @@ from farm.protocol.events import SUBSCRIBED, Event, topic_for
 from .conftest import MS, free_port
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Config]:
+def _run_broker(tmp_path: Path, **env: str) -> Iterator[Config]:
     config = Config(run_dir=str(tmp_path), events=f"tcp://127.0.0.1:{free_port()}")
-    env = dict(os.environ, FARM_CONFIG=config.to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "farm.broker.broker"], env=env, start_new_session=True)
+    full_env = dict(os.environ, FARM_CONFIG=config.to_json(), **env)
+    proc = subprocess.Popen([sys.executable, "-m", "farm.broker.broker"], env=full_env, start_new_session=True)
     deadline = time.monotonic() + 10_000 * MS
     while not (tmp_path / "workers.ipc").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     yield config
     proc.terminate()
     assert proc.wait(10) == 0
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Config]:
+    yield from _run_broker(tmp_path)
+
+
+@pytest.fixture
+def restarted_broker(tmp_path: Path) -> Iterator[Config]:
+    """A broker as the supervisor starts it again after its predecessor died."""
+    yield from _run_broker(tmp_path, **{wire.RESTART_ENV: "1"})
 
 
 WAIT_MS = int(10_000 * MS * 1000)  # zmq polls take milliseconds; MS is seconds per ms
@@ -51,13 +62,13 @@ class Peer:
     def send(self, command: bytes, *body: str) -> None:
         self.sock.send_multipart(wire.message(command, *body))
 
-    def expect(self, command: bytes, timeout: float = 10_000 * MS) -> list[str]:
-        """Next message other than a heartbeat; fails if none comes in time."""
+    def expect(self, command: bytes, timeout: float = 10_000 * MS, skip: tuple[bytes, ...] = ()) -> list[str]:
+        """Next message other than a heartbeat (and ``skip``); fails if none comes in time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.sock.poll(50):
                 got, body = wire.parse(self.sock.recv_multipart())
-                if got == wire.B_HEARTBEAT:
+                if got == wire.B_HEARTBEAT or got in skip:
                     continue
                 assert got == command, f"got {wire.name(got)}, expected {wire.name(command)}"
                 return body
@@ -162,14 +173,15 @@ def test_a_disconnecting_worker_hands_its_calls_over_at_once(broker: Config, ctx
     wait_for_workers(ingress, 1)  # gone at once, not after its liveness
 
 
-def assigned_while_beating(peer: Peer, n: int, beating: Peer) -> list[str]:
-    """The call ids of the next ``n`` B_ASSIGNs to ``peer``, while ``beating`` sends heartbeats
-    (so its liveness cannot run out however slow the machine is)."""
+def assigned_while_beating(peer: Peer, n: int, *beating: Peer) -> list[str]:
+    """The call ids of the next ``n`` B_ASSIGNs to ``peer``, while ``beating`` send heartbeats
+    (so their liveness cannot run out however slow the machine is)."""
     got: list[str] = []
     deadline = time.monotonic() + 10_000 * MS
     while len(got) < n:
         assert time.monotonic() < deadline, f"only {got} assigned"
-        beating.send(wire.W_HEARTBEAT, wire.Load(n).encode())
+        for b in beating:
+            b.send(wire.W_HEARTBEAT, wire.Load(n).encode())
         if peer.sock.poll(int(wire.HEARTBEAT_INTERVAL * 400)):
             command, body = wire.parse(peer.sock.recv_multipart())
             if command == wire.B_ASSIGN:
@@ -186,14 +198,73 @@ def test_a_worker_registering_under_a_held_index_replaces_it_and_takes_its_calls
     old.send(wire.W_READY, "1", "101")
     for n in range(3):
         ingress.send(wire.I_OPEN, f"c{n}", f"r{n}", "{}")
-    assert assigned_while_beating(old, 3, beating=old) == ["c0", "c1", "c2"]
+    assert assigned_while_beating(old, 3, old) == ["c0", "c1", "c2"]
     new = Peer(ctx, broker.endpoint("workers"))
     new.send(wire.W_READY, "1", "102")
     # The old registration keeps beating, so only the index can retire it (a rebalance
     # would move one call, by a B_RELEASE that this peer never answers).
-    assert assigned_while_beating(new, 3, beating=old) == ["c0", "c1", "c2"]
+    assert assigned_while_beating(new, 3, old) == ["c0", "c1", "c2"]
     old.expect(wire.B_DISCONNECT)
     wait_for_workers(ingress, 1)
+
+
+def test_a_restarted_broker_leaves_calls_with_the_workers_that_hold_them(
+    restarted_broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """The contract's Restarts: workers register again naming their calls, the ingress
+    announces them again; nothing moves, nothing is assigned twice, and a call nobody
+    claims goes to a worker once the grace is over."""
+    broker = restarted_broker
+    w0, w1 = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("workers"))
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    w0.send(wire.W_READY, "0", "100", wire.encode_held([("a", "ring-a", "{}"), ("b", "ring-b", "{}")]))
+    w1.send(wire.W_READY, "1", "101", wire.encode_held([("c", "ring-c", '{"x":1}')]))
+    wait_for_workers(ingress, 2)
+    for call_id in ("a", "b", "c", "orphan"):  # "orphan": its worker died with the broker
+        ingress.send(wire.I_OPEN, call_id, f"ring-{call_id}", "{}")
+    ingress.send(wire.I_HEARTBEAT)
+    status = wire.Status.decode(ingress.expect(wire.I_STATUS)[0])
+    assert status.calls == 3  # a, b, c where they were; the orphan waits for the grace
+    # After the grace the orphan goes to the least loaded worker, and only it is assigned.
+    got = assigned_while_beating(w1, 1, w0, w1)
+    assert got == ["orphan"]
+    assert not w0.sock.poll(200) or wire.parse(w0.sock.recv_multipart())[0] == wire.B_HEARTBEAT
+
+
+def test_a_worker_declared_dead_is_told_to_drop_the_calls_that_moved(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A hung worker comes back naming calls the broker gave to another meanwhile, and one
+    that ended meanwhile: it must drop them (B_DROP), not serve them twice."""
+    hung, alive = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("workers"))
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    hung.send(wire.W_READY, "0", "100")
+    wait_for_workers(ingress, 1)
+    ingress.send(wire.I_OPEN, "moved", "ring-m", "{}")
+    ingress.send(wire.I_OPEN, "ended", "ring-e", "{}")
+    assert sorted(hung.expect(wire.B_ASSIGN)[0] for _ in range(2)) == ["ended", "moved"]
+    alive.send(wire.W_READY, "1", "101")
+    assert assigned_while_beating(alive, 2, alive) == ["ended", "moved"]  # hung went silent
+    alive.send(wire.W_DONE, "ended")
+    assert ingress.expect(wire.I_DONE, skip=(wire.I_STATUS,)) == ["ended"]  # a status as workers went
+    hung.send(wire.W_HEARTBEAT, wire.Load(2).encode())
+    hung.expect(wire.B_DISCONNECT, skip=(wire.B_RELEASE,))  # asked to balance with alive, before it went
+    again = Peer(ctx, broker.endpoint("workers"))  # a new DEALER, as the worker reconnects
+    again.send(wire.W_READY, "0", "100", wire.encode_held([("moved", "ring-m", "{}"), ("ended", "ring-e", "{}")]))
+    assert sorted(again.expect(wire.B_DROP)[0] for _ in range(2)) == ["ended", "moved"]
+
+
+def test_a_done_from_a_worker_the_broker_never_knew_still_reaches_the_ingress(
+    restarted_broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A worker's W_DONE queued while no broker ran reaches the new one before the worker
+    registers, and maybe before the ingress has said a word: kept, then relayed."""
+    w = Peer(ctx, restarted_broker.endpoint("workers"))
+    w.send(wire.W_DONE, "finished")
+    w.expect(wire.B_DISCONNECT)
+    ingress = Peer(ctx, restarted_broker.endpoint("ingress"))
+    ingress.send(wire.I_HEARTBEAT)
+    assert ingress.expect(wire.I_DONE) == ["finished"]
 
 
 def producer(ctx: zmq.Context[zmq.Socket[bytes]], config: Config) -> zmq.Socket[bytes]:
@@ -271,7 +342,10 @@ def test_the_ingress_heartbeat_is_answered_with_the_number_of_live_workers(
     ingress.send(wire.I_HEARTBEAT)
     # Before any worker measured what a call costs, the capacity comes from the prior.
     prior = node_capacity(default_workers(), broker.admission_cpu, CALL_CPU_MS_PRIOR)
-    assert wire.Status.decode(ingress.expect(wire.I_STATUS)[0]) == wire.Status(0, 0, 0, prior, CALL_CPU_MS_PRIOR)
+    status = wire.Status.decode(ingress.expect(wire.I_STATUS)[0])
+    assert replace(status, broker_pid=0) == wire.Status(0, 0, 0, prior, CALL_CPU_MS_PRIOR)
+    # Which broker answers (a new pid tells the ingress of a restart): this one.
+    assert b"farm.broker.broker" in Path(f"/proc/{status.broker_pid}/cmdline").read_bytes()
     w = Peer(ctx, broker.endpoint("workers"))
     w.send(wire.W_READY, "0", "100")
     wait_for_workers(ingress, 1)

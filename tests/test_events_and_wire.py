@@ -80,7 +80,8 @@ class TestBrokerWire:
 
     def test_every_command_has_a_name(self) -> None:
         for cmd in (wire.W_READY, wire.W_HEARTBEAT, wire.W_DONE, wire.W_DISCONNECT, wire.B_ASSIGN,
-                    wire.B_HEARTBEAT, wire.B_DISCONNECT, wire.I_OPEN, wire.I_HEARTBEAT, wire.I_DONE, wire.I_STATUS):
+                    wire.B_HEARTBEAT, wire.B_DISCONNECT, wire.B_DROP, wire.I_OPEN, wire.I_HEARTBEAT, wire.I_DONE,
+                    wire.I_STATUS):
             assert not wire.name(cmd).startswith("b'")
 
     @pytest.mark.parametrize(
@@ -103,6 +104,20 @@ class TestBrokerWire:
             wire.message(wire.W_DONE)
         with pytest.raises(wire.WireError, match="unknown command"):
             wire.message(b"\x7f")
+
+    def test_ready_names_the_calls_a_worker_still_holds_or_none(self) -> None:
+        held = [("c1", "farm-1-1", '{"a":1}'), ("c2", "farm-1-2", "{}")]
+        _, body = wire.parse(wire.message(wire.W_READY, "3", "77", wire.encode_held(held)))
+        assert wire.parse_ready(body) == (3, 77, tuple(held))
+        _, body = wire.parse(wire.message(wire.W_READY, "3", "77"))
+        assert wire.parse_ready(body) == (3, 77, ())
+        with pytest.raises(wire.WireError, match="takes"):
+            wire.message(wire.W_READY, "3")
+
+    @pytest.mark.parametrize("held", ["nope", "{}", '[["c1", "r1"]]', '[["c1", "r1", 5]]', '["c1"]'])
+    def test_a_malformed_held_list_raises_wire_error(self, held: str) -> None:
+        with pytest.raises(wire.WireError, match="held"):
+            wire.parse_ready(["0", "1", held])
 
     @pytest.mark.parametrize("raw", ["nope", "[1, 2]"])
     def test_call_info_must_be_a_json_object(self, raw: str) -> None:

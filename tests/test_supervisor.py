@@ -200,6 +200,38 @@ def test_a_killed_worker_is_replaced_and_the_node_keeps_serving(tmp_path: Path) 
         assert n.stop() == 0
 
 
+def test_a_killed_broker_is_replaced_and_the_calls_in_flight_lose_no_words(tmp_path: Path) -> None:
+    """kill -9 the broker mid-utterance of two calls: the supervisor starts another, the
+    workers register again naming the calls they serve, the ingress announces them again,
+    and the events of the gap reach the subscribers once the new relay is up (the
+    contract's Restarts): each call ends with the finals of an undisturbed run."""
+    n = start_node(tmp_path, workers=2)
+    try:
+        wav = DATA / "ko_dialog_16k.wav"
+        undisturbed = asyncio.run(run_call(n, wav, realtime=True))
+
+        async def disturbed() -> list[CallRun]:
+            async with Subscription(n.events) as watch:
+                tasks = [asyncio.create_task(run_call(n, wav, realtime=True, call_id=f"b-{i}")) for i in range(2)]
+                starts = 0
+                while starts < 3:  # the second call's first utterance, or the first's second
+                    starts += (await watch.next(timeout=20_000 * MS)).type == "speech_start"
+                os.kill(broker, signal.SIGKILL)
+                return await asyncio.gather(*tasks)
+
+        (broker,) = [int(p) for p in re.findall(r"started broker \(pid (\d+)\)", n.log())]
+        runs = asyncio.run(disturbed())
+        log = n.log()
+        assert f"broker 0 killed by SIGKILL (pid {broker})" in log, log[-3000:]
+        assert re.search(r"the broker restarted \(pid \d+, was \d+\): announcing \d+ calls again", log)
+        for run in runs:
+            assert run.finals == undisturbed.finals, log[-4000:]
+            assert [e["reason"] for e in run.of("call_end")] == ["hangup"]
+        assert n.proc.poll() is None
+    finally:
+        assert n.stop() == 0
+
+
 def test_a_killed_ingress_ends_its_calls_as_lost_and_workers_let_their_rings_go(tmp_path: Path) -> None:
     """SIGKILL to the ingress mid-utterance: its connections are gone with it. Each call ends
     with a call_end saying so (reason ``lost``), after the words that came before; no worker

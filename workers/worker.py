@@ -124,7 +124,8 @@ class Worker:
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.connect(self.config.endpoint("workers"))
         self.poller.register(self.dealer, zmq.POLLIN)
-        self.send(wire.W_READY, str(self.index), str(os.getpid()))
+        held = [(call_id, s.ring.name, wire.encode_info(s.info)) for call_id, s in self.sessions.items()]
+        self.send(wire.W_READY, str(self.index), str(os.getpid()), *([wire.encode_held(held)] if held else []))
         self.broker_expiry = time.monotonic() + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
 
     def send(self, command: bytes, *body: str) -> None:
@@ -146,13 +147,14 @@ class Worker:
             if session is not None:
                 session.release_asked = time.monotonic()
         elif command == wire.B_DISCONNECT:
-            self.log.warning(
-                "broker does not know this worker: dropping %d calls, registering again", len(self.sessions)
-            )
-            for session in self.sessions.values():
-                self.close_session(session)
-            self.sessions.clear()
+            # Declared dead, or a new broker: it decides which of our calls are still ours.
+            self.log.warning("broker does not know this worker: registering again, %d calls", len(self.sessions))
             self.connect()
+        elif command == wire.B_DROP:
+            session = self.sessions.pop(body[0], None)
+            if session is not None:
+                call_logger(self.log.logger, body[0]).info("dropped: another worker serves it, or it has ended")
+                self.close_session(session)
 
     def assign(self, call_id: str, ring_name: str, raw_info: str) -> None:
         old = self.sessions.pop(call_id, None)

@@ -65,13 +65,15 @@ class _Call:
     released_by: bytes | None = None  # the worker a release moved it from
 
 
-def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str) -> None:
+def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, delay_s: float = 0.0) -> None:
     """XSUB -> XPUB relay, on its own thread: events never wait for control traffic.
 
     Upstream it subscribes to everything once, so a new subscriber's filter lives only
     here and not in every producer's PUB as well (one hop, not two). Each subscription
     is answered on its own topic with ``[topic, SUBSCRIBED]``: the subscriber then
     knows nothing published afterwards can miss it (``farm.client.Subscription``).
+    After a restart it reads upstream ``delay_s`` late: the producers' events of the gap
+    arrive at once, and the subscribers must have reconnected before they go out.
     """
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
@@ -84,11 +86,17 @@ def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str)
     xpub.bind(events_out)
     xsub.send(b"\x01")  # subscribe upstream to every topic
     poller = zmq.Poller()
-    poller.register(xsub, zmq.POLLIN)
     poller.register(xpub, zmq.POLLIN)
+    # The producers' queued events (see the contract's Restarts) wait in xsub until then.
+    read_from = time.monotonic() + delay_s
+    reading = False
     try:
         while True:
-            for sock, _ in poller.poll():
+            if not reading and time.monotonic() >= read_from:
+                poller.register(xsub, zmq.POLLIN)
+                reading = True
+            wait_ms = None if reading else max(1, int((read_from - time.monotonic()) * 1000))
+            for sock, _ in poller.poll(wait_ms):
                 if sock is xsub:
                     xpub.send_multipart(xsub.recv_multipart(copy=False), copy=False)
                     continue
@@ -113,9 +121,17 @@ class Broker:
             s.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.workers_sock.bind(config.endpoint("workers"))
         self.ingress_sock.bind(config.endpoint("ingress"))
+        # Restarted by the supervisor: its peers come back with calls (see the contract's Restarts).
+        restarted = bool(os.environ.get(wire.RESTART_ENV))
+        self.grace_until = time.monotonic() + wire.RESTART_GRACE_S if restarted else 0.0
         self.relay = threading.Thread(
             target=_relay,
-            args=(self.ctx, config.endpoint("events_in"), config.events),
+            args=(
+                self.ctx,
+                config.endpoint("events_in"),
+                config.events,
+                wire.RESTART_GRACE_S / 2 if restarted else 0.0,
+            ),
             name="event-relay",
             daemon=True,
         )
@@ -123,6 +139,7 @@ class Broker:
         self.calls: dict[str, _Call] = {}
         self.pending: deque[str] = deque()
         self.ingress_identity: bytes | None = None
+        self.for_ingress: deque[list[bytes]] = deque(maxlen=100_000)  # I_DONEs before it first spoke
         self.running = True
         self.parent = parent_from_env()  # the supervisor: exit when it is gone
         self.releasing: tuple[str, bytes, float] | None = None  # (call, from worker, since): one move at a time
@@ -139,8 +156,12 @@ class Broker:
         self.workers_sock.send_multipart([worker.identity, *wire.message(command, *body)])
 
     def _send_ingress(self, command: bytes, *body: str) -> None:
-        if self.ingress_identity is not None:
-            self.ingress_sock.send_multipart([self.ingress_identity, *wire.message(command, *body)])
+        frames = wire.message(command, *body)
+        if self.ingress_identity is None:
+            if command == wire.I_DONE:  # a restarted broker hears workers first: keep these
+                self.for_ingress.append(frames)
+            return
+        self.ingress_sock.send_multipart([self.ingress_identity, *frames])
 
     def _send_status(self) -> None:
         """I_STATUS: in answer to the ingress's heartbeat, and at once when workers come or go."""
@@ -154,6 +175,7 @@ class Broker:
             cost,
             self.workers_lost,
             self.calls_moved,
+            os.getpid(),
             tuple(
                 wire.WorkerReport(w.index, w.pid, w.load) for w in sorted(self.workers.values(), key=lambda w: w.index)
             ),
@@ -174,8 +196,12 @@ class Broker:
 
     # -- call table ----------------------------------------------------------
 
+    def _can_assign(self) -> bool:
+        """Some worker is live, and (after a restart) its peers have had time to come back."""
+        return bool(self.workers) and time.monotonic() >= self.grace_until
+
     def _assign(self, call: _Call) -> bool:
-        if not self.workers:
+        if not self._can_assign():
             return False
         # A released call goes elsewhere when there is anywhere else to go.
         others = [w for w in self.workers.values() if w.identity != call.released_by] or list(self.workers.values())
@@ -194,7 +220,7 @@ class Broker:
         return True
 
     def _assign_pending(self) -> None:
-        while self.pending and self.workers:
+        while self.pending and self._can_assign():
             call = self.calls.get(self.pending.popleft())
             if call is not None and call.worker is None:
                 self._assign(call)
@@ -208,7 +234,7 @@ class Broker:
             if call is not None and call.worker == source and now - since < RELEASE_TIMEOUT_S:
                 return
             self.releasing = None  # moved, ended, or not answered in time: next
-        if len(self.workers) < 2:
+        if len(self.workers) < 2 or now < self.grace_until:
             return
         busiest = max(self.workers.values(), key=lambda w: w.busy)
         idlest = min(self.workers.values(), key=lambda w: w.busy)
@@ -226,21 +252,38 @@ class Broker:
             extra={"call_id": call_id},
         )
 
+    def _claim(self, worker: _Worker, call_id: str, ring: str, info: str, now: float, replaced: set[bytes]) -> None:
+        """A call ``worker`` still serves as it registers (again): it stays there unless
+        another live worker has it (``replaced``: the registrations this one replaces);
+        after a restart's grace, one the broker does not know has ended."""
+        call = self.calls.get(call_id)
+        if call is None and now < self.grace_until:
+            call = self.calls[call_id] = _Call(call_id, ring, info)
+        elsewhere = call is not None and call.worker in self.workers and call.worker not in replaced
+        if call is None or call.ring != ring or (elsewhere and call.worker != worker.identity):
+            self._send_worker(worker, wire.B_DROP, call_id)
+            return
+        call.worker = worker.identity
+        worker.calls.add(call_id)
+
+    def _done_unregistered(self, call_id: str) -> None:
+        """W_DONE from a worker the broker does not know (sent to the broker before a
+        restart): the call is over unless a live worker serves it."""
+        call = self.calls.get(call_id)
+        if call is not None and call.worker in self.workers:
+            return
+        self.calls.pop(call_id, None)
+        self._send_ingress(wire.I_DONE, call_id)
+
     def _forget_worker(self, worker: _Worker, why: str) -> None:
         del self.workers[worker.identity]
         self._send_status()
-        log.warning(
-            "worker %d (pid %d) %s; reassigning %d calls",
-            worker.index,
-            worker.pid,
-            why,
-            len(worker.calls),
-        )
-        for call_id in sorted(worker.calls):
-            call = self.calls.get(call_id)
-            if call is not None and call.worker == worker.identity:
-                call.worker = None
-                self.pending.append(call_id)
+        # Its calls, but for those its replacement claimed (W_READY's held).
+        calls = [c for c in map(self.calls.get, sorted(worker.calls)) if c and c.worker == worker.identity]
+        log.warning("worker %d (pid %d) %s; reassigning %d calls", worker.index, worker.pid, why, len(calls))
+        for call in calls:
+            call.worker = None
+            self.pending.append(call.call_id)
         self._assign_pending()
 
     # -- message handlers ------------------------------------------------------
@@ -263,13 +306,15 @@ class Broker:
         worker = self.workers.get(identity)
         if command == wire.W_READY:
             try:
-                index, pid = wire.parse_ready(body)
+                index, pid, held = wire.parse_ready(body)
             except wire.WireError as exc:
                 log.warning("dropped a message from a worker: %s", exc)
                 return
             replaced = [w for w in self.workers.values() if w.index == index and w.identity != identity]
-            self.workers[identity] = _Worker(identity, index, pid, expiry)
-            log.info("worker %d (pid %d) ready", index, pid)
+            worker = self.workers[identity] = _Worker(identity, index, pid, expiry)
+            log.info("worker %d (pid %d) ready%s", index, pid, f", {len(held)} calls held" if held else "")
+            for call_id, ring, info in held:
+                self._claim(worker, call_id, ring, info, now, {w.identity for w in replaced})
             for old in replaced:
                 # One process holds an index at a time: the supervisor starts index i only
                 # after the last one exited, and a worker that reconnects drops its calls.
@@ -279,7 +324,9 @@ class Broker:
             self._send_status()
             return
         if worker is None:
-            # Declared dead earlier (or the broker restarted): make it start over.
+            if command == wire.W_DONE:
+                self._done_unregistered(body[0])
+            # Declared dead earlier (or the broker restarted): make it register again.
             self.workers_sock.send_multipart([identity, *wire.message(wire.B_DISCONNECT)])
             return
         worker.expiry = expiry
@@ -303,6 +350,8 @@ class Broker:
                 call.released_by = identity
                 if self._assign(call):
                     self.calls_moved += 1
+                else:
+                    self.pending.append(call.call_id)
         elif command == wire.W_DISCONNECT:
             self._forget_worker(worker, "disconnected")
         else:
@@ -314,15 +363,22 @@ class Broker:
             return
         command, body = parsed
         self.ingress_identity = identity
+        while self.for_ingress:
+            self.ingress_sock.send_multipart([identity, *self.for_ingress.popleft()])
         if command == wire.I_OPEN:
             call_id, ring, info = body
             old = self.calls.get(call_id)
+            if old is not None and old.ring == ring:
+                return  # announced again (a new broker's ingress), or claimed by its worker first
             if old is not None and old.worker in self.workers:
                 self.workers[old.worker].calls.discard(call_id)
             call = _Call(call_id, ring, info)
             self.calls[call_id] = call
             if not self._assign(call):
-                log.info("queued: no worker ready", extra={"call_id": call_id})
+                why = (
+                    "restarted, waiting for the workers to name their calls" if self.grace_until else "no worker ready"
+                )
+                log.info("queued: %s", why, extra={"call_id": call_id})
                 self.pending.append(call_id)
         elif command == wire.I_HEARTBEAT:
             self._send_status()
@@ -335,6 +391,13 @@ class Broker:
             log.warning("supervisor (pid %d) is gone: exiting (pid %d)", self.parent, os.getpid())
             self.running = False
         now = time.monotonic()
+        if self.grace_until and now >= self.grace_until:
+            self.grace_until = 0.0
+            waiting = sum(1 for c in self.pending if (call := self.calls.get(c)) is not None and call.worker is None)
+            log.info(
+                "restart grace over: %d calls kept by their workers, %d to assign", len(self.calls) - waiting, waiting
+            )
+            self._assign_pending()
         for worker in list(self.workers.values()):
             if worker.expiry < now:
                 self.workers_lost += 1

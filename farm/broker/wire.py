@@ -23,10 +23,11 @@ are copied).
 
 Worker -> broker:
 
-* ``W_READY index pid``          register (also after a reconnect); two integers >= 0.
-  A worker index is held by one registration: a ``W_READY`` for an index already
-  registered under another identity replaces it (a respawned or reconnected worker
-  serves none of the old one's calls), and the old one's calls are reassigned at once.
+* ``W_READY index pid [held]``   register (also after a reconnect); two integers >= 0,
+  and ``held``, a JSON array of ``[call_id, ring, info]``: the calls this worker still
+  serves (after a reconnect; none when left out). A worker index is held by one
+  registration: a ``W_READY`` for an index already registered under another identity
+  replaces it, and the old one's calls not in ``held`` are reassigned at once.
 * ``W_HEARTBEAT load``           sent from the worker's recognition loop every
   ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load` (its calls, how far
   recognition trails, what a call costs it, and the counters and gauges the node's
@@ -48,7 +49,10 @@ Broker -> worker:
   the broker moves calls from a busier worker to a less busy one, one at a time).
 * ``B_HEARTBEAT``                sent when the broker has been silent to a worker.
 * ``B_DISCONNECT``               the broker does not know this worker (it was
-  declared dead): drop every call and send ``W_READY`` again on a new DEALER.
+  declared dead, or the broker restarted): send ``W_READY`` again on a new DEALER,
+  with the calls it still serves in ``held``.
+* ``B_DROP call_id``             another worker serves this call (or it has ended):
+  stop serving it now, publish nothing more for it, answer nothing.
 
 Ingress -> broker:
 
@@ -69,6 +73,20 @@ Broker -> ingress:
   broker's own counters, which the ingress exports as the node's metrics
   (:mod:`farm.ingress.metrics`): so every process's figures reach ``/metrics`` over
   these links, with no other channel.
+
+Restarts. A broker the supervisor restarted (``FARM_BROKER_RESTART`` in its
+environment) knows no call and no worker. For its first ``RESTART_GRACE_S`` it adopts
+the calls workers name in ``held`` (the worker goes on from where it is: no event is
+repeated), holds the calls the ingress announces again (``I_OPEN`` of a ring it
+already knows is a no-op, at any time) without assigning them. The ingress
+announces its live calls again when ``Status.broker_pid`` changes. After the grace,
+a held call the broker does not know has ended (``B_DROP``), and calls still
+unclaimed are assigned as usual, from their committed cursor. Events: producers
+*connect* to ``events_in``, so ZeroMQ keeps each one's pipe through the broker's
+death and queues what it publishes (up to its SNDHWM) until the new relay binds; a
+restarted relay reads them only ``RESTART_GRACE_S / 2`` after its start, once the
+subscribers (who reconnect every 100 ms) are back, so the events of the gap reach
+them in order.
 
 Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 ``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS`` seconds is dead: the broker forgets
@@ -103,6 +121,7 @@ __all__ = [
     "B_RELEASE",
     "B_HEARTBEAT",
     "B_DISCONNECT",
+    "B_DROP",
     "I_OPEN",
     "I_HEARTBEAT",
     "I_DONE",
@@ -116,12 +135,18 @@ __all__ = [
     "Status",
     "WorkerReport",
     "parse_ready",
+    "encode_held",
+    "HeldCall",
+    "RESTART_GRACE_S",
+    "RESTART_ENV",
 ]
 
 HEADER = b"FARMW02"
 
 HEARTBEAT_INTERVAL = 0.25  # seconds
 HEARTBEAT_LIVENESS = 4  # missed intervals before a peer is dead (about 1 s)
+RESTART_GRACE_S = 2.0  # a restarted broker's time for its peers to come back (see Restarts)
+RESTART_ENV = "FARM_BROKER_RESTART"  # set by the supervisor for a broker it starts again
 
 W_READY = b"\x01"
 W_HEARTBEAT = b"\x02"
@@ -133,6 +158,7 @@ B_ASSIGN = b"\x11"
 B_HEARTBEAT = b"\x12"
 B_DISCONNECT = b"\x13"
 B_RELEASE = b"\x14"
+B_DROP = b"\x15"
 
 I_OPEN = b"\x21"
 I_HEARTBEAT = b"\x22"
@@ -149,15 +175,16 @@ _NAMES = {
     B_RELEASE: "B_RELEASE",
     B_HEARTBEAT: "B_HEARTBEAT",
     B_DISCONNECT: "B_DISCONNECT",
+    B_DROP: "B_DROP",
     I_OPEN: "I_OPEN",
     I_HEARTBEAT: "I_HEARTBEAT",
     I_DONE: "I_DONE",
     I_STATUS: "I_STATUS",
 }
 
-# Number of body frames each command carries.
-_ARITY = {
-    W_READY: 2,
+# Number of body frames each command carries (W_READY: with or without ``held``).
+_ARITY: dict[bytes, int | tuple[int, ...]] = {
+    W_READY: (2, 3),
     W_HEARTBEAT: 1,
     W_DONE: 1,
     W_DISCONNECT: 0,
@@ -166,6 +193,7 @@ _ARITY = {
     B_RELEASE: 1,
     B_HEARTBEAT: 0,
     B_DISCONNECT: 0,
+    B_DROP: 1,
     I_OPEN: 3,
     I_HEARTBEAT: 0,
     I_DONE: 1,
@@ -174,7 +202,7 @@ _ARITY = {
 
 
 class WireError(ValueError):
-    """A control message does not follow FARMW01."""
+    """A control message does not follow FARMW02."""
 
 
 def message(command: bytes, *body: str | bytes) -> list[bytes]:
@@ -182,7 +210,7 @@ def message(command: bytes, *body: str | bytes) -> list[bytes]:
     arity = _ARITY.get(command)
     if arity is None:
         raise WireError(f"unknown command {command!r}")
-    if len(body) != arity:
+    if len(body) not in (arity if isinstance(arity, tuple) else (arity,)):
         raise WireError(f"{_NAMES[command]} takes {arity} body frames, got {len(body)}")
     return [b"", HEADER, command, *(b if isinstance(b, bytes) else b.encode() for b in body)]
 
@@ -198,7 +226,7 @@ def parse(frames: Sequence[bytes]) -> tuple[bytes, list[str]]:
     if arity is None:
         raise WireError(f"unknown command {command!r}")
     body = frames[3:]
-    if len(body) != arity:
+    if len(body) not in (arity if isinstance(arity, tuple) else (arity,)):
         raise WireError(f"{_NAMES[command]} carries {len(body)} body frames, expected {arity}")
     try:
         return command, [b.decode() for b in body]
@@ -299,6 +327,7 @@ class Status:
     call_cpu_ms: int = 0  # the CPU ms per call-second that capacity is computed from
     workers_lost: int = 0  # workers declared dead (missed heartbeats or replaced) since the broker started (counter)
     calls_moved: int = 0  # calls moved between workers to balance them (counter)
+    broker_pid: int = 0  # which broker answers: a new one means a restart (see Restarts)
     reports: tuple[WorkerReport, ...] = ()  # one per live worker, by index
 
     def encode(self) -> str:
@@ -314,12 +343,30 @@ class Status:
         return cls(**counts, reports=tuple(WorkerReport._from_object(r) for r in reports))
 
 
-def parse_ready(body: Sequence[str]) -> tuple[int, int]:
-    """``W_READY``'s ``(index, pid)``."""
+# A call a worker still serves when it registers again: (call_id, ring, info).
+HeldCall = tuple[str, str, str]
+
+
+def encode_held(calls: Sequence[HeldCall]) -> str:
+    return json.dumps([list(c) for c in calls], separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_ready(body: Sequence[str]) -> tuple[int, int, tuple[HeldCall, ...]]:
+    """``W_READY``'s ``(index, pid, held)``."""
     try:
         index, pid = int(body[0]), int(body[1])
     except (ValueError, IndexError):
         raise WireError(f"W_READY body {list(body)[:2]!r} is not two integers") from None
     if index < 0 or pid <= 0:
         raise WireError(f"W_READY index {index}, pid {pid}: out of range")
-    return index, pid
+    if len(body) < 3:
+        return index, pid, ()
+    try:
+        held = json.loads(body[2])
+    except ValueError:
+        raise WireError(f"W_READY held is not JSON: {body[2][:40]!r}") from None
+    if not isinstance(held, list) or not all(
+        isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in held
+    ):
+        raise WireError("W_READY held is not an array of [call_id, ring, info] strings")
+    return index, pid, tuple((c[0], c[1], c[2]) for c in held)

@@ -59,6 +59,7 @@ class Call:
     player: Player | None = None  # set by sites that can play audio to the caller
     background: bool = False  # a recorded file (source: file): it holds no live call's capacity
     lost: str = ""  # the worker gave the call up while it streamed (it said why in an error event)
+    info: str = "{}"  # what I_OPEN told the broker (told again to a restarted broker)
 
     def write(self, pcm: bytes, recv_ns: int) -> None:
         self.ring.write(pcm, recv_ns)
@@ -75,6 +76,7 @@ class CallRegistry:
         # XPUB, not PUB: it hears the relay's subscription, so readiness can wait for it.
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 500)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)  # what it publishes while a broker restarts waits here
         self.pub.connect(config.endpoint("events_in"))
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -90,8 +92,8 @@ class CallRegistry:
         self.status = wire.Status()  # the broker's last I_STATUS
         self.broker_seen = 0.0  # when the broker last answered
         self.overloaded = False  # recognition too far behind: new calls are refused
-        self._lag_reports = 0  # I_STATUS in a row over the admission lag
         self.relay_subscribed = False  # the broker's relay takes our events
+        self._lag_reports = 0  # I_STATUS in a row over the admission lag
 
     def start(self) -> None:
         self.tasks = [
@@ -143,7 +145,7 @@ class CallRegistry:
             channels=channels,
             event_seq=next_seq + 1,
         )
-        call = Call(call_id, ring, protocol, leg + 1, on_event, background=background)
+        call = Call(call_id, ring, protocol, leg + 1, on_event, background=background, info=wire.encode_info(info))
         self.calls[call_id] = call
         self.metrics.calls_total += 1
         start = Event(
@@ -155,7 +157,7 @@ class CallRegistry:
             {"recv": time.monotonic_ns()},
         )
         self.publish(start)
-        await self.dealer.send_multipart(wire.message(wire.I_OPEN, call_id, ring.name, wire.encode_info(info)))
+        await self.dealer.send_multipart(wire.message(wire.I_OPEN, call_id, ring.name, call.info))
         return call
 
     def close(self, call: Call, reason: str, detail: str = "") -> None:
@@ -232,13 +234,23 @@ class CallRegistry:
                 self._finish(body[0], "worker done")
             elif command == wire.I_STATUS:
                 try:
-                    self.status = wire.Status.decode(body[0])
+                    status = wire.Status.decode(body[0])
                 except wire.WireError as exc:
                     log.warning("dropped a broker status: %s", exc)
                     continue
+                if self.status.broker_pid and status.broker_pid != self.status.broker_pid:
+                    await self._announce_again(self.status.broker_pid, status.broker_pid)
+                self.status = status
                 self.broker_seen = time.monotonic()
                 self._note_lag(self.status.lag_ms)
                 self.metrics.note_status(self.status)
+
+    async def _announce_again(self, old: int, new: int) -> None:
+        """A new broker knows no call: tell it ours (their workers claim them too)."""
+        live = [call for call in self.calls.values() if not call.lost]
+        log.warning("the broker restarted (pid %d, was %d): announcing %d calls again", new, old, len(live))
+        for call in live:
+            await self.dealer.send_multipart(wire.message(wire.I_OPEN, call.call_id, call.ring.name, call.info))
 
     async def _relay_link(self) -> None:
         """The relay subscribes to our events when it (re)connects: from then on they reach it."""
