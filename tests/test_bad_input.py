@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import re
+import struct
 import threading
 import time
 import urllib.parse
@@ -30,6 +33,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.frames import Opcode
 
 from farm.client import Subscription
 from farm.protocol.events import Event
@@ -47,7 +51,7 @@ from .conftest import (
     similarity,
     start_node,
 )
-from .peers import AudioStreamPeer
+from .peers import AudioStreamPeer, HandshakeRefused
 from .test_captures import EXACT, PARTIAL_FRAMES
 
 
@@ -447,3 +451,103 @@ def test_a_call_id_or_metadata_with_a_newline_writes_no_line_of_its_own_into_the
         assert f"farm.worker: {field}done," in log
     assert_good(farm, good)
     assert_alive(farm)
+
+
+# -- a seeded fuzz run ------------------------------------------------------------------
+
+FUZZ_CASES = 300
+FUZZ_SEED = 20261206
+
+
+def _raw_frame(rng: random.Random) -> bytes:
+    """One client frame with a random first byte (FIN, RSV bits, any opcode, reserved ones
+    included) and a random payload, masked as a client must."""
+    payload = rng.randbytes(rng.choice([0, 1, 2, 3, 125, 126, 200, 641]))
+    length = len(payload)
+    head = bytes([rng.randrange(256)])
+    head += bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + struct.pack("!H", length)
+    mask = rng.randbytes(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _bad_metadata(rng: random.Random) -> str:
+    value = rng.choice([-1, 0, 3.5, "16000", None, [], {}, True, 2**70, "x" * 5000])
+    key = rng.choice(["rate", "sample_rate", "channels", "call_id", "farm_amd", "farm_intents", "farm_tones"])
+    return rng.choice([json.dumps({key: value}), json.dumps([key, value]), json.dumps(value), "{" + key])
+
+
+async def _fuzz_one(port: int, rng: random.Random) -> tuple[str, int | None]:
+    """One malformed connection; (what it was, the server's close code or None)."""
+    kind = rng.choice(["tcp", "frame", "text", "metadata", "binary-first", "close"])
+    if kind == "tcp":  # not even an upgrade
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(rng.choice([rng.randbytes(rng.randrange(1, 3000)), b"GET /x HTTP/1.1\r\n" + rng.randbytes(300)]))
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 30_000 * MS)
+        writer.close()
+        return kind, None
+    call_id = f"fuzz-{rng.randrange(10**9)}"
+    try:
+        peer = await AudioStreamPeer("127.0.0.1", port, f"/stream/{call_id}?rate=16000").connect(timeout=30_000 * MS)
+    except HandshakeRefused:
+        return kind, None
+    try:
+        if kind == "frame":
+            peer.writer.write(_raw_frame(rng))  # type: ignore[union-attr]
+        elif kind == "text":  # not UTF-8, or no JSON
+            raw = rng.randbytes(rng.randrange(1, 300))
+            peer._send_frame(Opcode.TEXT, raw)
+        elif kind == "metadata":
+            await peer.send_text(_bad_metadata(rng))
+            await peer.send_binary(rng.randbytes(rng.choice([1, 3, 639, 641])))
+        elif kind == "binary-first":
+            await peer.send_binary(rng.randbytes(rng.choice([1, 641, 1279])))
+            peer._send_frame(Opcode.TEXT, rng.randbytes(20))
+        else:  # a Close with any code, and maybe a reason that is not UTF-8
+            code = rng.choice([999, 1004, 1005, 1006, 1016, 2999, 5000, 1000])
+            peer._send_frame(Opcode.CLOSE, struct.pack("!H", code) + rng.randbytes(rng.randrange(0, 4)))
+            peer._close_sent = True
+        await peer._drain()
+        # Then FreeSWITCH hangs up (a Close, unless one went already): the connection ends.
+        await peer.close(timeout=30_000 * MS)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        peer.abort()
+    return kind, peer.close_code
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_few_hundred_seeded_malformed_connections_cost_only_themselves(farm: Farm) -> None:
+    """300 malformed connections (seeded: the same ones every run), eight at a time, while
+    the good call streams: no close says 1011 (an exception of ours), every one ends, the
+    good call gets its finals, and the workers hold no more file descriptors than before."""
+    workers = farm.node.pids("worker")
+    fds_before = {pid: _open_fds(pid) for pid in workers}
+    rng = random.Random(FUZZ_SEED)
+    seeds = [rng.randrange(2**32) for _ in range(FUZZ_CASES)]
+
+    async def bad() -> list[tuple[str, int | None]]:
+        gate = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> tuple[str, int | None]:
+            async with gate:
+                return await _fuzz_one(farm.node.port, random.Random(seed))
+
+        return await asyncio.gather(*(one(s) for s in seeds))
+
+    good, results = asyncio.run(beside_good_call(farm, bad, start_after_s=0.0))
+    assert len(results) == FUZZ_CASES
+    assert {kind for kind, _ in results} == {"tcp", "frame", "text", "metadata", "binary-first", "close"}
+    internal = [(kind, code) for kind, code in results if code == 1011]
+    assert not internal, internal
+    assert_good(farm, good)
+    assert rings_gone(farm) == []
+    assert_alive(farm)
+    deadline = time.monotonic() + 30_000 * MS
+    while any(_open_fds(pid) > fds_before[pid] + 2 for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {pid: _open_fds(pid) for pid in workers} == pytest.approx(fds_before, abs=2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 import wave
@@ -344,3 +345,65 @@ def test_reset_mid_utterance_ends_it_there_and_answers_with_its_words(vnode: Nod
     assert [resets[0]["text"]] == decode_pcm(samples[a * 16 : b * 16].tobytes(), partial_every=PARTIAL_FRAMES)
     ends = [e for e in events if e.type == "speech_end"]
     assert ends and ends[0].offset_ms <= cut * 1000 // (2 * rate) + 20
+
+
+# -- a seeded fuzz run ------------------------------------------------------------------
+
+VOSK_FUZZ_CASES = 200
+
+
+def _vosk_message(rng: random.Random) -> str | bytes:
+    junk: Any = rng.choice([-1, 0, 1.5, "8000", None, [], {}, True, 2**70, "x" * 3000, {"a": [1, {}]}])
+    return rng.choice(
+        [
+            json.dumps({"config": {rng.choice(["sample_rate", "words", "max_alternatives", "phrase_list"]): junk}}),
+            json.dumps({"config": junk}),
+            json.dumps({rng.choice(["eof", "reset", "config", "x"]): junk}),
+            json.dumps(junk),
+            rng.randbytes(rng.randrange(1, 200)).decode("latin-1"),
+            rng.randbytes(rng.choice([0, 1, 3, 639, 641, 8001])),
+        ]
+    )
+
+
+async def _vosk_fuzz_one(node: Node, rng: random.Random) -> int | None:
+    """A vosk-server client sending 1 to 4 malformed messages; the server's close code."""
+    async with websockets.connect(url(node), open_timeout=30_000 * MS) as ws:
+        try:
+            for _ in range(rng.randrange(1, 5)):
+                await ws.send(_vosk_message(rng))
+            await ws.send('{"eof" : 1}')
+            while True:
+                await asyncio.wait_for(ws.recv(), 30_000 * MS)
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+    return None  # pragma: no cover - recv only ends by a close
+
+
+def test_two_hundred_seeded_malformed_sessions_never_close_with_1011_and_a_good_one_is_untouched(
+    vnode: Node,
+) -> None:
+    """Malformed configs, wrong types, text that is no JSON, odd binary sizes, eight
+    sessions at a time (seeded: the same ones every run): each ends with a close code of
+    its own (1000 or a refusal with a reason), never 1011, an exception of ours; a good
+    session beside them transcribes as undisturbed."""
+    wav = DATA / "ko_02_8k.wav"
+    rng = random.Random(20261206)
+    seeds = [rng.randrange(2**32) for _ in range(VOSK_FUZZ_CASES)]
+
+    async def main() -> tuple[list[int | None], tuple[list[str], str, Any]]:
+        gate = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> int | None:
+            async with gate:
+                return await _vosk_fuzz_one(vnode, random.Random(seed))
+
+        good = asyncio.create_task(session(vnode, wav, chunk_bytes=3200))
+        codes = await asyncio.gather(*(one(s) for s in seeds))
+        return codes, await good
+
+    codes, (replies, final, code) = asyncio.run(main())
+    assert 1011 not in codes and None not in codes, sorted(set(map(str, codes)))
+    assert len(set(codes)) >= 2  # refusals and normal ends both: the run reached both paths
+    assert code == 1000 and texts(replies, final) == direct_decode(wav, partial_every=PARTIAL_FRAMES)
+    assert vnode.proc.poll() is None and "Traceback" not in vnode.log()
