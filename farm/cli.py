@@ -11,7 +11,7 @@ import json
 import sys
 import uuid
 
-from farm.config import add_arguments, from_args
+from farm.knobs import add_arguments, from_args
 
 
 __all__ = ["main"]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from farm.config import Config, add_arguments, env_name, flag_name, from_args, knob_table
+from farm.config import Config
+from farm.knobs import add_arguments, env_name, flag_name, from_args, knob_table
 
 
 README = Path(__file__).parent.parent / "README.md"
@@ -33,7 +34,7 @@ def test_the_readme_lists_every_knob_as_the_code_declares_it() -> None:
     table = knob_table()
     assert table in README.read_text(), (
         "README.md's knob table is out of date: paste the output of "
-        "`python -c 'from farm.config import knob_table; print(knob_table())'`"
+        "`python -c 'from farm.knobs import knob_table; print(knob_table())'`"
     )
     assert table.count("\n| `--") == len(dataclasses.fields(Config))
 
