@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.auth import AllowList, Tokens
 from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
 
@@ -86,6 +87,17 @@ def _port_range(v: str) -> str | None:
 
 def _port(v: int) -> str | None:
     return None if 0 <= v <= 65535 else f"must be a port number (0-65535), got {v}"
+
+
+def _parses(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
+    def check(v: str) -> str | None:
+        try:
+            parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
 
 
 def knob(
@@ -222,6 +234,24 @@ class Config:
             "larger Event Socket bodies close that connection (FreeSWITCH's events are a few KiB)",
             group="socket_audio",
             check=_within(MAX_HEADER_BYTES, MAX_CONTENT_LENGTH),
+        ),
+    )
+    # -- who may stream (farm/auth.py)
+    auth_tokens: str = field(
+        default="",
+        metadata=knob(
+            "tokens a stream must show, as ?token= or 'Authorization: Bearer' on the WebSocket, vosk and "
+            "HTTP ports (comma-separated, or @FILE: one per line; empty: no check)",
+            group="security",
+            check=_parses(Tokens.from_spec),
+        ),
+    )
+    esl_allow: str = field(
+        default="",
+        metadata=knob(
+            "networks that may connect to the Event Socket port, e.g. 10.0.0.0/8,192.0.2.7 (empty: any)",
+            group="security",
+            check=_parses(AllowList.from_spec),
         ),
     )
     # -- playback and barge-in

@@ -26,6 +26,7 @@ _GROUPS = {
     "vosk": "vosk-server protocol",
     "recognition": "recognition (workers)",
     "dialer": "answering machines, tones and intents (workers/analysis.py)",
+    "security": "who may stream",
 }
 
 

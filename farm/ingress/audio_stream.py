@@ -22,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_inbound import InboundEsl
@@ -273,6 +274,7 @@ class AudioStreamSite:
         self.registry = registry
         self.metrics = metrics
         self.exposition = Exposition(registry, metrics)
+        self.tokens = Tokens.from_spec(config.auth_tokens)
         self.live: set[_Connection] = set()
         self.server: Server | None = None
         self.draining = False
@@ -329,6 +331,12 @@ class AudioStreamSite:
                 "farm: this port takes mod_audio_stream WebSocket connections "
                 "(ws://host:port/<call-id>); /healthz, /readyz and /metrics answer plain HTTP\n",
             )
+        if not self.tokens.allows(request.path, request.headers.get("Authorization")):
+            self.metrics.reject("unauthorized")
+            once_per_peer(str(conn.remote_address[0]), "no valid token on the mod_audio_stream port")
+            response = _text(conn, http.HTTPStatus.UNAUTHORIZED, UNAUTHORIZED)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         if self.draining:
             return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "farm is draining\n")
         if len(self.live) >= self.config.max_connections:

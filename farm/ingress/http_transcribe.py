@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
 from farm.config import Config
 from farm.ingress.calls import CallRegistry
 from farm.protocol.events import Event
@@ -42,7 +43,8 @@ class HttpError(Exception):
         self.status = status
 
 
-_STATUS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required"}
+_STATUS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}
+_STATUS |= {411: "Length Required"}
 _STATUS |= {413: "Content Too Large", 503: "Service Unavailable"}
 
 
@@ -52,6 +54,7 @@ class TranscribeSite:
         self.registry = registry
         self.server: asyncio.Server | None = None
         self.draining = False
+        self.tokens = Tokens.from_spec(config.auth_tokens)
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(
@@ -99,6 +102,9 @@ class TranscribeSite:
         method, target = parts[0], parts[1]
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         url = urlsplit(target)
+        if not self.tokens.allows(target, headers.get("authorization")):
+            once_per_peer(str(writer.get_extra_info("peername", ("?",))[0]), "no valid token on the HTTP port")
+            raise HttpError(401, UNAUTHORIZED.removeprefix("farm: ").strip())
         if url.path != "/transcribe":
             raise HttpError(404, "this port answers POST /transcribe")
         if method != "POST":

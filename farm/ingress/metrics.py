@@ -91,7 +91,14 @@ WORKER_COUNTERS = (
 
 # Refusals the code makes under fixed names: exported at 0 from the start, so a rate()
 # over them is defined before the first refusal. Others appear when they happen.
-REFUSALS = ("at capacity", "broker not answering", "too many calls", "farm is shutting down")
+REFUSALS = (
+    "at capacity",
+    "broker not answering",
+    "too many calls",
+    "farm is shutting down",
+    "unauthorized",
+    "not allowed",
+)
 
 # Why an event the ingress handled did not go where it was going (farm_events_dropped_total).
 DROP_WS_BACKLOG = "websocket backlog"  # the call's WebSocket stopped taking them

@@ -29,6 +29,7 @@ import time
 import uuid
 from typing import Any
 
+from farm.auth import AllowList, once_per_peer
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_link import EslClosed, EslLink
@@ -386,6 +387,7 @@ class SocketAudioSite:
         self.sessions: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
+        self.allowed = AllowList.from_spec(config.esl_allow)
         self._ports = _port_cycle(config.socket_audio_ports)
 
     async def start(self) -> asyncio.Server:
@@ -401,6 +403,12 @@ class SocketAudioSite:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host = str((writer.get_extra_info("peername") or ("?",))[0])
+        if not self.allowed.allows(host):
+            self.metrics.reject("not allowed")
+            once_per_peer(host, "not in --esl-allow, on the Event Socket port")
+            writer.close()
+            return
         if len(self.live) >= self.config.max_connections:
             self.metrics.reject("too many calls")
             writer.close()

@@ -19,6 +19,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.metrics import Metrics
@@ -203,6 +204,7 @@ class VoskServerSite:
         self.config = config
         self.registry = registry
         self.metrics = metrics
+        self.tokens = Tokens.from_spec(config.auth_tokens)
         self.live: set[_Connection] = set()
         self.server: Server | None = None
         self.draining = False
@@ -235,6 +237,12 @@ class VoskServerSite:
         await _Connection(self, ws).run()
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        if not self.tokens.allows(request.path, request.headers.get("Authorization")):
+            self.metrics.reject("unauthorized")
+            once_per_peer(str(conn.remote_address[0]), "no valid token on the vosk port")
+            response = conn.respond(401, UNAUTHORIZED)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         if self.draining:
             return conn.respond(503, "farm is draining\n")
         if len(self.live) >= self.config.max_connections:
