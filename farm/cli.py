@@ -29,6 +29,7 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def cmd_up(args: argparse.Namespace) -> int:
     from farm.logs import setup_logging
     from farm.supervisor import run
+    from farm.tls import server_context
     from workers.analysis import IntentLibrary, node_amd_config
     from workers.call import vad_config_for
 
@@ -38,6 +39,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         vad_config_for(config)
         node_amd_config(config)
         IntentLibrary(config.intents)
+        server_context(config.tls_cert, config.tls_key)
     except (OSError, ValueError) as exc:
         # Refused here, not by every worker on every call.
         print(f"farm up: {exc}", file=sys.stderr)

@@ -254,6 +254,15 @@ class Config:
             check=_parses(AllowList.from_spec),
         ),
     )
+    tls_cert: str = field(
+        default="",
+        metadata=knob(
+            "certificate (PEM, chain first) for wss:// and https:// on the WebSocket, vosk and HTTP ports; "
+            "loaded again when the file changes",
+            group="security",
+        ),
+    )
+    tls_key: str = field(default="", metadata=knob("its private key (PEM)", group="security"))
     # -- playback and barge-in
     commands: str = field(
         default="tcp://127.0.0.1:5557", metadata=knob("ZeroMQ endpoint for play/flush/state/finalize", group="playback")

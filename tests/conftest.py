@@ -178,10 +178,14 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
 
 
 def _ready(node: Node) -> bool:
+    import ssl
     import urllib.request
 
+    scheme, context = "http", None
+    if "--tls-cert" in node.args:  # the test's own certificate, for 127.0.0.1
+        scheme, context = "https", ssl.create_default_context(cafile=node.args[node.args.index("--tls-cert") + 1])
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/readyz", timeout=5) as r:
+        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{node.port}/readyz", timeout=5, context=context) as r:
             return bool(r.status == 200)
     except OSError:
         return False

@@ -15,6 +15,7 @@ import http
 import json
 import logging
 import re
+import ssl
 import time
 from typing import Any
 
@@ -267,9 +268,15 @@ class _Connection:
 
 class AudioStreamSite:
     def __init__(
-        self, config: Config, registry: CallRegistry, metrics: Metrics, inbound_esl: InboundEsl | None = None
+        self,
+        config: Config,
+        registry: CallRegistry,
+        metrics: Metrics,
+        inbound_esl: InboundEsl | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.inbound_esl = inbound_esl
+        self.tls = tls
         self.config = config
         self.registry = registry
         self.metrics = metrics
@@ -292,6 +299,7 @@ class AudioStreamSite:
             open_timeout=self.config.first_message_timeout,
             close_timeout=2,
             server_header="farm",
+            ssl=self.tls,
         )
         return self.server
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 from typing import Any
@@ -55,10 +56,11 @@ class TranscribeSite:
         self.server: asyncio.Server | None = None
         self.draining = False
         self.tokens = Tokens.from_spec(config.auth_tokens)
+        self.tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(
-            self._serve, self.config.ws_host, self.config.http_port, limit=HEADER_LIMIT
+            self._serve, self.config.ws_host, self.config.http_port, limit=HEADER_LIMIT, ssl=self.tls
         )
 
     @property
@@ -172,15 +174,18 @@ class TranscribeSite:
                 return bytes(out)
 
 
-async def start_site(config: Config, registry: CallRegistry) -> TranscribeSite | None:
+async def start_site(
+    config: Config, registry: CallRegistry, tls: ssl.SSLContext | None = None
+) -> TranscribeSite | None:
     """Start the site if ``http_port`` is set; a port in use is logged, not fatal."""
     if not config.http_port:
         return None
     site = TranscribeSite(config, registry)
+    site.tls = tls
     try:
         await site.start()
     except OSError as exc:
         log.error("POST /transcribe off: cannot listen on %s:%d: %s", config.ws_host, config.http_port, exc.strerror)
         return None
-    log.info("POST /transcribe on http://%s:%d/transcribe", config.ws_host, site.port)
+    log.info("POST /transcribe on %s://%s:%d/transcribe", "https" if tls else "http", config.ws_host, site.port)
     return site

@@ -18,6 +18,7 @@ from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.limits import raise_open_files_limit
+from farm.tls import CertificateFiles, server_context
 
 
 __all__ = ["main", "serve"]
@@ -42,19 +43,30 @@ async def serve(config: Config) -> None:
         await socket_site.start()
     commands = CommandServer(config, registry)
     commands.start()
-    site = AudioStreamSite(config, registry, metrics, inbound)
+    tls = server_context(config.tls_cert, config.tls_key)  # checked by `farm up`
+    site = AudioStreamSite(config, registry, metrics, inbound, tls)
     agent = AgentSite(config, registry, lambda: site.draining)
     await agent.start()  # before the WebSocket port: that port open means all are bound
     await site.start()
-    vosk_site = await start_vosk_site(config, registry, metrics)
-    http_site = await start_http_site(config, registry)
+    vosk_site = await start_vosk_site(config, registry, metrics, tls)
+    http_site = await start_http_site(config, registry, tls)
+    renewals = None
+    if tls is not None:  # a renewed certificate is taken without a restart
+        renewals = asyncio.create_task(CertificateFiles(tls, config.tls_cert, config.tls_key).watch(), name="tls")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     parent = parent_from_env()
     # Also sent when the supervisor dies (the lifeline).
     loop.add_signal_handler(obey_supervisor_only(parent), stop.set)
     watch = asyncio.create_task(_watch_parent(parent, stop), name="lifeline")
-    log.info("ingress ready (pid %d): mod_audio_stream on ws://%s:%d/<call-id>", os.getpid(), config.ws_host, site.port)
+    scheme = "wss" if tls else "ws"
+    log.info(
+        "ingress ready (pid %d): mod_audio_stream on %s://%s:%d/<call-id>",
+        os.getpid(),
+        scheme,
+        config.ws_host,
+        site.port,
+    )
     if socket_site is not None:
         log.info(
             "ingress ready (pid %d): mod_socket_audio via 'socket %s:%d async full'",
@@ -65,6 +77,8 @@ async def serve(config: Config) -> None:
     log.info("ingress ready (pid %d): play/flush commands on %s", os.getpid(), config.commands)
     await stop.wait()
     watch.cancel()
+    if renewals is not None:
+        renewals.cancel()
     # Without a supervisor the workers are going too: nobody would finish an utterance.
     drain_s = 0.0 if orphaned(parent) else config.drain_timeout
     if drain_s:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 
@@ -205,6 +206,7 @@ class VoskServerSite:
         self.registry = registry
         self.metrics = metrics
         self.tokens = Tokens.from_spec(config.auth_tokens)
+        self.tls: ssl.SSLContext | None = None
         self.live: set[_Connection] = set()
         self.server: Server | None = None
         self.draining = False
@@ -225,6 +227,7 @@ class VoskServerSite:
             open_timeout=self.config.first_message_timeout,
             close_timeout=2,
             server_header="farm",
+            ssl=self.tls,
         )
         return self.server
 
@@ -268,7 +271,9 @@ class VoskServerSite:
             self.server.close()
 
 
-async def start_site(config: Config, registry: CallRegistry, metrics: Metrics) -> VoskServerSite | None:
+async def start_site(
+    config: Config, registry: CallRegistry, metrics: Metrics, tls: ssl.SSLContext | None = None
+) -> VoskServerSite | None:
     """Start the site if ``vosk_port`` is set; a port in use is logged, not fatal.
 
     The vosk port is an extra door with a fixed default (2700, vosk-server's): a node
@@ -278,10 +283,11 @@ async def start_site(config: Config, registry: CallRegistry, metrics: Metrics) -
     if not config.vosk_port:
         return None
     site = VoskServerSite(config, registry, metrics)
+    site.tls = tls
     try:
         await site.start()
     except OSError as exc:
         log.error("vosk-server protocol off: cannot listen on %s:%d: %s", site.host, config.vosk_port, exc.strerror)
         return None
-    log.info("vosk-server protocol on ws://%s:%d/", site.host, site.port)
+    log.info("vosk-server protocol on %s://%s:%d/", "wss" if tls else "ws", site.host, site.port)
     return site
