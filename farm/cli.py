@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 import uuid
+from typing import Any
 
 from farm.knobs import add_arguments, from_args
 
@@ -103,7 +104,7 @@ async def _call(args: argparse.Namespace) -> int:
 async def _events(args: argparse.Namespace) -> int:
     from farm.client import Subscription
 
-    async with Subscription(args.events, args.call_id) as sub:
+    async with Subscription(args.events, args.call_id, keys=_client_keys(args)) as sub:
         async for event in sub:
             print(event.to_json().decode() if args.json else f"{event.call_id[:12]:<12} {_describe(event)}", flush=True)
     return 0
@@ -112,7 +113,7 @@ async def _events(args: argparse.Namespace) -> int:
 async def _control(args: argparse.Namespace) -> int:
     from farm.client import CommandError, Commands
 
-    commands = Commands(args.commands)
+    commands = Commands(args.commands, keys=_client_keys(args))
     try:
         if args.command == "play":
             reply = await commands.play_wav(args.call_id, args.file)
@@ -126,6 +127,21 @@ async def _control(args: argparse.Namespace) -> int:
     finally:
         commands.close()
     print(json.dumps(reply, ensure_ascii=False))
+    return 0
+
+
+def _client_keys(args: argparse.Namespace) -> Any:
+    """``--keys DIR NAME``: the client keypair ``farm keys DIR NAME`` made, for a node with --curve-dir."""
+    from farm.curve import client_keys
+
+    return client_keys(*args.keys) if args.keys else None
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from farm.curve import make_keys
+
+    for path in make_keys(args.dir, args.names):
+        print(path)
     return 0
 
 
@@ -161,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--events", default="tcp://127.0.0.1:5556")
     e.add_argument("--call-id", default=None)
     e.add_argument("--json", action="store_true")
+    k = sub.add_parser("keys", help="make CURVE keys for --curve-dir: the node's, and one pair per client NAME")
+    k.add_argument("dir")
+    k.add_argument("names", nargs="*", metavar="NAME")
+    keys_help = "client keypair made by 'farm keys DIR NAME' (a node with --curve-dir)"
+    e.add_argument("--keys", nargs=2, metavar=("DIR", "NAME"), help=keys_help)
     for name, what in (
         ("play", "play a WAV file to a live call (cut by barge-in)"),
         ("flush", "cut what a call is playing"),
@@ -172,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "play":
             q.add_argument("file")
         q.add_argument("--commands", default="tcp://127.0.0.1:5557", help="farm command endpoint (default %(default)s)")
+        q.add_argument("--keys", nargs=2, metavar=("DIR", "NAME"), help=keys_help)
     args = parser.parse_args(argv)
     if args.command == "up":
         return cmd_up(args)
@@ -180,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             from farm.transcribe import run as transcribe
 
             return transcribe(args)
+        if args.command == "keys":
+            return _keys(args)
         if args.command in ("play", "flush", "calls"):
             return asyncio.run(_control(args))
         return asyncio.run(_call(args) if args.command == "call" else _events(args))

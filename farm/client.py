@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from farm.curve import Keys, client_socket
 from farm.protocol.events import SUBSCRIBED, Event, EventError, topic_for
 
 
@@ -46,7 +47,12 @@ class Subscription:
     """
 
     def __init__(
-        self, endpoint: str = DEFAULT_EVENTS, call_id: str | None = None, *, ctx: zmq.asyncio.Context | None = None
+        self,
+        endpoint: str = DEFAULT_EVENTS,
+        call_id: str | None = None,
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        keys: Keys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.call_id = call_id
@@ -56,6 +62,8 @@ class Subscription:
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        if keys is not None:  # a farm with --curve-dir (farm.curve.client_keys)
+            client_socket(self.sock, keys)
         self.sock.connect(endpoint)
         self.topic = topic_for(call_id) if call_id else b""
         self.sock.setsockopt(zmq.SUBSCRIBE, self.topic)
@@ -139,9 +147,15 @@ class Commands:
     """
 
     def __init__(
-        self, endpoint: str = DEFAULT_COMMANDS, *, timeout: float = 10.0, ctx: zmq.asyncio.Context | None = None
+        self,
+        endpoint: str = DEFAULT_COMMANDS,
+        *,
+        timeout: float = 10.0,
+        ctx: zmq.asyncio.Context | None = None,
+        keys: Keys | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.keys = keys
         self.timeout = timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()  # one per process, as for Subscription
         self._lock = asyncio.Lock()
@@ -150,6 +164,8 @@ class Commands:
     def _connect(self) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            client_socket(sock, self.keys)
         sock.connect(self.endpoint)
         return sock
 

@@ -100,6 +100,13 @@ def _parses(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
     return check
 
 
+def _curve_keys(directory: str) -> None:
+    if directory:
+        from farm.curve import node_keys
+
+        node_keys(directory)
+
+
 def knob(
     help: str,
     *,
@@ -252,6 +259,15 @@ class Config:
             "networks that may connect to the Event Socket port, e.g. 10.0.0.0/8,192.0.2.7 (empty: any)",
             group="security",
             check=_parses(AllowList.from_spec),
+        ),
+    )
+    curve_dir: str = field(
+        default="",
+        metadata=knob(
+            "CURVE keys for the event and command endpoints (made by 'farm keys DIR'): only clients whose "
+            "public key is in DIR/clients subscribe or command (empty: open to local processes)",
+            group="security",
+            check=_parses(_curve_keys),
         ),
     )
     tls_cert: str = field(

@@ -155,6 +155,7 @@ def test_an_event_socket_port_in_use_also_stops_farm_with_the_start_error_code(t
         ("--auth-tokens", "@/nonexistent/tokens", "auth_tokens cannot read the tokens file"),
         ("--esl-allow", "10.0.0.0/33", "esl_allow not a network"),
         ("--tls-cert", "/nonexistent/cert.pem", "--tls-cert and --tls-key go together"),
+        ("--curve-dir", "/nonexistent/keys", "curve_dir cannot read the CURVE keypair"),
     ],
 )
 def test_a_knob_farm_cannot_run_with_is_refused_before_anything_starts(flag: str, value: str, message: str) -> None:

@@ -19,6 +19,7 @@ import zmq
 
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
+from farm.curve import Keys, node_keys, server_socket, start_authenticator
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.protocol.events import SUBSCRIBED
 
@@ -65,7 +66,9 @@ class _Call:
     released_by: bytes | None = None  # the worker a release moved it from
 
 
-def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, delay_s: float = 0.0) -> None:
+def _relay(
+    ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, delay_s: float = 0.0, keys: Keys | None = None
+) -> None:
     """XSUB -> XPUB relay, on its own thread: events never wait for control traffic.
 
     Upstream it subscribes to everything once, so a new subscriber's filter lives only
@@ -82,6 +85,8 @@ def _relay(ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str,
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, repeated ones too, gets its answer
+    if keys is not None:
+        server_socket(xpub, keys)  # subscribers need an admitted key (farm/curve.py)
     xsub.bind(events_in)
     xpub.bind(events_out)
     xsub.send(b"\x01")  # subscribe upstream to every topic
@@ -124,6 +129,10 @@ class Broker:
         # Restarted by the supervisor: its peers come back with calls (see the contract's Restarts).
         restarted = bool(os.environ.get(wire.RESTART_ENV))
         self.grace_until = time.monotonic() + wire.RESTART_GRACE_S if restarted else 0.0
+        keys, self.authenticator = None, None
+        if config.curve_dir:
+            keys = node_keys(config.curve_dir)
+            self.authenticator = start_authenticator(self.ctx, config.curve_dir)
         self.relay = threading.Thread(
             target=_relay,
             args=(
@@ -131,6 +140,7 @@ class Broker:
                 config.endpoint("events_in"),
                 config.events,
                 wire.RESTART_GRACE_S / 2 if restarted else 0.0,
+                keys,
             ),
             name="event-relay",
             daemon=True,
@@ -433,6 +443,8 @@ class Broker:
     def close(self) -> None:
         self.workers_sock.close()
         self.ingress_sock.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.term()
 
 

@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from farm.broker import wire
 from farm.config import Config
+from farm.curve import client_socket, node_keys, start_async_authenticator
 from farm.ingress.metrics import DROP_MALFORMED, Metrics
 from farm.logs import quote
 from farm.protocol.events import SUBSCRIBED, Event, EventError, end_reason_code
@@ -81,6 +82,10 @@ class CallRegistry:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.authenticator = None
+        if config.curve_dir:  # the node's own subscriber holds the node's key (farm/curve.py)
+            client_socket(self.sub, node_keys(config.curve_dir))
+            self.authenticator = start_async_authenticator(self.ctx, config.curve_dir)
         self.sub.connect(config.events.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"))
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.calls: dict[str, Call] = {}
@@ -368,6 +373,8 @@ class CallRegistry:
     def close_all(self) -> None:
         for task in self.tasks:
             task.cancel()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         for call_id in list(self.calls):
             self._finish(call_id, "shutdown")
         self.ctx.destroy(linger=200)

@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 from farm.config import Config
+from farm.curve import node_keys, server_socket
 from farm.ingress.calls import CallRegistry
 from farm.ingress.playback import Clip, PlaybackError, to_pcm24k, wav_duration_ms, wav_to_pcm24k
 
@@ -50,6 +51,8 @@ class CommandServer:
         self.sock = registry.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if config.curve_dir:  # only admitted keys may command (farm/curve.py)
+            server_socket(self.sock, node_keys(config.curve_dir))
         self.sock.bind(config.commands)
         self.endpoint = config.commands
         self._tasks: set[asyncio.Task[None]] = set()
