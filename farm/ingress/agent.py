@@ -65,9 +65,9 @@ class AgentSite:
 
     def reply(self) -> str:
         registry = self.registry
-        refusing = registry.overloaded or bool(registry.full)
+        refusing = registry.link.overloaded or bool(registry.full)
         return agent_reply(
-            self.draining(), bool(registry.recognition_ready), refusing, registry.active, registry.status.capacity
+            self.draining(), bool(registry.recognition_ready), refusing, registry.active, registry.link.status.capacity
         )
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

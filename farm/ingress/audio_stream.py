@@ -321,14 +321,14 @@ class AudioStreamSite:
                 if self.draining:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
                 why = self.registry.recognition_ready
-                if not why and self.registry.overloaded:
-                    why = f"at capacity: recognition {self.registry.status.lag_ms} ms behind"
+                if not why and self.registry.link.overloaded:
+                    why = f"at capacity: recognition {self.registry.link.status.lag_ms} ms behind"
                 full = self.registry.full
                 if not why and full:
                     why = f"at capacity: {full}"
                 if why:
                     return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
-                return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.workers_live} workers\n")
+                return _text(conn, http.HTTPStatus.OK, f"ready: {self.registry.link.status.workers} workers\n")
             if path == "/metrics":
                 return _text(conn, http.HTTPStatus.OK, self.exposition.render(), CONTENT_TYPE)
             self.metrics.reject("not a websocket request")

@@ -1,9 +1,12 @@
-"""The ingress's call table: rings, the broker link and the event relay to connections.
+"""The ingress's call table: one ring per call, from its open to its worker's done.
 
 The ingress owns every ring: it creates one per call, writes it, marks it closed when
 the connection ends, and unlinks it only when the broker relays ``I_DONE`` (the
 worker finished the call) or, failing that, after a timeout — so a worker that
-takes over a call after a crash still finds the ring.
+takes over a call after a crash still finds the ring. The table also says whether a
+new call is taken (admission) and whether calls can be transcribed (readiness), from
+the broker's status (:mod:`farm.ingress.broker_link`); events travel through
+:mod:`farm.ingress.event_relay`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import zmq.asyncio
 
 from farm.broker import wire
 from farm.config import Config
-from farm.curve import client_socket, node_keys, start_async_authenticator
-from farm.ingress.metrics import DROP_MALFORMED, Metrics
+from farm.ingress.broker_link import HEARTBEAT_S, BrokerLink
+from farm.ingress.event_relay import EventRelay
+from farm.ingress.metrics import Metrics
 from farm.logs import quote
-from farm.protocol.events import SUBSCRIBED, Event, EventError, end_reason_code
+from farm.protocol.events import Event, end_reason_code
 from farm.ring import Ring, segment_name
 
 
@@ -42,7 +46,6 @@ DONE_TIMEOUT_S = 120.0
 # How long a new connection for a call id waits for the previous leg to finish
 # (IXWebSocket reconnects 100 ms after a close, §1.10).
 RECONNECT_WAIT_S = 3.0
-HEARTBEAT_S = 1.0  # ingress -> broker; the answer says how many workers are live
 # Events and I_DONE take different broker paths (XPUB relay thread vs ROUTER), so a
 # call's last final and call_end can arrive just after its done: still relay them.
 LATE_EVENTS_S = 2.0
@@ -71,41 +74,21 @@ class CallRegistry:
         self.config = config
         self.metrics = metrics
         self.ctx = zmq.asyncio.Context()
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.connect(config.endpoint("ingress"))
-        # XPUB, not PUB: it hears the relay's subscription, so readiness can wait for it.
-        self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub.setsockopt(zmq.LINGER, 500)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)  # what it publishes while a broker restarts waits here
-        self.pub.connect(config.endpoint("events_in"))
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
-        self.authenticator = None
-        if config.curve_dir:  # the node's own subscriber holds the node's key (farm/curve.py)
-            client_socket(self.sub, node_keys(config.curve_dir))
-            self.authenticator = start_async_authenticator(self.ctx, config.curve_dir)
-        self.sub.connect(config.events.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"))
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.link = BrokerLink(self.ctx, config, metrics, self._worker_done, self._live)
+        self.relay = EventRelay(self.ctx, config, metrics, self._find)
         self.calls: dict[str, Call] = {}
         self._seq = 0
         # call id -> next event seq, so a reconnected call continues its numbering.
         self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
         self._late: dict[str, Call] = {}  # finished calls still relaying events (LATE_EVENTS_S)
-        self.status = wire.Status()  # the broker's last I_STATUS
-        self.broker_seen = 0.0  # when the broker last answered
-        self.overloaded = False  # recognition too far behind: new calls are refused
-        self.relay_subscribed = False  # the broker's relay takes our events
-        self._lag_reports = 0  # I_STATUS in a row over the admission lag
 
     def start(self) -> None:
         self.tasks = [
-            asyncio.create_task(self._broker_loop(), name="broker-link"),
-            asyncio.create_task(self._event_loop(), name="event-relay"),
+            asyncio.create_task(self.link.run(), name="broker-link"),
+            asyncio.create_task(self.relay.run(), name="event-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
-            asyncio.create_task(self._relay_link(), name="relay-link"),
+            asyncio.create_task(self.relay.watch_relay(), name="relay-link"),
         ]
 
     # -- calls -------------------------------------------------------------------
@@ -162,7 +145,7 @@ class CallRegistry:
             {"recv": time.monotonic_ns()},
         )
         self.publish(start)
-        await self.dealer.send_multipart(wire.message(wire.I_OPEN, call_id, ring.name, call.info))
+        await self.link.announce(call_id, ring.name, call.info)
         return call
 
     def close(self, call: Call, reason: str, detail: str = "") -> None:
@@ -219,73 +202,26 @@ class CallRegistry:
             del self._late[call.call_id]
 
     def publish(self, event: Event) -> None:
-        self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
+        self.relay.publish(event)
 
     def error(self, call_id: str, reason: str) -> None:
         """Report bad input of one call on the event stream."""
         self.publish(Event("error", call_id, 0, 0, {"reason": reason}))
 
-    # -- background loops ----------------------------------------------------------
+    def _worker_done(self, call_id: str) -> None:
+        self._finish(call_id, "worker done")
 
-    async def _broker_loop(self) -> None:
-        while True:
-            frames = await self.dealer.recv_multipart()
-            try:
-                command, body = wire.parse(frames)
-            except wire.WireError as exc:
-                log.warning("dropped a broker message: %s", exc)
-                continue
-            if command == wire.I_DONE:
-                self._finish(body[0], "worker done")
-            elif command == wire.I_STATUS:
-                try:
-                    status = wire.Status.decode(body[0])
-                except wire.WireError as exc:
-                    log.warning("dropped a broker status: %s", exc)
-                    continue
-                if self.status.broker_pid and status.broker_pid != self.status.broker_pid:
-                    await self._announce_again(self.status.broker_pid, status.broker_pid)
-                self.status = status
-                self.broker_seen = time.monotonic()
-                self._note_lag(self.status.lag_ms)
-                self.metrics.note_status(self.status)
+    def _find(self, call_id: str) -> Call | None:
+        """The call an event is for: live, or finished a moment ago (LATE_EVENTS_S)."""
+        return self.calls.get(call_id) or self._late.get(call_id)
 
-    async def _announce_again(self, old: int, new: int) -> None:
-        """A new broker knows no call: tell it ours (their workers claim them too)."""
-        live = [call for call in self.calls.values() if not call.lost]
-        log.warning("the broker restarted (pid %d, was %d): announcing %d calls again", new, old, len(live))
-        for call in live:
-            await self.dealer.send_multipart(wire.message(wire.I_OPEN, call.call_id, call.ring.name, call.info))
-
-    async def _relay_link(self) -> None:
-        """The relay subscribes to our events when it (re)connects: from then on they reach it."""
-        while True:
-            if (await self.pub.recv())[:1] == b"\x01":
-                self.relay_subscribed = True
-
-    async def _event_loop(self) -> None:
-        while True:
-            _topic, raw = await self.sub.recv_multipart()
-            received = time.monotonic_ns()
-            if raw == SUBSCRIBED:
-                continue  # the relay confirming some subscriber's subscription
-            try:
-                event = Event.from_json(raw)
-            except EventError as exc:
-                log.warning("dropped a malformed event: %s", exc)
-                self.metrics.drop(DROP_MALFORMED)
-                continue
-            self.metrics.observe(event, received)
-            call = self.calls.get(event.call_id) or self._late.get(event.call_id)
-            if call is not None and event.type == "flush" and call.player is not None:
-                self.metrics.barge_ins += call.player.barge_in(event)
-            if call is not None and call.on_event is not None:
-                self.metrics.events_relayed += 1
-                call.on_event(event)
+    def _live(self) -> list[tuple[str, str, str]]:
+        """The calls a restarted broker must hear of again (not those no worker could serve)."""
+        return [(c.call_id, c.ring.name, c.info) for c in self.calls.values() if not c.lost]
 
     async def _housekeeping(self) -> None:
         while True:
-            await self.dealer.send_multipart(wire.message(wire.I_HEARTBEAT))
+            await self.link.heartbeat()
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
             for call in list(self.calls.values()):
@@ -293,31 +229,6 @@ class CallRegistry:
                     why = "no worker finished it in %.0f s; ring unlinked"
                     log.warning(why, DONE_TIMEOUT_S, extra={"call_id": call.call_id})
                     self._finish(call.call_id, "timeout")
-
-    @property
-    def broker_age(self) -> float:
-        """Seconds since the broker last answered (infinite before it ever has)."""
-        return time.monotonic() - self.broker_seen if self.broker_seen else float("inf")
-
-    @property
-    def workers_live(self) -> int:
-        return self.status.workers
-
-    def _note_lag(self, lag_ms: int) -> None:
-        """Overloaded after two reports in a row over the admission lag (a Vosk stall is one);
-        back under half of it ends it. Said once in the log each way."""
-        limit = self.config.admission_lag_ms
-        if not limit:
-            return
-        self._lag_reports = self._lag_reports + 1 if lag_ms > limit else 0
-        if not self.overloaded and self._lag_reports >= 2:
-            self.overloaded = True
-            log.warning(
-                "at capacity: recognition is %d ms behind on the least loaded worker; refusing new calls", lag_ms
-            )
-        elif self.overloaded and lag_ms <= limit // 2:
-            self.overloaded = False
-            log.warning("below capacity again (recognition %d ms behind): taking new calls", lag_ms)
 
     def admission(self) -> str:
         """Why a new call is refused now, ``""`` when it is taken (counted as a refusal by reason).
@@ -328,10 +239,10 @@ class CallRegistry:
         meanwhile, so balancers send new calls elsewhere).
         """
         why = ""
-        if time.monotonic() - self.broker_seen > 3 * HEARTBEAT_S:
+        if not self.link.answering:
             why = "broker not answering"
-        elif self.overloaded:
-            why = f"at capacity (recognition {self.status.lag_ms} ms behind)"
+        elif self.link.overloaded:
+            why = f"at capacity (recognition {self.link.status.lag_ms} ms behind)"
         elif self.full:
             why = f"at capacity ({self.full})"
         if why:
@@ -347,19 +258,19 @@ class CallRegistry:
     @property
     def full(self) -> str:
         """Why the node's CPUs hold no more calls, ``""`` while they do (the broker's capacity)."""
-        capacity, active = self.status.capacity, self.active
+        capacity, active = self.link.status.capacity, self.active
         if not capacity or active < capacity:
             return ""
-        return f"{active} calls of {capacity}, {self.status.call_cpu_ms} ms CPU per call-second"
+        return f"{active} calls of {capacity}, {self.link.status.call_cpu_ms} ms CPU per call-second"
 
     @property
     def recognition_ready(self) -> str:
         """Why calls cannot be transcribed now, ``""`` when they can (for /readyz)."""
-        if time.monotonic() - self.broker_seen > 3 * HEARTBEAT_S:
+        if not self.link.answering:
             return "broker not answering"
-        if not self.relay_subscribed:
+        if not self.relay.subscribed:
             return "event relay not connected"
-        if not self.workers_live:
+        if not self.link.status.workers:
             return "no recognition worker"
         return ""
 
@@ -373,8 +284,7 @@ class CallRegistry:
     def close_all(self) -> None:
         for task in self.tasks:
             task.cancel()
-        if self.authenticator is not None:
-            self.authenticator.stop()
+        self.relay.close()
         for call_id in list(self.calls):
             self._finish(call_id, "shutdown")
         self.ctx.destroy(linger=200)

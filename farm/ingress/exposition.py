@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, disable_creat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from farm.ingress.calls import HEARTBEAT_S, CallRegistry
+from farm.ingress.broker_link import HEARTBEAT_S
+from farm.ingress.calls import CallRegistry
 from farm.ingress.metrics import DROP_RECOGNITION_BEHIND, Metrics
 
 
@@ -74,7 +75,7 @@ class NodeCollector(Collector):
         yield from self._traffic()
         yield from self._capacity()
         yield from self._broker()
-        yield from self._workers(self.registry.status.reports)
+        yield from self._workers(self.registry.link.status.reports)
         yield from self.metrics.latency.collect()
 
     def _calls(self) -> Iterator[Metric]:
@@ -153,27 +154,31 @@ class NodeCollector(Collector):
 
     def _capacity(self) -> Iterator[Metric]:
         r = self.registry
-        yield _gauge("farm_workers_live", "Recognition workers registered with the broker", r.workers_live)
-        yield _gauge("farm_calls_assigned", "Calls the broker has assigned to workers", r.status.calls)
+        yield _gauge("farm_workers_live", "Recognition workers registered with the broker", r.link.status.workers)
+        yield _gauge("farm_calls_assigned", "Calls the broker has assigned to workers", r.link.status.calls)
         yield _gauge(
-            "farm_recognition_lag_ms", "Audio waiting for recognition on the least loaded worker, ms", r.status.lag_ms
+            "farm_recognition_lag_ms",
+            "Audio waiting for recognition on the least loaded worker, ms",
+            r.link.status.lag_ms,
         )
-        yield _gauge("farm_overloaded", "1 while new calls are refused: recognition is behind", int(r.overloaded))
+        yield _gauge("farm_overloaded", "1 while new calls are refused: recognition is behind", int(r.link.overloaded))
         yield _gauge(
-            "farm_capacity_calls", "calls the node's CPUs hold within the SLO (0: no limit)", r.status.capacity
+            "farm_capacity_calls", "calls the node's CPUs hold within the SLO (0: no limit)", r.link.status.capacity
         )
-        yield _gauge("farm_call_cpu_ms", "CPU ms a call costs per second, as admission counts it", r.status.call_cpu_ms)
+        yield _gauge(
+            "farm_call_cpu_ms", "CPU ms a call costs per second, as admission counts it", r.link.status.call_cpu_ms
+        )
 
     def _broker(self) -> Iterator[Metric]:
         r = self.registry
-        age = r.broker_age
+        age = r.link.age
         yield _gauge("farm_broker_up", "1 while the broker answers the ingress", int(age <= 3 * HEARTBEAT_S))
         yield _gauge("farm_broker_last_seen_seconds", "Seconds since the broker last answered", age)
-        relay = int(r.relay_subscribed)
+        relay = int(r.relay.subscribed)
         yield _gauge("farm_event_relay_connected", "1 once the broker's event relay takes the ingress's events", relay)
-        lost = r.status.workers_lost
+        lost = r.link.status.workers_lost
         yield _counter("farm_workers_lost", "Workers the broker declared dead (missed heartbeats or replaced)", lost)
-        yield _counter("farm_calls_moved", "Calls moved between workers to balance them", r.status.calls_moved)
+        yield _counter("farm_calls_moved", "Calls moved between workers to balance them", r.link.status.calls_moved)
 
     def _workers(self, reports: tuple[WorkerReport, ...]) -> Iterator[Metric]:
         live = {r.index: r.load for r in reports}  # a replacement registered under the same index wins
