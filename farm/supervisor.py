@@ -24,13 +24,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from farm.broker.wire import RESTART_ENV
 from farm.config import Config
+from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
 from farm.ring import sweep_stale
+from workers.engines.vosk import ModelError, load_model, model_rate, model_view
+from workers.worker import worker_main
 
 
 __all__ = ["Supervisor", "HaltServer", "WORKER_BOOT_ERROR", "MODEL_LOAD_ERROR", "START_ERROR"]
@@ -87,9 +92,9 @@ class Supervisor:
         self.children: dict[int, _Child] = {}
         self.sig_queue: list[int] = []
         self.pipe: tuple[int, int] = (-1, -1)
-        self.model: object = None
+        self.model: Any = None  # the Vosk model, loaded before the workers fork (they share its pages)
         self.model_rate = 16000
-        self.heartbeats: object = None
+        self.heartbeats = HeartbeatTable()
         self.cpus = sorted(os.sched_getaffinity(0))
         self.stopping = False
         self.boot_failures = 0  # workers in a row that died right after their start
@@ -97,8 +102,6 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
 
     def start(self) -> None:
-        from workers.engines.vosk import ModelError, load_model, model_rate, model_view
-        from workers.worker import HeartbeatTable
 
         removed = sweep_stale()
         if removed:
@@ -121,7 +124,6 @@ class Supervisor:
             self.model_rate,
             os.getpid(),
         )
-        self.heartbeats = HeartbeatTable()
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)
@@ -173,10 +175,7 @@ class Supervisor:
         return child
 
     def _spawn_worker(self, index: int) -> None:
-        from workers.worker import HeartbeatTable, worker_main
-
         cpu = self.cpus[index % len(self.cpus)] if self.cpus else None
-        assert isinstance(self.heartbeats, HeartbeatTable)
         self.heartbeats.beat(index)  # its slot exists before the fork (see HeartbeatTable)
         parent = os.getpid()
         pid = os.fork()
@@ -304,7 +303,7 @@ class Supervisor:
             log.warning("%s %d %s (pid %d)", child.role, child.index, cause, pid)
             early = time.monotonic() - child.started < _EARLY_DEATH_S
             if child.role == "worker":
-                self.heartbeats.clear(child.index)  # type: ignore[attr-defined]
+                self.heartbeats.clear(child.index)
                 self.boot_failures = self.boot_failures + 1 if early else 0
                 if self.boot_failures >= _WORKER_BOOT_FAILURES:
                     raise HaltServer(
@@ -323,9 +322,6 @@ class Supervisor:
 
     def murder_workers(self) -> None:
         """SIGABRT a worker whose loop stopped beating, then SIGKILL if it lingers."""
-        from workers.worker import HeartbeatTable
-
-        assert isinstance(self.heartbeats, HeartbeatTable)
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.role != "worker":
@@ -391,9 +387,9 @@ class Supervisor:
             shutil.rmtree(self.config.run_dir, ignore_errors=True)
         log.info("farm stopped (pid %d)", os.getpid())
 
-    def _reap_until(self, done: object, timeout: float) -> None:
+    def _reap_until(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not done() and time.monotonic() < deadline:  # type: ignore[operator]
+        while not done() and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.05)
 

@@ -22,10 +22,10 @@ import pytest
 import websockets
 
 from farm.client import Subscription
+from farm.heartbeats import HeartbeatTable
 from farm.protocol.events import Event
 from farm.ring import Ring, segment_name
 from farm.sender import metadata_for, send_pcm
-from workers.worker import HeartbeatTable
 
 from .conftest import (
     DATA,

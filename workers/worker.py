@@ -9,10 +9,8 @@ both written from the loop itself, never from a side thread.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import signal
-import struct
 import time
 from typing import Any
 
@@ -20,6 +18,7 @@ import zmq
 
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
+from farm.heartbeats import HeartbeatTable
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned
 from farm.limits import raise_open_files_limit
 from farm.logs import call_logger
@@ -40,40 +39,6 @@ RELAY_WAIT_S = 10.0  # at start, for the broker's relay to subscribe to this wor
 # A call asked to move waits this long for a moment with nothing left to recognise; then it
 # moves at the next pause anyway (an overloaded worker is never idle, and the move is the cure).
 RELEASE_PATIENCE_S = 3.0
-
-
-class HeartbeatTable:
-    """Per-worker ``time.monotonic()`` stamps in anonymous shared memory, shared by fork.
-
-    A worker is forked after its slot exists and writes only that slot. The table grows a
-    page at a time as the supervisor adds workers (a host with many CPUs, TTIN): a page
-    made later is shared with the workers forked after it, the only ones it has slots for.
-    """
-
-    PAGE_SLOTS = mmap.PAGESIZE // 8
-
-    def __init__(self) -> None:
-        self._pages: list[mmap.mmap] = []
-
-    def _at(self, index: int) -> tuple[mmap.mmap, int]:
-        page, slot = divmod(index, self.PAGE_SLOTS)
-        while len(self._pages) <= page:
-            self._pages.append(mmap.mmap(-1, mmap.PAGESIZE))  # MAP_SHARED: seen across fork
-        return self._pages[page], 8 * slot
-
-    @property
-    def slots(self) -> int:
-        return len(self._pages) * self.PAGE_SLOTS
-
-    def beat(self, index: int) -> None:
-        struct.pack_into("<d", *self._at(index), time.monotonic())
-
-    def age(self, index: int) -> float:
-        (t,) = struct.unpack_from("<d", *self._at(index))
-        return time.monotonic() - t if t else 0.0
-
-    def clear(self, index: int) -> None:
-        struct.pack_into("<d", *self._at(index), 0.0)
 
 
 class Worker:
