@@ -16,10 +16,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 
-__all__ = ["AllowList", "Tokens", "UNAUTHORIZED", "once_per_peer"]
+__all__ = ["AllowList", "Tokens", "UNAUTHORIZED", "once_per_peer", "without_token"]
 
 UNAUTHORIZED = "farm: a valid token is required (?token=... in the URL, or Authorization: Bearer ...)\n"
 
@@ -38,6 +38,15 @@ def once_per_peer(peer: str, what: str) -> None:
     if len(_logged) > _LOGGED_PEERS:
         _logged.popitem(last=False)
     log.warning("refused %s: %s (logged once per address)", peer, what)
+
+
+def without_token(target: str) -> str:
+    """``target`` (a request's path and query) as events may show it: no ``token``."""
+    url = urlsplit(target)
+    if "token" not in parse_qs(url.query):
+        return target
+    query = urlencode([(k, v) for k, v in parse_qsl(url.query, keep_blank_values=True) if k != "token"])
+    return urlunsplit(url._replace(query=query))
 
 
 class Tokens:

@@ -5,6 +5,7 @@ Socket port (farm/auth.py), on one real node. The Event Socket clients here conn
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import urllib.error
 import urllib.request
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import websockets
 
-from farm.auth import AllowList, Tokens
+from farm.auth import AllowList, Tokens, without_token
 
 from .conftest import DATA, MS, Node, free_port, metric_value, run_call, start_node
 from .peers import AudioStreamPeer, HandshakeRefused
@@ -71,8 +72,11 @@ def test_a_stream_without_a_valid_token_gets_401_before_the_upgrade(node: Node) 
 
 def test_a_token_in_the_url_or_a_bearer_header_lets_the_call_through(node: Node) -> None:
     wav = DATA / "ko_01.wav"
-    run = asyncio.run(run_call(node, wav, path_suffix=f"?token={TOKENS[1]}", realtime=False))
+    run = asyncio.run(run_call(node, wav, path_suffix=f"?rate=16000&token={TOKENS[1]}", realtime=False))
     assert run.text and run.of("call_end")[0]["reason"] == "hangup"
+    # The token is not published: call_start shows the path without it.
+    start = run.of("call_start")[0]
+    assert start["path"].endswith("?rate=16000") and TOKENS[1] not in json.dumps(start.data)
 
     async def bearer() -> None:
         headers = {"Authorization": f"Bearer {TOKENS[0]}"}
@@ -133,3 +137,5 @@ def test_token_and_network_specs_parse_or_say_why(tmp_path: object) -> None:
     assert AllowList.from_spec("").allows("203.0.113.9")
     with pytest.raises(ValueError, match="not a network"):
         AllowList.from_spec("10.0.0.0/33")
+    assert without_token("/stream/c1?token=abcdefgh&rate=8000") == "/stream/c1?rate=8000"
+    assert without_token("/stream/c1?rate=8000") == "/stream/c1?rate=8000"

@@ -23,7 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
+from farm.auth import UNAUTHORIZED, Tokens, once_per_peer, without_token
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_inbound import InboundEsl
@@ -217,7 +217,7 @@ class _Connection:
         info: dict[str, Any] = {
             "protocol": "audio_stream",
             "metadata": p.metadata,
-            "path": self.ws.request.path if self.ws.request else "",
+            "path": without_token(self.ws.request.path) if self.ws.request else "",
         }
         if p.transcribe:
             info["transcribe"] = p.transcribe

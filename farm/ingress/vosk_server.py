@@ -20,7 +20,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
+from farm.auth import UNAUTHORIZED, Tokens, once_per_peer, without_token
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.metrics import Metrics
@@ -145,12 +145,13 @@ class _Connection:
         if self.site.draining:
             raise proto.VoskServerError("farm is shutting down", CLOSE_GOING_AWAY)
         rate = self.session.config.sample_rate
+        path = without_token(self.ws.request.path) if self.ws.request else ""  # events show no token
         self.call = await self.site.registry.open(
             self.call_id,
             rate=rate,
             channels=1,
             protocol="vosk",
-            info={"protocol": "vosk", "metadata": {}, "path": self.ws.request.path if self.ws.request else ""},
+            info={"protocol": "vosk", "metadata": {}, "path": path},
             on_event=self._on_event,
         )
         self.site.live.add(self)
