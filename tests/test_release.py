@@ -10,6 +10,7 @@ import os
 import time
 import wave
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from farm.config import Config
 from farm.ring import Ring
 from workers.analysis import Options
 from workers.asr import ResultQueue
-from workers.call import CallSession
+from workers.call import PUMP_MAX_S, CallSession
 from workers.engines.vosk import RecognizerPool
 from workers.scheduler import AsrScheduler
 
@@ -44,13 +45,37 @@ def session() -> Iterator[CallSession]:
     ring.unlink()
 
 
+def pump_all(session: CallSession) -> list[Any]:
+    """Pump until the session has read everything written (one pump takes PUMP_MAX_S at most)."""
+    drafts: list[Any] = []
+    while session.ring.read_cursor < session.ring.write_cursor:
+        drafts += session.pump()
+    return drafts
+
+
+def test_one_pump_takes_a_bounded_slice_of_a_long_backlog_and_the_next_ones_the_rest(session: CallSession) -> None:
+    """A call resumed far behind (moved from another worker) is read PUMP_MAX_S at a time,
+    so the worker's loop, which also beats its heartbeats, comes back between slices."""
+    ring = session.ring
+    backlog = zeros(8.0)
+    ring.write(backlog, time.monotonic_ns())
+    slice_bytes = PUMP_MAX_S * RATE * 2
+    session.pump()
+    assert ring.read_cursor == slice_bytes
+    pumps = 1
+    while ring.read_cursor < ring.write_cursor:
+        session.pump()
+        pumps += 1
+    assert pumps == len(backlog) // slice_bytes  # all of it read, slice by slice, nothing skipped
+
+
 def test_a_call_is_not_released_once_its_replay_may_be_overwritten(session: CallSession) -> None:
     with wave.open(str(DATA / "ko_01.wav"), "rb") as w:
         assert w.getframerate() == RATE
         speech = w.readframes(w.getnframes())
     ring = session.ring
     ring.write(zeros(0.5) + speech + zeros(1.0), time.monotonic_ns())
-    drafts = session.pump()
+    drafts = pump_all(session)
     assert [d.type for d in drafts if d.type.startswith("speech_")] == ["speech_start", "speech_end"]
     # Between utterances, nothing committed yet (the utterance's final may be pending):
     # the next worker would replay it all, and the ring still holds it.
@@ -59,6 +84,6 @@ def test_a_call_is_not_released_once_its_replay_may_be_overwritten(session: Call
     # The caller goes on (silence) while that final is still owed: the replay would start
     # more than half a ring behind the writer, and the ring may lap it before it is read.
     ring.write(zeros(2.0), time.monotonic_ns())
-    session.pump()
+    pump_all(session)
     assert ring.write_cursor - ring.committed > ring.capacity // 2
     assert not session.releasable(patient=False)

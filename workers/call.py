@@ -42,6 +42,8 @@ FRAME_MS = 20
 # recognition than this: the ring then fills and the ingress stops taking the file's audio
 # (farm/ingress/audio_stream.py), so a file queues in the sender, not in a worker's memory.
 BACKGROUND_BACKLOG_MS = 5000
+# Audio one pump takes from a call's ring at most, s (see CallSession.pump).
+PUMP_MAX_S = 1
 
 
 def vad_config_for(config: Config) -> VadConfig:
@@ -359,8 +361,13 @@ class CallSession:
         finalize_at = self.ring.finalize_at
         if finalize_at is not None and finalize_at < self.finalized_until:
             finalize_at = None  # done already
-        # Read no further than an explicit end of utterance: the audio after it is the next one's.
-        start, data = self.ring.read(None if finalize_at is None else finalize_at - self.ring.read_cursor)
+        # Read no further than an explicit end of utterance: the audio after it is the next one's;
+        # and no more than PUMP_MAX_S at a time: a call resumed far behind (moved to this worker)
+        # must not hold the loop that beats the worker's heartbeats (a missed beat moves it again).
+        most = self.in_frame_bytes * (PUMP_MAX_S * 1000 // FRAME_MS)
+        if finalize_at is not None:
+            most = min(most, finalize_at - self.ring.read_cursor)
+        start, data = self.ring.read(most)
         read_ns = time.monotonic_ns()
         drafts: list[_Draft] = []
         overrun = self.ring.overrun_bytes
