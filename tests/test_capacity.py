@@ -239,7 +239,7 @@ def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_c
 # -- balance ------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(900)  # a busy machine: 4 x 30 s of calls, a respawn, then their reference decode
+@pytest.mark.timeout(900)  # a busy machine: 4 x 20 s of calls, a respawn, then their reference decode
 def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: Path) -> None:
     """Four calls on two workers; one hangs and is killed: all four land on the survivor; the
     replacement registers and the broker moves calls back at their pauses, losing no words."""
@@ -250,7 +250,7 @@ def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: P
         wav = DATA / "ko_dialog_16k.wav"
         with wave.open(str(wav), "rb") as w:
             pcm = w.readframes(w.getnframes())
-        long_pcm = pcm * 3  # 30 s: time for the kill, the respawn and the moves
+        long_pcm = pcm * 2  # 20 s: time for the hang, the kill, the respawn and the moves
 
         async def scenario() -> list[CallRun]:
             async with Subscription(n.events) as watch:
@@ -282,8 +282,8 @@ def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: P
         assert re.search(r"moving it off worker \d \(\d calls\) to balance", log)
         for run in runs:
             assert len(run.of("call_end")) == 1
-            assert len(run.of("speech_start")) == len(run.of("speech_end")) >= 9
-            assert run.finals == decode_heard_long(wav, run, repeat=3)
+            assert len(run.of("speech_start")) == len(run.of("speech_end")) >= 6
+            assert run.finals == decode_heard_long(wav, run, repeat=2)
     finally:
         assert n.stop() == 0
 
