@@ -49,6 +49,10 @@ RECONNECT_WAIT_S = 3.0
 # Events and I_DONE take different broker paths (XPUB relay thread vs ROUTER), so a
 # call's last final and call_end can arrive just after its done: still relay them.
 LATE_EVENTS_S = 2.0
+# How long a closing call's ring waits for the ingress's own last events to come back from
+# the relay (see close()), and how many unechoed events a call keeps track of.
+ECHO_WAIT_S = 2.0
+MAX_UNECHOED = 1000
 
 
 @dataclass
@@ -64,6 +68,10 @@ class Call:
     background: bool = False  # a recorded file (source: file): it holds no live call's capacity
     lost: str = ""  # the worker gave the call up while it streamed (it said why in an error event)
     info: str = "{}"  # what I_OPEN told the broker (told again to a restarted broker)
+    # Publish stamps of what the ingress said of this call and has not seen come back from
+    # the relay yet; and the end the ring is to be marked with once it has (see close()).
+    unechoed: set[int] = field(default_factory=set)
+    closing: tuple[str, str] | None = None
 
     def write(self, pcm: bytes, recv_ns: int) -> None:
         self.ring.write(pcm, recv_ns)
@@ -75,7 +83,7 @@ class CallRegistry:
         self.metrics = metrics
         self.ctx = zmq.asyncio.Context()
         self.link = BrokerLink(self.ctx, config, metrics, self._worker_done, self._live)
-        self.relay = EventRelay(self.ctx, config, metrics, self._find)
+        self.relay = EventRelay(self.ctx, config, metrics, self._find, self._seen)
         self.calls: dict[str, Call] = {}
         self._seq = 0
         # call id -> next event seq, so a reconnected call continues its numbering.
@@ -156,7 +164,15 @@ class CallRegistry:
             call.player.close()
         if not call.closed_at:
             call.closed_at = time.monotonic()
-            call.ring.mark_closed(end_reason_code(reason), detail)
+            call.closing = (reason, detail)
+            if call.unechoed and not call.lost:
+                # What the ingress just said of the call (a playback_stop) travels to the relay
+                # on another pipe than the worker's call_end, which the closed ring lets the
+                # worker publish: close it once the relay has sent ours on (they come back to
+                # our own subscriber), so call_end stays the call's last event.
+                asyncio.get_running_loop().call_later(ECHO_WAIT_S, self._close_ring, call)
+            else:
+                self._close_ring(call)
             if call.lost:  # no worker has it: the call's end is ours to say
                 data = {"reason": "error", "detail": call.lost, "duration_ms": 0, "overrun_bytes": 0, "frames": 0}
                 self.publish(Event("call_end", call.call_id, 0, 0, data, {"recv": time.monotonic_ns()}))
@@ -202,7 +218,28 @@ class CallRegistry:
             del self._late[call.call_id]
 
     def publish(self, event: Event) -> None:
+        event = event.stamped("publish", time.monotonic_ns())
+        call = self.calls.get(event.call_id)
+        if call is not None and (not call.closed_at or call.closing) and len(call.unechoed) < MAX_UNECHOED:
+            call.unechoed.add(event.stamps["publish"])
         self.relay.publish(event)
+
+    def _seen(self, event: Event) -> None:
+        """An event came back from the relay: if it is one of ours, a closing call may close."""
+        call = self.calls.get(event.call_id)
+        if call is None or not call.unechoed:
+            return
+        call.unechoed.discard(event.stamps.get("publish", -1))
+        if not call.unechoed and call.closing:
+            self._close_ring(call)
+
+    def _close_ring(self, call: Call) -> None:
+        """Mark the ring closed with the end close() was given (once; not after _finish)."""
+        if call.closing is None or self.calls.get(call.call_id) is not call:
+            return
+        reason, detail = call.closing
+        call.closing = None
+        call.ring.mark_closed(end_reason_code(reason), detail)
 
     def error(self, call_id: str, reason: str) -> None:
         """Report bad input of one call on the event stream."""

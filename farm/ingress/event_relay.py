@@ -34,10 +34,16 @@ log = logging.getLogger("farm.ingress")
 
 class EventRelay:
     def __init__(
-        self, ctx: zmq.asyncio.Context, config: Config, metrics: Metrics, find: Callable[[str], Call | None]
+        self,
+        ctx: zmq.asyncio.Context,
+        config: Config,
+        metrics: Metrics,
+        find: Callable[[str], Call | None],
+        seen: Callable[[Event], None],
     ) -> None:
         self.metrics = metrics
         self.find = find
+        self.seen = seen  # every event from the relay, the ingress's own included (their echo)
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 500)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)  # what it publishes while a broker restarts waits here
@@ -54,7 +60,8 @@ class EventRelay:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
 
     def publish(self, event: Event) -> None:
-        self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
+        """Send an event (stamped ``publish`` by the caller) to the relay."""
+        self.pub.send_multipart(event.to_frames())
 
     async def watch_relay(self) -> None:
         """The relay subscribes to our events when it (re)connects: from then on they reach it."""
@@ -75,6 +82,7 @@ class EventRelay:
                 self.metrics.drop(DROP_MALFORMED)
                 continue
             self.metrics.observe(event, received)
+            self.seen(event)
             call = self.find(event.call_id)
             if call is not None and event.type == "flush" and call.player is not None:
                 self.metrics.barge_ins += call.player.barge_in(event)
