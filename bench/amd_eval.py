@@ -17,7 +17,7 @@ through what a worker does, 20 ms at a time and in this order:
 Once the decider has decided and wants no beep (``wants_beep``), the VAD stops; the
 tone detector runs to the end of the file (then ``flush``) so that its events can be
 scored as a detector, and its tones keep going to the decider, which ignores what it
-no longer wants. The end of the audio is ``on_end``. No recogniser runs, so the
+no longer wants. The end of the audio is ``on_end``. No recognizer runs, so the
 transcript rules never fire here. ``--no-tones`` runs the cadence alone.
 
 ``python -m bench.amd_eval CORPUS_DIR [--count N] [--seed S] [--no-tones]`` makes the

@@ -5,7 +5,7 @@ mod_audio_stream would (amigniter: metadata, then 20 ms of 8 kHz mono per frame,
 time) with ``?amd=1`` on its URL, ``--calls`` at a time (the next case starts when a call
 ends). Its ``amd``, ``beep`` and ``tone`` events and ``call_end``'s stats are scored
 against the manifest as :mod:`bench.amd_eval` scores the offline run; here the
-recogniser runs, so the transcript rules (``phrase``, ``transcript_words``) can decide.
+recognizer runs, so the transcript rules (``phrase``, ``transcript_words``) can decide.
 
 ``--cost`` streams the same cases again with ``?tones=0`` (no AMD, no tones) on the same
 farm: the workers' CPU seconds per call-second, on and off. ``--micro`` times
@@ -287,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
             doc["run"], doc["cases"] = run, rows_of(cases, records)
             out.append(report(cases, records, run))
             if args.cost:
-                time.sleep(2.0)  # the last calls' recognisers go
+                time.sleep(2.0)  # the last calls' recognizers go
                 _, off = asyncio.run(run_cases(cases, corpus, target, events, args.calls, "?tones=0", pids,
                                                tag="off", progress=progress))  # fmt: skip
                 doc["off"] = off

@@ -17,7 +17,7 @@ spans come from recorded.json, measured with a threshold per clip.
 Corpora (``--corpus``): ``espeak`` the ten single sentences; ``pauses`` ten replies with
 150-300 ms pauses inside (tests/data/pauses.json: one utterance each, or the farm split
 it); ``recorded`` seven clips of recorded human (English) speech; ``mixed`` all of them,
-the default: the more varied the speech, the less a recogniser's graph cache flatters
+the default: the more varied the speech, the less a recognizer's graph cache flatters
 the run (bench/results/profile-12calls.md).
 """
 

@@ -22,7 +22,7 @@ Two kinds of figures (ARCHITECTURE.md, "Per-stage latency vocabulary"):
     includes the VAD's onset window (60 ms by default) on top of the dispatch delay;
     speech_end is left out (its read comes after the whole hangover);
   - ``vad``: ``vad - read`` of speech_start (the decision itself);
-  - ``asr``: ``asr - commit`` of partials and finals (the audio's commit -> recogniser
+  - ``asr``: ``asr - commit`` of partials and finals (the audio's commit -> recognizer
     output: the farm has no separate "fed" stamp, so this includes the queue to Vosk);
   - ``publish``: event published -> received by the bench (ZeroMQ);
   - ``barge_in_farm``: ``flush - recv`` of barge_in (the utterance's first voiced frame
@@ -61,7 +61,7 @@ STAGES: dict[str, str] = {
     "ingress": "ingress (socket read -> ring)",
     "dispatch": "dispatch + onset window (ring -> read)",
     "vad": "vad (read -> speech_start decision)",
-    "asr": "asr (ring -> recogniser output)",
+    "asr": "asr (ring -> recognizer output)",
     "publish": "publish (event -> subscriber)",
     "eos_final_farm": "end of speech -> final (farm VAD)",
     "eos_final": "end of speech -> final",

@@ -13,12 +13,12 @@ With ``--decoder`` (repeatable, e.g. ``--decoder beam=8 --decoder beam=8,max-act
 the same audio is decoded under each setting in the same run, the model's own first,
 and the character error rate against the spoken text (``orthographic`` in texts.json and
 pauses.json, spaces ignored) is given beside the CPU: an on/off pair per lever. The
-espeak-ng corpus is recognised poorly whatever the setting (CER ~0.6), so read the CER
+espeak-ng corpus is recognized poorly whatever the setting (CER ~0.6), so read the CER
 as the setting's *change* in accuracy, not as the model's accuracy on real callers.
 
-Each run uses a fresh recogniser, warmed up on other speech (tests/data/en_sentence:
-a new recogniser's first seconds cost several times more): measured here, a
-recogniser decodes a sentence it has already heard about 3x cheaper (0.06 instead of
+Each run uses a fresh recognizer, warmed up on other speech (tests/data/en_sentence:
+a new recognizer's first seconds cost several times more): measured here, a
+recognizer decodes a sentence it has already heard about 3x cheaper (0.06 instead of
 0.19 CPU s per audio s), and a caller never repeats the bench's sentences to it.
 """
 

@@ -185,7 +185,7 @@ def wait_ready(url: str, timeout: float = 180.0) -> float:
 
 
 def _warms_later(args: list[str] | tuple[str, ...]) -> bool:
-    """Whether ``farm up`` with these arguments warms recognisers after its workers register."""
+    """Whether ``farm up`` with these arguments warms recognizers after its workers register."""
     if "--no-recognizer-reuse" in args:
         return False
     for flag, value in zip(args, args[1:], strict=False):
@@ -454,7 +454,7 @@ def ramp(
             broke = True
             if not keep_going:
                 break
-        time.sleep(pause_s)  # let the last calls' recognisers and rings go
+        time.sleep(pause_s)  # let the last calls' recognizers and rings go
     return {"capacity": capacity, "steps": done}
 
 

@@ -423,7 +423,7 @@ class Config:
         ),
     )
     vad_preroll_ms: int = field(
-        default=300, metadata=knob("audio before the onset the recogniser hears", group="recognition", check=_ms_step)
+        default=300, metadata=knob("audio before the onset the recognizer hears", group="recognition", check=_ms_step)
     )
     vad_tail_margin_db: float = field(
         default=9.0,
@@ -465,10 +465,10 @@ class Config:
         ),
     )
     recognizer_max_audio_s: float = field(
-        default=600.0, metadata=knob("retire a recogniser after this much calls' audio", group="recognition")
+        default=600.0, metadata=knob("retire a recognizer after this much calls' audio", group="recognition")
     )
     recognizer_warm: int = field(
-        default=1, metadata=knob("recognisers per worker warmed before it takes calls", group="recognition")
+        default=1, metadata=knob("recognizers per worker warmed before it takes calls", group="recognition")
     )
     recognizer_warm_s: float = field(
         default=6.0,
@@ -477,14 +477,14 @@ class Config:
     recognizer_warm_later: int = field(
         default=3,
         metadata=knob(
-            "recognisers per worker warmed after it takes calls, at the lowest CPU priority, on all of it",
+            "recognizers per worker warmed after it takes calls, at the lowest CPU priority, on all of it",
             group="recognition",
         ),
     )
     recognizer_memory_mb: float = field(
         default=1500.0,
         metadata=knob(
-            "a worker holding more than this (resident MB) retires recognisers as they come back (0: no budget)",
+            "a worker holding more than this (resident MB) retires recognizers as they come back (0: no budget)",
             group="recognition",
             check=_at_least(0),
         ),
@@ -494,10 +494,10 @@ class Config:
         metadata=knob("Kaldi MFCC dither (0: repeatable results; -1: the model's own)", group="recognition"),
     )
     recognizer_pool: int = field(
-        default=8, metadata=knob("idle recognisers a worker keeps for reuse", group="recognition")
+        default=8, metadata=knob("idle recognizers a worker keeps for reuse", group="recognition")
     )
     recognizer_reuse: bool = field(
-        default=True, metadata=knob("reuse recognisers (off: a fresh one per utterance, slower)", group="recognition")
+        default=True, metadata=knob("reuse recognizers (off: a fresh one per utterance, slower)", group="recognition")
     )
     # -- supervisor
     drain_timeout: float = field(

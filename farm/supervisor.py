@@ -48,7 +48,7 @@ START_ERROR = 5
 
 # A process that dies this soon after its start is broken, not unlucky: halt.
 _EARLY_DEATH_S = 3.0
-# A starting worker warms a recogniser before it registers (no call waits on it), and one
+# A starting worker warms a recognizer before it registers (no call waits on it), and one
 # Vosk call of that warm-up can keep its loop silent for many seconds on a loaded machine
 # (seen: 10 s under stress-ng, then SIGABRT, then a second start): its start is not a hang.
 _START_GRACE_S = 60.0
@@ -191,7 +191,7 @@ class Supervisor:
             os.close(self.pipe[1])
             code = worker_main(index, cpu, self.config, self.model, self.model_rate, self.heartbeats, parent)
         except BaseException:
-            logging.getLogger("farm.worker").exception("worker %d crashed (pid %d)", index, os.getpid())
+            logging.getLogger("workers.worker").exception("worker %d crashed (pid %d)", index, os.getpid())
         finally:
             os._exit(code)
 
@@ -267,7 +267,7 @@ class Supervisor:
         raise KeyboardInterrupt
 
     def handle_hup(self) -> None:
-        # A reload would drop every call's recogniser state: not worth it. Say so.
+        # A reload would drop every call's recognizer state: not worth it. Say so.
         log.info("SIGHUP ignored: restart farm to change its configuration (pid %d)", os.getpid())
 
     def handle_chld(self) -> None:

@@ -9,7 +9,7 @@ makes it a *background* call:
   WebSocket while its ring holds half its capacity unread, and the worker reads a file no
   further ahead of its recognition than a few seconds, so TCP paces the sender and the
   ring never overwrites a byte (an ``overrun`` event would fail the file);
-- recognised after every live call's work (workers/scheduler.py), without holding a
+- recognized after every live call's work (workers/scheduler.py), without holding a
   live call's place in admission.
 
 What is printed is what ``farm call`` prints (``--json``: the events as JSON lines),
@@ -215,7 +215,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "transcribe",
         help="transcribe recorded files with a running farm (faster than real time, after live calls)",
         description="Stream each file to a running farm as a background call (source: file) and print its "
-        "finals; files are paced by the farm (no audio lost) and recognised after live calls' work.",
+        "finals; files are paced by the farm (no audio lost) and recognized after live calls' work.",
     )
     t.add_argument("files", nargs="+", metavar="FILE", help="16-bit PCM WAV (8-48 kHz, mono or stereo), or raw PCM")
     t.add_argument(

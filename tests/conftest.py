@@ -371,13 +371,13 @@ def direct_decode(wav: str | Path, *, partial_every: int = 0) -> list[str]:
 
 def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, channel: int = 0) -> list[str]:
     """The reference for a VAD-gated call: each utterance decoded straight with Vosk
-    from exactly the audio the farm says its recogniser heard (``audio_ms`` of the
+    from exactly the audio the farm says its recognizer heard (``audio_ms`` of the
     finals: the preroll, the speech and the quiet up to where its final was prepared),
     ended where the farm ended it: ``pieces_ms`` says where it was finalised at the
     caller's pauses (FinalResult: the next piece starts on fresh features) and how."""
     samples = _samples16k(wav)
     out: list[str] = []
-    # One recogniser stream per utterance: Vosk's own endpoints (intermediate finals) and
+    # One recognizer stream per utterance: Vosk's own endpoints (intermediate finals) and
     # the farm's cuts continue it; a closing final ends it.
     bounds: list[tuple[int, int, str]] = []
     for e in run.of("final"):

@@ -448,7 +448,7 @@ def test_a_call_id_or_metadata_with_a_newline_writes_no_line_of_its_own_into_the
         field = "call " + json.dumps(call_id) + ": "
         assert f"farm.ingress.ws: {field}mod_audio_stream from" in log
         assert f"farm.broker: {field}assigned to worker" in log
-        assert f"farm.worker: {field}done," in log
+        assert f"workers.worker: {field}done," in log
     assert_good(farm, good)
     assert_alive(farm)
 

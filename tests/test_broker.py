@@ -150,14 +150,25 @@ def test_a_silent_worker_loses_its_calls_after_its_liveness_runs_out(
     quiet.expect(wire.B_DISCONNECT)
 
 
-def test_worker_done_reaches_the_ingress(broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+def test_a_flush_and_a_given_up_call_reach_the_ingress_and_a_done_call_says_nothing(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """A call its worker ended reaches the ingress as its call_end, on the event path: no
+    control message may overtake it. A barge-in and a call given up are the ingress's to act on."""
     w = Peer(ctx, broker.endpoint("workers"))
     ingress = Peer(ctx, broker.endpoint("ingress"))
     w.send(wire.W_READY, "0", "100")
     ingress.send(wire.I_OPEN, "c9", "ring-9", "{}")
-    w.expect(wire.B_ASSIGN)
-    w.send(wire.W_DONE, "c9")
-    assert ingress.expect(wire.I_DONE) == ["c9"]
+    ingress.send(wire.I_OPEN, "c8", "ring-8", "{}")
+    assert sorted(w.expect(wire.B_ASSIGN)[0] for _ in range(2)) == ["c8", "c9"]
+    request = wire.FlushRequest(1200, 60, 1100, (("recv", 5),)).encode()
+    w.send(wire.W_FLUSH, "c9", request)
+    assert ingress.expect(wire.I_FLUSH, skip=(wire.I_STATUS,)) == ["c9", request]
+    w.send(wire.W_FLUSH, "not-its-call", request)  # not relayed: the worker does not serve it
+    w.send(wire.W_DONE, "c9")  # not relayed: its call_end ends it at the ingress
+    w.send(wire.W_DONE, "c8", "worker could not attach: no such ring")
+    reason = "worker could not attach: no such ring"
+    assert ingress.expect(wire.I_GAVE_UP, skip=(wire.I_STATUS,)) == ["c8", reason]
 
 
 def test_a_disconnecting_worker_hands_its_calls_over_at_once(broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -245,8 +256,8 @@ def test_a_worker_declared_dead_is_told_to_drop_the_calls_that_moved(
     assert sorted(hung.expect(wire.B_ASSIGN)[0] for _ in range(2)) == ["ended", "moved"]
     alive.send(wire.W_READY, "1", "101")
     assert assigned_while_beating(alive, 2, alive) == ["ended", "moved"]  # hung went silent
-    alive.send(wire.W_DONE, "ended")
-    assert ingress.expect(wire.I_DONE, skip=(wire.I_STATUS,)) == ["ended"]  # a status as workers went
+    alive.send(wire.W_DONE, "ended", "gave up")
+    assert ingress.expect(wire.I_GAVE_UP, skip=(wire.I_STATUS,)) == ["ended", "gave up"]  # a status as workers went
     hung.send(wire.W_HEARTBEAT, wire.Load(2).encode())
     hung.expect(wire.B_DISCONNECT, skip=(wire.B_RELEASE,))  # asked to balance with alive, before it went
     again = Peer(ctx, broker.endpoint("workers"))  # a new DEALER, as the worker reconnects
@@ -254,17 +265,17 @@ def test_a_worker_declared_dead_is_told_to_drop_the_calls_that_moved(
     assert sorted(again.expect(wire.B_DROP)[0] for _ in range(2)) == ["ended", "moved"]
 
 
-def test_a_done_from_a_worker_the_broker_never_knew_still_reaches_the_ingress(
+def test_a_call_given_up_by_a_worker_the_broker_never_knew_still_reaches_the_ingress(
     restarted_broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     """A worker's W_DONE queued while no broker ran reaches the new one before the worker
     registers, and maybe before the ingress has said a word: kept, then relayed."""
     w = Peer(ctx, restarted_broker.endpoint("workers"))
-    w.send(wire.W_DONE, "finished")
+    w.send(wire.W_DONE, "finished", "worker failed on this call: boom")
     w.expect(wire.B_DISCONNECT)
     ingress = Peer(ctx, restarted_broker.endpoint("ingress"))
     ingress.send(wire.I_HEARTBEAT)
-    assert ingress.expect(wire.I_DONE) == ["finished"]
+    assert ingress.expect(wire.I_GAVE_UP) == ["finished", "worker failed on this call: boom"]
 
 
 def producer(ctx: zmq.Context[zmq.Socket[bytes]], config: Config) -> zmq.Socket[bytes]:
@@ -360,11 +371,11 @@ def test_the_capacity_follows_what_the_workers_measured_and_keeps_it_when_they_s
     wait_for_workers(ingress, 1)
     w.send(wire.W_HEARTBEAT, wire.Load(calls=2, call_cpu_ms=400).encode())
     w.send(wire.W_HEARTBEAT, wire.Load(calls=0, call_cpu_ms=0).encode())  # a restarted worker: nothing yet
-    w.send(wire.W_DONE, "none")  # relayed as I_DONE once both heartbeats are handled (one socket, in order)
+    w.send(wire.W_DONE, "none", "x")  # relayed as I_GAVE_UP once both heartbeats are handled (one socket, in order)
     deadline = time.monotonic() + 10_000 * MS
     while ingress.sock.poll(int(10_000 * MS * 1000)):
         got, body = wire.parse(ingress.sock.recv_multipart())
-        if got == wire.I_DONE:
+        if got == wire.I_GAVE_UP:
             break
         assert got == wire.I_STATUS and time.monotonic() < deadline  # pushed when the worker came
     ingress.send(wire.I_HEARTBEAT)

@@ -82,7 +82,7 @@ def test_a_sentence_with_pauses_inside_is_one_final_exactly_as_vosk_hears_its_pi
     assert len(run.of("speech_start")) == len(run.of("speech_end")) == 1, run.events
     assert len(finals) == 1 and finals[0]["reason"] == "vad"
     assert run.finals == decode_heard(wav, run)
-    # The final was prepared at a pause: what the recogniser heard stops 160 ms into the
+    # The final was prepared at a pause: what the recognizer heard stops 160 ms into the
     # quiet after the last word, not at the end of the 320 ms hangover.
     end = run.of("speech_end")[0].offset_ms
     assert finals[0]["audio_ms"][1] - end <= 160 + 20

@@ -7,10 +7,10 @@ FreeSWITCH byte for byte (it is not FreeSWITCH), into a real ``farm up`` with th
 real Korean model; what the farm transcribes is compared with a direct Vosk decode of
 the same audio, and the call's ring must be gone from /dev/shm afterwards.
 
-How the texts are compared: the farm recognises repeatably (MFCC dither 0, one
+How the texts are compared: the farm recognizes repeatably (MFCC dither 0, one
 ``AcceptWaveform`` per 20 ms frame, partials asked for every 200 ms of audio; see
 workers/asr.py), so the nodes here run ``--no-gating --no-recognizer-reuse`` (Vosk
-hears the whole call with a fresh recogniser, as the direct decode does) and the
+hears the whole call with a fresh recognizer, as the direct decode does) and the
 reference is conftest's ``direct_decode`` with the same partial schedule. The finals
 must be equal. The 8 kHz capture is held to conftest's ``same_transcript`` instead:
 the worker resamples it as a stream, in chunks of whatever size the ring held when it

@@ -27,7 +27,7 @@ from farm.protocol.esl import (
     AuthRequest,
     ChannelData,
     DisconnectNotice,
-    Event,
+    EslEvent,
     EventSocketParser,
     Headers,
     LogData,
@@ -267,14 +267,14 @@ class TestSection3_7TestVectors:
         ).encode()
         data = f"Content-Length: {len(inner)}\nContent-Type: text/event-plain\n\n".encode() + inner
         event = replay_one(data)
-        assert isinstance(event, Event)
+        assert isinstance(event, EslEvent)
         assert event.name == "BACKGROUND_JOB" and event.subclass is None
         assert event.headers["job-command-arg"] == f"{UUID} stop"
         assert event.body == "+OK Success\n"
 
     def test_esl_5_json_event_with_body(self) -> None:
         event = replay_one(TV_ESL_5)
-        assert isinstance(event, Event)
+        assert isinstance(event, EslEvent)
         assert event.content_type == "text/event-json"
         assert event.name == "CUSTOM"
         assert event.subclass == "mod_audio_stream::json"
@@ -287,7 +287,7 @@ class TestSection3_7TestVectors:
 
     def test_esl_6_plain_event_with_body_is_decoded_per_value(self) -> None:
         event = replay_one(TV_ESL_6)
-        assert isinstance(event, Event)
+        assert isinstance(event, EslEvent)
         assert event.content_type == "text/event-plain"
         assert event.name == "CUSTOM"
         assert event.subclass == "mod_audio_stream::connect"
@@ -393,7 +393,7 @@ class TestSection2_8SocketAudioVectors:
 
     def test_msa_4_playback_stop_event_plain(self) -> None:
         event = replay_one(TV_MSA_4)
-        assert isinstance(event, Event)
+        assert isinstance(event, EslEvent)
         assert event.name == "CUSTOM"
         assert event.subclass == "socket_audio::playback_stop"
         assert event.headers["Playback-Stop-Reason"] == "flush"
@@ -402,7 +402,7 @@ class TestSection2_8SocketAudioVectors:
 
     def test_vectors_back_to_back_in_one_stream(self) -> None:
         messages = replay(TV_ESL_6 + TV_MSA_4 + TV_ESL_5 + b"Content-Type: api/response\nContent-Length: 4\n\n+OK\n")
-        assert [type(m).__name__ for m in messages] == ["Event", "Event", "Event", "ApiResponse"]
+        assert [type(m).__name__ for m in messages] == ["EslEvent", "EslEvent", "EslEvent", "ApiResponse"]
 
 
 class TestSection3_1Framing:
@@ -476,7 +476,7 @@ class TestSection3_1Framing:
     def test_xml_event_is_kept_raw(self) -> None:
         xml = b"<event><headers><Event-Name>CUSTOM</Event-Name></headers></event>"
         message = replay_one(b"Content-Type: text/event-xml\nContent-Length: " + str(len(xml)).encode() + b"\n\n" + xml)
-        assert message == Event(content_type="text/event-xml", raw=xml.decode())
+        assert message == EslEvent(content_type="text/event-xml", raw=xml.decode())
 
     def test_unknown_content_type_is_kept_not_fatal(self) -> None:
         with_body = replay_one(b"Content-Type: x/new\nContent-Length: 2\n\nhi")
@@ -523,21 +523,21 @@ class TestSection3_4EventSerialization:
 
     def test_encoded_newline_does_not_make_a_fake_line(self) -> None:
         event = self.plain(b"Event-Name: CUSTOM\nX-Text: line1%0AFake-Header: x\n\n")
-        assert isinstance(event, Event)
+        assert isinstance(event, EslEvent)
         assert event.headers["X-Text"] == "line1\nFake-Header: x"
         assert "Fake-Header" not in event.headers
 
     def test_plain_event_without_final_newline_is_tolerated(self) -> None:
         event = self.plain(b"Event-Name: HEARTBEAT\nX: y")
-        assert isinstance(event, Event) and event.name == "HEARTBEAT" and event.headers["X"] == "y"
+        assert isinstance(event, EslEvent) and event.name == "HEARTBEAT" and event.headers["X"] == "y"
 
     def test_plain_event_with_missing_name(self) -> None:
         event = self.plain(b"X: y\n\n")
-        assert isinstance(event, Event) and event.name == "" and event.subclass is None
+        assert isinstance(event, EslEvent) and event.name == "" and event.subclass is None
 
     def test_plain_event_with_empty_outer_body(self) -> None:
         event = replay_one(b"Content-Type: text/event-plain\n\n")
-        assert event == Event(headers=Headers())
+        assert event == EslEvent(headers=Headers())
 
     def test_plain_event_with_short_inner_body_fails(self) -> None:
         inner = b"Event-Name: CUSTOM\nContent-Length: 10\n\nabc"
@@ -550,7 +550,7 @@ class TestSection3_4EventSerialization:
         event = replay_one(
             b"Content-Type: text/event-json\nContent-Length: " + str(len(body)).encode() + b"\n\n" + body
         )
-        assert isinstance(event, Event)
+        assert isinstance(event, EslEvent)
         assert event.headers["X-Multi"] == "ARRAY::a|:b"
         assert event.headers["X-Num"] == "5"
         assert event.body == "x"
@@ -560,7 +560,7 @@ class TestSection3_4EventSerialization:
         event = replay_one(
             b"Content-Type: text/event-json\nContent-Length: " + str(len(body)).encode() + b"\n\n" + body
         )
-        assert isinstance(event, Event) and event.name == "HEARTBEAT" and event.body is None
+        assert isinstance(event, EslEvent) and event.name == "HEARTBEAT" and event.body is None
 
     @pytest.mark.parametrize(
         ("body", "why"),

@@ -79,9 +79,9 @@ class TestBrokerWire:
         assert body[:2] == ["call-1", "farm-1-1"] and wire.decode_info(body[2]) == {"a": 1}
 
     def test_every_command_has_a_name(self) -> None:
-        for cmd in (wire.W_READY, wire.W_HEARTBEAT, wire.W_DONE, wire.W_DISCONNECT, wire.B_ASSIGN,
-                    wire.B_HEARTBEAT, wire.B_DISCONNECT, wire.B_DROP, wire.I_OPEN, wire.I_HEARTBEAT, wire.I_DONE,
-                    wire.I_STATUS):
+        for cmd in (wire.W_READY, wire.W_HEARTBEAT, wire.W_DONE, wire.W_DISCONNECT, wire.W_RELEASED, wire.W_FLUSH,
+                    wire.B_ASSIGN, wire.B_RELEASE, wire.B_HEARTBEAT, wire.B_DISCONNECT, wire.B_DROP, wire.I_OPEN,
+                    wire.I_HEARTBEAT, wire.I_STATUS, wire.I_GAVE_UP, wire.I_FLUSH):
             assert not wire.name(cmd).startswith("b'")
 
     @pytest.mark.parametrize(
@@ -91,7 +91,8 @@ class TestBrokerWire:
             ([b""], "malformed envelope"),
             ([b"", b"FARMW99", wire.W_HEARTBEAT, b"1"], "header"),
             ([b"", wire.HEADER, b"\x7f"], "unknown command"),
-            ([b"", wire.HEADER, wire.W_DONE], "carries 0 body frames, expected 1"),
+            ([b"", wire.HEADER, wire.W_DONE], r"carries 0 body frames, expected \(1, 2\)"),
+            ([b"", wire.HEADER, wire.W_FLUSH, b"c"], "carries 1 body frames, expected 2"),
             ([b"", wire.HEADER, wire.W_DONE, b"\xff"], "not UTF-8"),
         ],
     )
@@ -100,7 +101,7 @@ class TestBrokerWire:
             wire.parse(frames)
 
     def test_building_a_message_checks_the_arity(self) -> None:
-        with pytest.raises(wire.WireError, match="takes 1 body frames, got 0"):
+        with pytest.raises(wire.WireError, match=r"takes \(1, 2\) body frames, got 0"):
             wire.message(wire.W_DONE)
         with pytest.raises(wire.WireError, match="unknown command"):
             wire.message(b"\x7f")
@@ -118,6 +119,19 @@ class TestBrokerWire:
     def test_a_malformed_held_list_raises_wire_error(self, held: str) -> None:
         with pytest.raises(wire.WireError, match="held"):
             wire.parse_ready(["0", "1", held])
+
+    def test_a_flush_request_carries_its_stamps_through_the_wire(self) -> None:
+        request = wire.FlushRequest(1234, 60, 1100, (("recv", 5), ("commit", 6), ("vad", 9)))
+        _, body = wire.parse(wire.message(wire.W_FLUSH, "c1", request.encode()))
+        assert body[0] == "c1" and wire.FlushRequest.decode(body[1]) == request
+        assert wire.FlushRequest.decode("{}") == wire.FlushRequest()
+
+    @pytest.mark.parametrize(
+        "raw", ["nope", "[]", '{"voiced_ms": -1}', '{"stamps": [1]}', '{"stamps": {"recv": "x"}}', '{"offset_ms": true}']
+    )
+    def test_a_malformed_flush_request_raises_wire_error(self, raw: str) -> None:
+        with pytest.raises(wire.WireError, match="flush request"):
+            wire.FlushRequest.decode(raw)
 
     @pytest.mark.parametrize("raw", ["nope", "[1, 2]"])
     def test_call_info_must_be_a_json_object(self, raw: str) -> None:

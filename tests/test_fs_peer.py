@@ -18,7 +18,7 @@ from bench.fs_peer import SocketAudioCall
 from bench.fs_peer_inbound import InboundEslServer
 from bench.fs_peer_playback import DISCARD_NS, PLAY_FRAME
 from bench.fs_peer_wire import GOODBYE, event_message, serialize_plain
-from farm.protocol.esl import ApiResponse, ChannelData, DisconnectNotice, Event, EventSocketParser, Reply
+from farm.protocol.esl import ApiResponse, ChannelData, DisconnectNotice, EslEvent, EventSocketParser, Reply
 from tests.conftest import MS
 
 
@@ -175,9 +175,9 @@ async def started_call(**kw: Any) -> tuple[SocketAudioCall, Controller, Sidecar,
     return call, ctl, side, reader, (writer, server)
 
 
-async def next_event(ctl: Controller) -> Event:
+async def next_event(ctl: Controller) -> EslEvent:
     message = parse(await ctl.recv())
-    assert isinstance(message, Event), message
+    assert isinstance(message, EslEvent), message
     return message
 
 

@@ -45,7 +45,7 @@ def test_a_control_character_in_an_argument_cannot_start_a_line(log: io.StringIO
 
 def test_a_call_id_is_a_field_of_the_line_quoted_when_it_is_not_plain(log: io.StringIO) -> None:
     call_logger(logging.getLogger("farm.ingress"), "6f2d-a1:b@c").info("mod_audio_stream from %s", "1.2.3.4:5")
-    call_logger(logging.getLogger("farm.worker"), f"x\n{FAKE}").info("serving")
+    call_logger(logging.getLogger("workers.worker"), f"x\n{FAKE}").info("serving")
     logging.getLogger("farm.broker").info("queued", extra={"call_id": 'say "hi"'})
     logging.getLogger("farm.broker").info("no call here")
     assert [line.split(": ", 1)[1] for line in lines(log)] == [

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from farm.broker.wire import FlushRequest
 from farm.ingress.playback import FRAME_BYTES, Clip, PlaybackError, Player, to_pcm24k, wav_duration_ms, wav_to_pcm24k
 from farm.protocol.events import Event
 from farm.ring import Ring
@@ -189,7 +190,7 @@ def test_barge_in_cuts_what_plays_and_drops_the_queue_once(ring: Ring) -> None:
         player.play(Clip(bytes(48000), "first"))
         player.play(Clip(bytes(48000), "second"))
         await asyncio.sleep(0.3)
-        request = Event("flush", "call-1", 9, 1234, {"reason": "barge_in", "voiced_ms": 60}, {"recv": 1})
+        request = FlushRequest(1234, 60, 1000, (("recv", 1),))
         t_cut = time.monotonic_ns()
         player.barge_in(request)
         t_cut_end = time.monotonic_ns()
@@ -222,7 +223,7 @@ def test_no_flush_when_nothing_plays(ring: Ring) -> None:
     async def scenario() -> ListPlayer:
         player = ListPlayer(ring, events)
         player.start()
-        player.barge_in(Event("flush", "call-1", 1, 0, {"voiced_ms": 60}))
+        player.barge_in(FlushRequest(0, 60))
         assert player.flush() == {"flushed": False}
         player.close()
         return player

@@ -1,4 +1,4 @@
-"""Recognisers off the worker loop, with the real model: pool, memory bound, word times."""
+"""Recognizers off the worker loop, with the real model: pool, memory bound, word times."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _collect(results: ResultQueue, until: int, timeout: float = 30_000 * MS) -> 
     return got
 
 
-def test_a_recogniser_is_reused_after_reset_and_retired_after_max_audio() -> None:
+def test_a_recognizer_is_reused_after_reset_and_retired_after_max_audio() -> None:
     pool = RecognizerPool(model(), 16000, max_audio_s=3.0, keep=4)
     rec = pool.lease()
     pcm = _samples16k(DATA / "ko_01.wav").tobytes()
@@ -40,7 +40,7 @@ def test_a_recogniser_is_reused_after_reset_and_retired_after_max_audio() -> Non
     assert pool.idle == 0 and pool.retired == 1  # heard too much: dropped with its memory
 
 
-def test_a_stream_gives_finals_with_words_in_call_time_and_the_recogniser_back() -> None:
+def test_a_stream_gives_finals_with_words_in_call_time_and_the_recognizer_back() -> None:
     pool = RecognizerPool(model(), 16000, max_audio_s=60, keep=2)
     results = ResultQueue()
     scheduler = AsrScheduler(2)
@@ -59,11 +59,11 @@ def test_a_stream_gives_finals_with_words_in_call_time_and_the_recogniser_back()
     assert [o.text for o in finals] == [decode_pcm(pcm, partial_every=10)[-1]] * 2
     first, second = finals
     assert first.words and second.words
-    # Same words, shifted by exactly the call offset: not on the recogniser's clock.
+    # Same words, shifted by exactly the call offset: not on the recognizer's clock.
     assert [w["start_ms"] + 60_000 for w in first.words] == [w["start_ms"] for w in second.words]
     assert second.heard_ms == (60_000, 60_000 + len(_frames(pcm)) * 20)
     assert any(o.kind == "partial" for o in got)
-    assert pool.idle == 1 and pool.created == 1  # one recogniser served both utterances
+    assert pool.idle == 1 and pool.created == 1  # one recognizer served both utterances
     results.close()
 
 
@@ -75,7 +75,7 @@ def test_releasing_a_busy_stream_waits_for_vosk_before_reuse() -> None:
     for i, frame in enumerate(_frames(_samples16k(DATA / "ko_03.wav").tobytes())):
         stream.feed(frame, 20 * i, utterance=0, end_cursor=0)
     deadline = time.monotonic() + 30_000 * MS
-    while not pool.leased:  # a slice took a recogniser: Vosk is at work
+    while not pool.leased:  # a slice took a recognizer: Vosk is at work
         assert time.monotonic() < deadline
         time.sleep(0.001)
     stream.release()  # the slice may still be inside AcceptWaveform

@@ -481,7 +481,7 @@ def test_app_flush_and_commands_errors(node: Node) -> None:
     assert "not a PCM WAV" in errors[3] and "unknown op" in errors[4]
 
 
-@pytest.mark.timeout(900)  # a busy machine: 20 calls' speech on 2 shared cores, cold recognisers
+@pytest.mark.timeout(900)  # a busy machine: 20 calls' speech on 2 shared cores, cold recognizers
 def test_twenty_concurrent_bidirectional_calls(node: Node) -> None:
     files = [f"ko_{i:02d}.wav" for i in range(1, 11)]
     # Still playing when a worker hears the speech, however far behind a busy machine puts
@@ -499,7 +499,7 @@ def test_twenty_concurrent_bidirectional_calls(node: Node) -> None:
             await leg.until("barge_in", timeout=120_000 * MS)
             sent = await leg.spoken(speaking)
             # Under stress-ng and other test runs, 20 utterances at once took over 120 s to
-            # recognise: wait for the state, not for this machine's speed.
+            # recognize: wait for the state, not for this machine's speed.
             await leg.until("final", timeout=600_000 * MS)
         await leg.close()
         return leg, sent[0][0]

@@ -90,7 +90,7 @@ def test_a_gated_call_in_real_time_gives_close_finals_and_paired_vad_events(node
     for e in run.of("final"):
         assert e["words"] and all({"word", "start_ms", "end_ms", "conf"} <= set(w) for w in e["words"])
         assert set(e.stamps) >= {"recv", "asr", "publish"}
-    # Words sit inside their utterance (call time), not on the recogniser's own clock.
+    # Words sit inside their utterance (call time), not on the recognizer's own clock.
     last_end = max(w["end_ms"] for e in run.of("final") for w in e["words"])
     assert last_end <= run.of("call_end")[0]["duration_ms"] + 100
 
@@ -177,6 +177,6 @@ def test_a_worker_killed_mid_utterance_loses_no_words(tmp_path: Path) -> None:
 def _serving_worker(n: Node, call_id: str) -> int:
     import re
 
-    m = re.search(rf"worker(\d+)\[(\d+)\] farm.worker: call {call_id}: serving", n.log())
+    m = re.search(rf"worker(\d+)\[(\d+)\] workers.worker: call {call_id}: serving", n.log())
     assert m, n.log()[-2000:]
     return int(m.group(2))

@@ -132,7 +132,7 @@ class TestTextMessages:
 
 
 class TestReplies:
-    def test_audio_gets_the_empty_partial_before_anything_is_recognised(self) -> None:
+    def test_audio_gets_the_empty_partial_before_anything_is_recognized(self) -> None:
         session = vs.VoskSession()
         session.receive_audio()
         assert session.audio_reply() == '{\n  "partial" : ""\n}'

@@ -49,7 +49,7 @@ Transcript rules (ours, after jambonz' ``amd`` verb, which counts the greeting's
 7. phrase: the text, normalised (NFKC, case-folded, everything but letters and digits
    removed, so Vosk's varying Korean spacing does not matter), contains a normalised
    voicemail phrase of ``phrases`` -> machine ``phrase``. Partials count: a phrase is
-   decided the moment it is recognised.
+   decided the moment it is recognized.
 8. transcript words: a partial or final with >= ``machine_words`` words (jambonz'
    threshold, default 9) -> machine ``transcript_words``.
 
@@ -392,7 +392,7 @@ class AmdDecider:
         return None
 
     def on_transcript(self, offset_ms: int, text: str, final: bool) -> AmdDecision | None:
-        """Feed a recogniser's partial or final text heard by ``offset_ms``."""
+        """Feed a recognizer's partial or final text heard by ``offset_ms``."""
         if self._decision is not None:
             return None
         norm = normalise(text)

@@ -2,7 +2,7 @@
 and call-progress tones, and intents. One :class:`CallAnalysis` per call, fed by the
 worker's :class:`~workers.call.CallSession` with what it already has for the caller's
 channel: the input audio (tones), each VAD frame's voicing (AMD cadence) and the
-recogniser's partials and finals (AMD phrases, intents).
+recognizer's partials and finals (AMD phrases, intents).
 
 What a call gets is asked for with the call (:func:`options_for`): in mod_audio_stream's
 metadata or URL query, or as ``farm_*`` channel variables of a mod_socket_audio call::

@@ -31,7 +31,7 @@ __all__ = ["AsrOutput", "AsrStream", "ResultQueue"]
 
 @dataclass(frozen=True)
 class AsrOutput:
-    """A recogniser output for the main loop to publish."""
+    """A recognizer output for the main loop to publish."""
 
     stream: AsrStream
     kind: str  # "partial" | "final"
@@ -104,17 +104,17 @@ class AsrStream:
     """Serial recognition work for one channel of one call.
 
     Call :meth:`feed` with model-rate audio and :meth:`end` when the VAD closes an
-    utterance, from the main loop only. ``hold`` keeps one recogniser for the whole
+    utterance, from the main loop only. ``hold`` keeps one recognizer for the whole
     call (no VAD gating: Vosk hears everything and its own endpoint ends utterances).
 
     :meth:`cut` at a pause inside an utterance finalises what was fed so far now, while
     the caller may still go on: if they do, the utterance continues as a new piece on the
-    same recogniser; if the VAD ends it, :meth:`end` publishes at once, without a
+    same recognizer; if the VAD ends it, :meth:`end` publishes at once, without a
     FinalResult of its own. The final is the pieces joined. A cut is a FinalResult: it
     must flush the features, because the network still lacks its right context for the
     last ~200 ms fed (Vosk's ``Result()`` there loses the last syllable, measured on every
     committed sentence); so a piece after it starts on fresh features, as a new
-    recogniser would decode that audio alone.
+    recognizer would decode that audio alone.
     """
 
     def __init__(
@@ -141,7 +141,7 @@ class AsrStream:
         self._awaited = 0  # cut and end items queued: a final is awaited
         self.partials_skipped = 0
         self._rec: Recognizer | None = None
-        self._origin_ms = 0  # call offset of the recogniser's time zero
+        self._origin_ms = 0  # call offset of the recognizer's time zero
         self._first_ms = 0  # call offset of the first audio of the utterance
         self._utterance = -1
         self._last_partial = ""
@@ -189,7 +189,7 @@ class AsrStream:
         return len(self._items) * 20
 
     def release(self) -> None:
-        """Drop what is queued and give the recogniser back, now or when the job
+        """Drop what is queued and give the recognizer back, now or when the job
         running on the pool ends: never while Vosk is still using it."""
         with self._lock:
             self.closed = True
@@ -241,7 +241,7 @@ class AsrStream:
         # audio keeps a call's transcript independent of how busy the worker was.
         if self._rec is None:
             self._rec = self.pool.lease()
-            # Word times count from the recogniser's creation: map them to the call.
+            # Word times count from the recognizer's creation: map them to the call.
             self._origin_ms = item.offset_ms - self._rec.heard_ms
             self._first_ms = item.offset_ms
             self._last_partial = ""
@@ -258,7 +258,7 @@ class AsrStream:
             self._last_partial = ""
             self._since_partial = 0
             if self.hold and self._rec.heard_s >= self.pool.max_audio_s:
-                # Without gating one recogniser hears the whole call and its memory
+                # Without gating one recognizer hears the whole call and its memory
                 # grows with it: swap it at an endpoint so a long call stays bounded.
                 self._give_back()
             return
@@ -287,7 +287,7 @@ class AsrStream:
         return " ".join([*(p.text for p in self._pieces if p.text), *([text] if text else [])])
 
     def _piece(self, result: Result, how: str) -> _Piece:
-        """The piece the recogniser just finalised, words on the call's clock; starts the next."""
+        """The piece the recognizer just finalised, words on the call's clock; starts the next."""
         words = [
             {**w, "start_ms": w["start_ms"] + self._origin_ms, "end_ms": w["end_ms"] + self._origin_ms}
             for w in result.words

@@ -1,7 +1,7 @@
 """One call served by a worker: ring in, resample, VAD, recognition streams, events out.
 
 The main loop calls :meth:`CallSession.pump` every tick; it reads what the ingress
-wrote since the last tick and returns the events the VAD decided. Recogniser outputs
+wrote since the last tick and returns the events the VAD decided. Recognizer outputs
 come back through :meth:`CallSession.on_asr`. Everything runs on the worker's main
 thread except the Vosk work inside :class:`~workers.asr.AsrStream`.
 
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import soxr
 
+from farm.broker.wire import FlushRequest
 from farm.config import Config
 from farm.protocol.audio_stream import is_background
 from farm.protocol.events import Event
@@ -33,9 +34,9 @@ from workers.stats import CallStats
 from workers.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart, Vad, VadConfig, VadState
 
 
-__all__ = ["CallSession", "vad_config_for"]
+__all__ = ["FLUSH", "CallSession", "Draft", "vad_config_for"]
 
-log = logging.getLogger("farm.worker.call")
+log = logging.getLogger(__name__)
 
 FRAME_MS = 20
 # A background call (a recorded file) is read from its ring no further ahead of its
@@ -60,9 +61,13 @@ def vad_config_for(config: Config) -> VadConfig:
     )
 
 
+# A draft of this type is no event: the worker sends it to the ingress as W_FLUSH.
+FLUSH = "flush"
+
+
 @dataclass
-class _Draft:
-    """An event before it gets its sequence number."""
+class Draft:
+    """An event before it gets its sequence number (or a barge-in request, :data:`FLUSH`)."""
 
     type: str
     offset_ms: int
@@ -94,7 +99,7 @@ class _Channel:
         self.preroll: list[bytes] = []  # recent silent frames, fed when speech starts
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
-        # After a SpeechPause: the quiet frames since, held back from the recogniser (its
+        # After a SpeechPause: the quiet frames since, held back from the recognizer (its
         # piece is finalised); fed if the caller resumes, dropped if the utterance ends.
         self.held: list[tuple[bytes, int, int]] | None = None
         self.onset_frame = 0  # SpeechStart.frame of the current utterance
@@ -115,8 +120,8 @@ class _Channel:
             else:
                 self.quiet_frames += self.vad.preroll_frames
 
-    def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[_Draft]:
-        drafts: list[_Draft] = []
+    def push(self, samples: np.ndarray, read_ns: int, last: bool = False) -> list[Draft]:
+        drafts: list[Draft] = []
         if self.index == 0 and len(samples):
             drafts += self.session.found(self.session.analysis.on_audio(samples), {"read": read_ns})
         if self.resampler is not None:
@@ -141,14 +146,14 @@ class _Channel:
         del self.pending[: n * fb]
         return drafts
 
-    def _frame(self, frame: bytes, read_ns: int) -> list[_Draft]:
+    def _frame(self, frame: bytes, read_ns: int) -> list[Draft]:
         s = self.session
         k = self.vad.frames  # index of this frame
         decision = self.vad.process(frame)
         if isinstance(decision, SpeechStart) and k < self.quiet_frames:
             self.vad.reset()
             decision = None
-        drafts: list[_Draft] = []
+        drafts: list[Draft] = []
         if self.index == 0:
             voiced = self.vad.voiced and k >= self.quiet_frames  # a fresh webrtcvad flags any onset
             drafts += s.found(s.analysis.on_frame(s.offset_ms(k), voiced), {"read": read_ns})
@@ -204,7 +209,7 @@ class _Channel:
             drafts.append(self._flush_request(read_ns))
         return drafts
 
-    def _flush_request(self, read_ns: int) -> _Draft:
+    def _flush_request(self, read_ns: int) -> Draft:
         """Ask the ingress to cut what it plays: the caller is talking over it.
 
         The ingress owns playback and does the cut; it answers with a ``barge_in``
@@ -213,26 +218,26 @@ class _Channel:
         s = self.session
         stamps = s.stamps_at(s.cursor_of(self.onset_frame), read_ns)
         stamps["vad"] = time.monotonic_ns()
-        data = {"reason": "barge_in", "voiced_ms": self.vad.voiced_ms, "speech_start_ms": s.offset_ms(self.onset_frame)}
-        return _Draft("flush", s.offset_ms(self.vad.frames), data, stamps, self.index)
+        data = {"voiced_ms": self.vad.voiced_ms, "speech_start_ms": s.offset_ms(self.onset_frame)}
+        return Draft(FLUSH, s.offset_ms(self.vad.frames), data, stamps, self.index)
 
-    def _speech_start(self, d: SpeechStart, read_ns: int) -> _Draft:
+    def _speech_start(self, d: SpeechStart, read_ns: int) -> Draft:
         s = self.session
         s.ring.in_speech = True
         self.onset_frame = d.frame
         self.barge_in_done = self.index != 0 or not s.config.barge_in
         stamps = s.stamps_at(s.cursor_of(d.frame), read_ns)
         stamps["vad"] = time.monotonic_ns()
-        return _Draft("speech_start", s.offset_ms(d.frame), {}, stamps, self.index)
+        return Draft("speech_start", s.offset_ms(d.frame), {}, stamps, self.index)
 
-    def _speech_end(self, d: SpeechEnd, read_ns: int) -> _Draft:
+    def _speech_end(self, d: SpeechEnd, read_ns: int) -> Draft:
         s = self.session
         s.ring.in_speech = False
         # recv of the last voiced frame: "end of speech" in the latency vocabulary.
         stamps = s.stamps_at(s.cursor_of(d.frame) - 1, read_ns)
         stamps["vad"] = time.monotonic_ns()
         s.end_of_speech[self.index] = stamps.get("recv", 0)
-        return _Draft(
+        return Draft(
             "speech_end",
             s.offset_ms(d.frame),
             {"duration_ms": d.duration_frames * FRAME_MS, "start_ms": s.offset_ms(d.frame - d.duration_frames)},
@@ -240,11 +245,11 @@ class _Channel:
             self.index,
         )
 
-    def finalize(self, read_ns: int) -> list[_Draft]:
+    def finalize(self, read_ns: int) -> list[Draft]:
         """An explicit end of utterance (a vosk-server reset, a finalize command): end the
         utterance in progress here and give its final now; with none in progress, an
         empty final, so whoever asked gets an answer."""
-        drafts: list[_Draft] = []
+        drafts: list[Draft] = []
         s = self.session
         cursor = s.cursor_of(self.vad.frames)
         if self.vad.state is VadState.SPEECH:
@@ -256,7 +261,7 @@ class _Channel:
         self.held = None
         return drafts
 
-    def finish(self, read_ns: int) -> list[_Draft]:
+    def finish(self, read_ns: int) -> list[Draft]:
         """The ring is closed and drained: flush everything into a last final."""
         drafts = self.push(np.zeros(0, dtype="<i2"), read_ns, last=True) if self.resampler else []
         end = self.vad.flush()
@@ -353,7 +358,7 @@ class CallSession:
 
     # -- main loop entry points --------------------------------------------------
 
-    def pump(self) -> list[_Draft]:
+    def pump(self) -> list[Draft]:
         """Process what the ingress wrote since the last call; return VAD events."""
         if self.finishing or (self.background and self.backlog_ms > BACKGROUND_BACKLOG_MS):
             return []
@@ -369,11 +374,11 @@ class CallSession:
             most = min(most, finalize_at - self.ring.read_cursor)
         start, data = self.ring.read(most)
         read_ns = time.monotonic_ns()
-        drafts: list[_Draft] = []
+        drafts: list[Draft] = []
         overrun = self.ring.overrun_bytes
         if overrun != self.overrun_seen:
             drafts.append(
-                _Draft(
+                Draft(
                     "overrun",
                     self.offset_ms_of_cursor(start),
                     {"bytes": overrun - self.overrun_seen, "total_bytes": overrun, "count": self.ring.overrun_count},
@@ -399,7 +404,7 @@ class CallSession:
     def offset_ms_of_cursor(self, cursor: int) -> int:
         return cursor * 1000 // (self.ring.rate * self.width)
 
-    def _consume(self, start: int, data: bytes, read_ns: int) -> list[_Draft]:
+    def _consume(self, start: int, data: bytes, read_ns: int) -> list[Draft]:
         if start != self.next_cursor:
             # The reader fell behind and the writer overwrote audio (counted as an
             # overrun): re-align on a sample frame and shift the frame clock.
@@ -416,18 +421,18 @@ class CallSession:
         samples = np.frombuffer(buf[:usable], dtype="<i2")
         if self.ring.channels > 1:
             samples = samples.reshape(-1, self.ring.channels)
-        drafts: list[_Draft] = []
+        drafts: list[Draft] = []
         for ch in self.channels:
             mono = samples[:, ch.index] if self.ring.channels > 1 else samples
             drafts.extend(ch.push(np.ascontiguousarray(mono), read_ns))
         return drafts
 
-    def found(self, found: list[Found], stamps: dict[str, int]) -> list[_Draft]:
+    def found(self, found: list[Found], stamps: dict[str, int]) -> list[Draft]:
         """Drafts of what the call's analysis found (workers/analysis.py), on the caller's channel."""
-        return [_Draft(type, offset, data, dict(stamps), 0) for type, offset, data in found]
+        return [Draft(type, offset, data, dict(stamps), 0) for type, offset, data in found]
 
-    def on_asr(self, out: AsrOutput) -> list[_Draft]:
-        """A recogniser output for this call arrived on the main loop."""
+    def on_asr(self, out: AsrOutput) -> list[Draft]:
+        """A recognizer output for this call arrived on the main loop."""
         ch = out.stream.tag[1]
         stamps = self.stamps_at(out.fed_until - 1, 0)
         stamps.pop("read", None)
@@ -436,7 +441,7 @@ class CallSession:
         if out.kind == "final":
             data["words"] = out.words
             data["reason"] = out.reason
-            data["audio_ms"] = list(out.heard_ms)  # what the recogniser heard for this final
+            data["audio_ms"] = list(out.heard_ms)  # what the recognizer heard for this final
             if out.pieces:  # finalised piece by piece at the caller's pauses
                 data["pieces_ms"] = [list(p) for p in out.pieces]
             eos = self.end_of_speech.pop(ch, 0) if out.reason in ("vad", "end", "reset") else 0
@@ -447,10 +452,10 @@ class CallSession:
                 if out.utterance in channel.open_utterances:
                     channel.open_utterances.remove(out.utterance)
             elif not self.config.gating:
-                # No VAD gating: one recogniser hears the whole call, so the last
+                # No VAD gating: one recognizer hears the whole call, so the last
                 # endpoint is the only place a replay can start from.
                 channel.open_utterances = [out.fed_until]
-        drafts = [_Draft(out.kind, out.offset_ms, data, stamps, ch)]
+        drafts = [Draft(out.kind, out.offset_ms, data, stamps, ch)]
         if ch == 0:
             heard_ms = self.offset_ms_of_cursor(out.fed_until)
             drafts += self.found(self.analysis.on_transcript(heard_ms, out.text, out.kind == "final"), stamps)
@@ -472,8 +477,8 @@ class CallSession:
 
     def releasable(self, patient: bool) -> bool:
         """Can another worker take this call over now? Between utterances, and (``patient``)
-        with nothing left to recognise, so the next worker repeats no work; impatient, a
-        final still being recognised is recognised again by the next worker, from the
+        with nothing left to recognize, so the next worker repeats no work; impatient, a
+        final still being recognized is recognized again by the next worker, from the
         committed cursor (its speech_start and speech_end come twice, the final once)."""
         # The next worker replays from the committed cursor: if the writer is far ahead of
         # it (a final pending for long, on a busy node), the ring may overwrite that audio
@@ -505,7 +510,7 @@ class CallSession:
     def in_speech(self) -> int:
         return sum(ch.vad.state is VadState.SPEECH for ch in self.channels)
 
-    def event(self, draft: _Draft) -> Event:
+    def event(self, draft: Draft) -> Event:
         """Give a draft its sequence number; the counter lives in the ring so a
         worker taking over the call continues it."""
         seq = self.ring.event_seq
@@ -513,8 +518,14 @@ class CallSession:
         self.stats.observe(draft.type, draft.channel, draft.offset_ms, draft.data)
         return Event(draft.type, self.call_id, seq, draft.offset_ms, draft.data, draft.stamps, draft.channel)
 
+    def flush_request(self, draft: Draft) -> FlushRequest:
+        """A barge-in draft as the ``W_FLUSH`` the ingress acts on (counted in the call's stats)."""
+        self.stats.observe(draft.type, draft.channel, draft.offset_ms, draft.data)
+        voiced, start = int(draft.data["voiced_ms"]), int(draft.data["speech_start_ms"])
+        return FlushRequest(draft.offset_ms, voiced, start, tuple(draft.stamps.items()))
+
     def event_for(self, type: str, offset_ms: int, data: dict[str, Any]) -> Event:
-        return self.event(_Draft(type, offset_ms, data, {}, 0))
+        return self.event(Draft(type, offset_ms, data, {}, 0))
 
     def close(self) -> None:
         for ch in self.channels:

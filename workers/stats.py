@@ -47,7 +47,7 @@ class CallStats:
             self.utterances += 1
             self.talk_ms += int(data.get("duration_ms", 0))
             self._quiet_since = offset_ms
-        elif type == "flush":
+        elif type == "flush":  # the barge-in request (W_FLUSH), counted like an event
             self.barge_ins += 1
         elif type == "amd":
             self.amd = str(data.get("result"))

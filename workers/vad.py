@@ -19,7 +19,7 @@ utterance that never rises clearly above the floor (a quiet caller on a noisy li
 keeps webrtcvad's voicing as its end, as before.
 
 Inside an utterance a quiet run of ``tentative_ms`` gives a :class:`SpeechPause` (the
-caller may have finished: a recogniser can prepare its final now) and loud speech
+caller may have finished: a recognizer can prepare its final now) and loud speech
 after it a :class:`SpeechResume`; the hangover still decides the :class:`SpeechEnd`.
 """
 
@@ -84,7 +84,7 @@ class VadConfig:
         onset_window_ms: sliding window for the onset decision; >= onset_ms.
         hangover_ms: continuous unvoiced audio needed to declare speech end.
         preroll_ms: audio the caller should keep before the onset so the
-            recogniser hears the first phoneme (the Vad keeps no audio).
+            recognizer hears the first phoneme (the Vad keeps no audio).
         min_speech_ms: utterances shorter than this (start to end) are flagged
             `short=True` in their SpeechEnd; 0 flags nothing.
         tail_margin_db: a voiced frame extends an utterance only if its energy is
@@ -127,7 +127,7 @@ class VadConfig:
 
 @dataclass(frozen=True)
 class SpeechStart:
-    """Speech began. Start sending audio from `frame` (minus the preroll) to the recogniser.
+    """Speech began. Start sending audio from `frame` (minus the preroll) to the recognizer.
 
     Attributes:
         frame: index of the first voiced frame of the onset window (utterance start).
@@ -140,7 +140,7 @@ class SpeechStart:
 
 @dataclass(frozen=True)
 class SpeechEnd:
-    """Speech ended. Finalise the recogniser; drop the utterance if `short` and unwanted.
+    """Speech ended. Finalise the recognizer; drop the utterance if `short` and unwanted.
 
     Attributes:
         frame: index just after the last voiced frame (exclusive end of speech).

@@ -26,7 +26,7 @@ from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_
 from farm.ring import Ring, RingError
 from workers.analysis import IntentLibrary, node_amd_config, options_for
 from workers.asr import ResultQueue
-from workers.call import CallSession
+from workers.call import FLUSH, CallSession, Draft
 from workers.cost import CallCost
 from workers.engines.vosk import RecognizerPool, limit_malloc_arenas, rss_bytes, warmup_audio
 from workers.scheduler import AsrScheduler
@@ -36,7 +36,7 @@ __all__ = ["Worker", "HeartbeatTable"]
 
 TICK_S = 0.01  # ring poll period: a frame is 20 ms, so speech is seen within half a frame
 RELAY_WAIT_S = 10.0  # at start, for the broker's relay to subscribe to this worker's events
-# A call asked to move waits this long for a moment with nothing left to recognise; then it
+# A call asked to move waits this long for a moment with nothing left to recognize; then it
 # moves at the next pause anyway (an overloaded worker is never idle, and the move is the cure).
 RELEASE_PATIENCE_S = 3.0
 
@@ -48,7 +48,7 @@ class Worker:
         self.index = index
         self.config = config
         self.heartbeats = heartbeats
-        self.log = logging.LoggerAdapter(logging.getLogger("farm.worker"), {"worker": index})
+        self.log = logging.LoggerAdapter(logging.getLogger(__name__), {"worker": index})
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         # XPUB, not PUB: it hears the relay's subscription, so the worker knows when its
         # events reach the relay (a PUB drops what it sends before that).
@@ -130,8 +130,9 @@ class Worker:
             ring = Ring.attach(ring_name)
         except (wire.WireError, RingError) as exc:
             call_logger(self.log.logger, call_id).warning("cannot serve it: %s", exc)
-            self.publish(Event("error", call_id, 0, 0, {"reason": f"worker could not attach: {exc}"}))
-            self.send(wire.W_DONE, call_id)
+            reason = f"worker could not attach: {exc}"
+            self.publish(Event("error", call_id, 0, 0, {"reason": reason}))
+            self.send(wire.W_DONE, call_id, reason)
             return
         options, errors = options_for(info, self.config, self.intents, self.node_amd)
         session = CallSession(
@@ -170,6 +171,14 @@ class Worker:
         self.pub.send_multipart(event.stamped("publish", time.monotonic_ns()).to_frames())
         self.published += 1
 
+    def emit(self, call_id: str, session: CallSession, drafts: list[Draft]) -> None:
+        """Publish a call's new events; a barge-in goes to the ingress as a command."""
+        for draft in drafts:
+            if draft.type == FLUSH:
+                self.send(wire.W_FLUSH, call_id, session.flush_request(draft).encode())
+            else:
+                self.publish(session.event(draft))
+
     def close_session(self, session: CallSession) -> None:
         """Stop serving a call (it is out of ``sessions`` already); its counts stay in the worker's."""
         self.partials_dropped += session.partials_skipped
@@ -184,16 +193,16 @@ class Worker:
                 # As when a call cannot be attached: the error, then W_DONE; the ingress says
                 # its call_end when its connection ends (a live call the worker gave up).
                 call_logger(self.log.logger, call_id).exception("failed: giving the call up")
-                self.publish(session.event_for("error", 0, {"reason": f"worker failed on this call: {exc}"}))
+                reason = f"worker failed on this call: {exc}"
+                self.publish(session.event_for("error", 0, {"reason": reason}))
                 if session.ring.closed:  # its connection has ended: its call_end is ours to say
                     self.end(call_id, session)
                 else:
                     del self.sessions[call_id]
                     self.close_session(session)
-                    self.send(wire.W_DONE, call_id)
+                    self.send(wire.W_DONE, call_id, reason)
                 continue
-            for draft in drafts:
-                self.publish(session.event(draft))
+            self.emit(call_id, session, drafts)
             if session.idle:
                 self.end(call_id, session)
                 continue
@@ -232,8 +241,7 @@ class Worker:
             session = self.sessions.get(call_id)
             if session is None or out.stream.closed:
                 continue  # the call was dropped or reassigned meanwhile
-            for draft in session.on_asr(out):
-                self.publish(session.event(draft))
+            self.emit(call_id, session, session.on_asr(out))
 
     def end(self, call_id: str, session: CallSession, unfinished: bool = False) -> None:
         # The call's last final may sit in the result queue (its recognition finished after
@@ -277,7 +285,7 @@ class Worker:
             # Beating as it goes: a busy machine may take longer than --worker-timeout.
             self.pool.warm(self.config.recognizer_warm, first, progress=lambda: self.heartbeats.beat(self.index))
             self.log.info(
-                "worker %d: %d recognisers warmed in %.1f s", self.index, self.pool.idle, time.monotonic() - t0
+                "worker %d: %d recognizers warmed in %.1f s", self.index, self.pool.idle, time.monotonic() - t0
             )
         self.heartbeats.beat(self.index)
         if not self.await_relay(RELAY_WAIT_S):
@@ -322,7 +330,7 @@ class Worker:
         if self.dealer is not None:
             self.send(wire.W_DISCONNECT)
         self.log.info(
-            "worker %d stopping: %d recognisers created, %d retired, %d idle",
+            "worker %d stopping: %d recognizers created, %d retired, %d idle",
             self.index,
             self.pool.created,
             self.pool.retired,

@@ -1,7 +1,7 @@
 """The broker process: assigns calls to workers, watches their liveness, balances their
 load, relays events.
 
-Follows the FARMW02 contract in :mod:`farm.broker.wire`. Everything that changes the
+Follows the FARMW03 contract in :mod:`farm.broker.wire`. Everything that changes the
 call table or the worker table lives in this file.
 """
 
@@ -149,7 +149,7 @@ class Broker:
         self.calls: dict[str, _Call] = {}
         self.pending: deque[str] = deque()
         self.ingress_identity: bytes | None = None
-        self.for_ingress: deque[list[bytes]] = deque(maxlen=100_000)  # I_DONEs before it first spoke
+        self.for_ingress: deque[list[bytes]] = deque(maxlen=100_000)  # I_GAVE_UPs before it first spoke
         self.running = True
         self.parent = parent_from_env()  # the supervisor: exit when it is gone
         self.releasing: tuple[str, bytes, float] | None = None  # (call, from worker, since): one move at a time
@@ -168,7 +168,7 @@ class Broker:
     def _send_ingress(self, command: bytes, *body: str) -> None:
         frames = wire.message(command, *body)
         if self.ingress_identity is None:
-            if command == wire.I_DONE:  # a restarted broker hears workers first: keep these
+            if command == wire.I_GAVE_UP:  # a restarted broker hears workers first: keep these
                 self.for_ingress.append(frames)
             return
         self.ingress_sock.send_multipart([self.ingress_identity, *frames])
@@ -276,14 +276,15 @@ class Broker:
         call.worker = worker.identity
         worker.calls.add(call_id)
 
-    def _done_unregistered(self, call_id: str) -> None:
+    def _done_unregistered(self, call_id: str, gave_up: list[str]) -> None:
         """W_DONE from a worker the broker does not know (sent to the broker before a
         restart): the call is over unless a live worker serves it."""
         call = self.calls.get(call_id)
         if call is not None and call.worker in self.workers:
             return
         self.calls.pop(call_id, None)
-        self._send_ingress(wire.I_DONE, call_id)
+        if gave_up:
+            self._send_ingress(wire.I_GAVE_UP, call_id, *gave_up)
 
     def _forget_worker(self, worker: _Worker, why: str) -> None:
         del self.workers[worker.identity]
@@ -335,7 +336,7 @@ class Broker:
             return
         if worker is None:
             if command == wire.W_DONE:
-                self._done_unregistered(body[0])
+                self._done_unregistered(body[0], body[1:])
             # Declared dead earlier (or the broker restarted): make it register again.
             self.workers_sock.send_multipart([identity, *wire.message(wire.B_DISCONNECT)])
             return
@@ -351,7 +352,12 @@ class Broker:
             call_id = body[0]
             worker.calls.discard(call_id)
             self.calls.pop(call_id, None)
-            self._send_ingress(wire.I_DONE, call_id)
+            if len(body) > 1:  # given up: no call_end will end it on the event path
+                self._send_ingress(wire.I_GAVE_UP, call_id, body[1])
+        elif command == wire.W_FLUSH:
+            call = self.calls.get(body[0])
+            if call is not None and call.worker == identity:  # not from a worker the call has left
+                self._send_ingress(wire.I_FLUSH, *body)
         elif command == wire.W_RELEASED:
             call = self.calls.get(body[0])
             if call is not None and call.worker == identity:

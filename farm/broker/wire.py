@@ -1,4 +1,4 @@
-"""FARMW02: the broker's wire contract. Constants, typed bodies, frame builders/parsers only.
+"""FARMW03: the broker's wire contract. Constants, typed bodies, frame builders/parsers only.
 
 Spec (one page; the code below follows it, nothing else defines it)
 -------------------------------------------------------------------
@@ -31,11 +31,18 @@ Worker -> broker:
 * ``W_HEARTBEAT load``           sent from the worker's recognition loop every
   ``HEARTBEAT_INTERVAL``; ``load`` is a JSON :class:`Load` (its calls, how far
   recognition trails, what a call costs it, and the counters and gauges the node's
-  metrics show per worker: CPU, memory, recogniser pool, events). Any message from a
+  metrics show per worker: CPU, memory, recognizer pool, events). Any message from a
   worker counts as a heartbeat. Body fields missing from a JSON body are 0 (older
   peers); members a receiver does not know are ignored (newer peers).
-* ``W_DONE call_id``             the call's ring is closed and fully processed,
-  its ``call_end`` event is published.
+* ``W_DONE call_id [reason]``    the worker serves the call no more. Without
+  ``reason``: its ring is closed and fully processed and its ``call_end`` is published
+  (the ingress ends the call when that ``call_end`` reaches it, after every other event
+  of the call: one path, in order). With ``reason``: the worker gave the call up with
+  no ``call_end`` (it could not attach the ring, or failed on it; an ``error`` event
+  said why).
+* ``W_FLUSH call_id request``    the caller speaks over the call's playback: cut it
+  (barge-in). ``request`` is a JSON :class:`FlushRequest`. An internal command, not an
+  event: the ingress answers it with a ``barge_in`` event when it did cut.
 * ``W_RELEASED call_id``         after ``B_RELEASE``: the worker stopped serving the
   call between two utterances; the ring's committed cursor is where the next
   worker resumes (no event was published for the move).
@@ -63,7 +70,9 @@ Ingress -> broker:
 
 Broker -> ingress:
 
-* ``I_DONE call_id``             relayed ``W_DONE``: the ingress may unlink the ring.
+* ``I_GAVE_UP call_id reason``   relayed ``W_DONE`` with a reason: no worker will end
+  the call with a ``call_end``; the ingress says its end itself.
+* ``I_FLUSH call_id request``    relayed ``W_FLUSH`` from the worker serving the call.
 * ``I_STATUS status``            answer to ``I_HEARTBEAT``: a JSON :class:`Status`
   (the ingress is ready for calls only while some worker is live and the broker
   answers, and takes new ones only while recognition keeps up and the node holds
@@ -117,6 +126,7 @@ __all__ = [
     "W_DONE",
     "W_DISCONNECT",
     "W_RELEASED",
+    "W_FLUSH",
     "B_ASSIGN",
     "B_RELEASE",
     "B_HEARTBEAT",
@@ -124,13 +134,15 @@ __all__ = [
     "B_DROP",
     "I_OPEN",
     "I_HEARTBEAT",
-    "I_DONE",
+    "I_GAVE_UP",
+    "I_FLUSH",
     "I_STATUS",
     "WireError",
     "message",
     "parse",
     "encode_info",
     "decode_info",
+    "FlushRequest",
     "Load",
     "Status",
     "WorkerReport",
@@ -141,7 +153,7 @@ __all__ = [
     "RESTART_ENV",
 ]
 
-HEADER = b"FARMW02"
+HEADER = b"FARMW03"
 
 HEARTBEAT_INTERVAL = 0.25  # seconds
 HEARTBEAT_LIVENESS = 4  # missed intervals before a peer is dead (about 1 s)
@@ -153,6 +165,7 @@ W_HEARTBEAT = b"\x02"
 W_DONE = b"\x03"
 W_DISCONNECT = b"\x04"
 W_RELEASED = b"\x05"
+W_FLUSH = b"\x06"
 
 B_ASSIGN = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -162,8 +175,9 @@ B_DROP = b"\x15"
 
 I_OPEN = b"\x21"
 I_HEARTBEAT = b"\x22"
-I_DONE = b"\x23"
 I_STATUS = b"\x24"
+I_GAVE_UP = b"\x25"
+I_FLUSH = b"\x26"
 
 _NAMES = {
     W_READY: "W_READY",
@@ -171,6 +185,7 @@ _NAMES = {
     W_DONE: "W_DONE",
     W_DISCONNECT: "W_DISCONNECT",
     W_RELEASED: "W_RELEASED",
+    W_FLUSH: "W_FLUSH",
     B_ASSIGN: "B_ASSIGN",
     B_RELEASE: "B_RELEASE",
     B_HEARTBEAT: "B_HEARTBEAT",
@@ -178,17 +193,20 @@ _NAMES = {
     B_DROP: "B_DROP",
     I_OPEN: "I_OPEN",
     I_HEARTBEAT: "I_HEARTBEAT",
-    I_DONE: "I_DONE",
     I_STATUS: "I_STATUS",
+    I_GAVE_UP: "I_GAVE_UP",
+    I_FLUSH: "I_FLUSH",
 }
 
-# Number of body frames each command carries (W_READY: with or without ``held``).
+# Number of body frames each command carries (W_READY: with or without ``held``; W_DONE:
+# with or without a reason).
 _ARITY: dict[bytes, int | tuple[int, ...]] = {
     W_READY: (2, 3),
     W_HEARTBEAT: 1,
-    W_DONE: 1,
+    W_DONE: (1, 2),
     W_DISCONNECT: 0,
     W_RELEASED: 1,
+    W_FLUSH: 2,
     B_ASSIGN: 3,
     B_RELEASE: 1,
     B_HEARTBEAT: 0,
@@ -196,13 +214,14 @@ _ARITY: dict[bytes, int | tuple[int, ...]] = {
     B_DROP: 1,
     I_OPEN: 3,
     I_HEARTBEAT: 0,
-    I_DONE: 1,
     I_STATUS: 1,
+    I_GAVE_UP: 2,
+    I_FLUSH: 2,
 }
 
 
 class WireError(ValueError):
-    """A control message does not follow FARMW02."""
+    """A control message does not follow FARMW03."""
 
 
 def message(command: bytes, *body: str | bytes) -> list[bytes]:
@@ -270,6 +289,31 @@ def _count(obj: dict[str, Any], key: str, what: str) -> int:
 
 
 @dataclass(frozen=True)
+class FlushRequest:
+    """``W_FLUSH``'s body: where in the call the caller spoke over playback, for how long
+    so far, and the stamps of the utterance's first voiced frame (recv ... vad), which the
+    ``barge_in`` event carries on, so its latency is measured from the caller's first sound."""
+
+    offset_ms: int = 0  # the call's audio offset when the worker decided
+    voiced_ms: int = 0  # voiced audio heard so far (--barge-in-min-speech-ms or more)
+    speech_start_ms: int = 0  # where the utterance began
+    stamps: tuple[tuple[str, int], ...] = ()
+
+    def encode(self) -> str:
+        obj = {"offset_ms": self.offset_ms, "voiced_ms": self.voiced_ms, "speech_start_ms": self.speech_start_ms}
+        return json.dumps({**obj, "stamps": dict(self.stamps)}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str) -> FlushRequest:
+        obj = _json_object(raw, "flush request")
+        stamps = obj.get("stamps", {})
+        if not isinstance(stamps, dict):
+            raise WireError("flush request stamps is not a JSON object")
+        counts = {f: _count(obj, f, "flush request") for f in ("offset_ms", "voiced_ms", "speech_start_ms")}
+        return cls(**counts, stamps=tuple((str(k), _count(stamps, k, "flush request stamp")) for k in stamps))
+
+
+@dataclass(frozen=True)
 class Load:
     """A worker's ``W_HEARTBEAT`` body: what it serves, how far recognition trails, and the
     figures the node's metrics show per worker (counters count since the worker started)."""
@@ -281,8 +325,8 @@ class Load:
     queued: int = 0  # call channels waiting for a recognition thread
     cpu_ms: int = 0  # CPU time the worker process used, every thread (counter)
     rss_bytes: int = 0  # resident memory
-    recognizers_idle: int = 0  # warm recognisers in the pool
-    recognizers_busy: int = 0  # recognisers leased to utterances
+    recognizers_idle: int = 0  # warm recognizers in the pool
+    recognizers_busy: int = 0  # recognizers leased to utterances
     recognizers_created: int = 0  # (counter)
     recognizers_retired: int = 0  # (counter)
     events_published: int = 0  # (counter)

@@ -30,9 +30,17 @@ from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.exposition import CONTENT_TYPE, Exposition
 from farm.ingress.metrics import DROP_WS_BACKLOG, Metrics
 from farm.ingress.playback import OUT_RATE, Clip, Player
+from farm.ingress.site import CallSite
 from farm.logs import call_logger, quote
-from farm.protocol import audio_stream as proto
-from farm.protocol.audio_stream import is_background
+from farm.protocol.audio_stream import (
+    AudioStreamSession,
+    Close,
+    Note,
+    OpenCall,
+    PublishError,
+    WriteAudio,
+    is_background,
+)
 from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY
 
@@ -93,7 +101,7 @@ class _Connection:
         self.site = site
         self.ws = ws
         self.config = site.config
-        self.session = proto.AudioStreamSession(
+        self.session = AudioStreamSession(
             default_rate=self.config.default_rate,
             default_channels=self.config.default_channels,
             metadata_wait_ms=self.config.metadata_wait_ms,
@@ -145,7 +153,7 @@ class _Connection:
         else:
             self.log.log(level, message, *args)
 
-    async def refuse(self, close: proto.Close) -> None:
+    async def refuse(self, close: Close) -> None:
         self._log(logging.WARNING, "closing: %s", close.reason)
         if self.end is None:
             self.end = (close.end, close.reason)
@@ -166,7 +174,7 @@ class _Connection:
         actions = self.session.receive_open(path, time.monotonic_ns())
         while True:
             for action in actions:
-                if isinstance(action, proto.WriteAudio):
+                if isinstance(action, WriteAudio):
                     self._write(action)  # the hot path: no await
                 elif not await self._perform(action):
                     return
@@ -195,25 +203,25 @@ class _Connection:
         while self.end is None and ring.write_cursor - ring.read_cursor > ring.capacity // 2:
             await asyncio.sleep(ROOM_POLL_S)
 
-    async def _perform(self, action: proto.OpenCall | proto.PublishError | proto.Note | proto.Close) -> bool:
+    async def _perform(self, action: OpenCall | PublishError | Note | Close) -> bool:
         """Do what the session asks (audio aside); False once the connection is closing."""
-        if isinstance(action, proto.OpenCall):
+        if isinstance(action, OpenCall):
             if self.site.draining:
-                await self.refuse(proto.Close(CLOSE_GOING_AWAY, "farm is shutting down", "refused"))
+                await self.refuse(Close(CLOSE_GOING_AWAY, "farm is shutting down", "refused"))
                 return False
             await self._open(action)
-        elif isinstance(action, proto.PublishError):
+        elif isinstance(action, PublishError):
             self._log(logging.WARNING, "%s", action.reason)
             assert self.call is not None
             self.site.registry.error(self.call.call_id, action.reason)
-        elif isinstance(action, proto.Note):
+        elif isinstance(action, Note):
             self._log(logging.INFO, "%s", action.message)
         else:
             await self.refuse(action)
             return False
         return True
 
-    async def _open(self, p: proto.OpenCall) -> None:
+    async def _open(self, p: OpenCall) -> None:
         info: dict[str, Any] = {
             "protocol": "audio_stream",
             "metadata": p.metadata,
@@ -242,12 +250,13 @@ class _Connection:
             "" if p.metadata_seen else ", no metadata",
         )
 
-    def _write(self, audio: proto.WriteAudio) -> None:
+    def _write(self, audio: WriteAudio) -> None:
         assert self.call is not None
-        if audio.pcm:
-            self.call.write(audio.pcm, audio.received)
-        self.site.metrics.audio_bytes += audio.size
-        self.site.metrics.frames += 1
+        self.site.received(self.call, audio.pcm, audio.size, audio.received)
+
+    async def end_for_drain(self) -> None:
+        self.end = ("drain", "farm is shutting down")
+        await self.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
 
     # -- events back to FreeSWITCH (mod_audio_stream::json) -------------------------
 
@@ -266,7 +275,7 @@ class _Connection:
                 return
 
 
-class AudioStreamSite:
+class AudioStreamSite(CallSite["_Connection"]):
     def __init__(
         self,
         config: Config,
@@ -275,19 +284,14 @@ class AudioStreamSite:
         inbound_esl: InboundEsl | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        super().__init__(config, registry, metrics)
         self.inbound_esl = inbound_esl
         self.tls = tls
-        self.config = config
-        self.registry = registry
-        self.metrics = metrics
         self.exposition = Exposition(registry, metrics)
         self.tokens = Tokens.from_spec(config.auth_tokens)
-        self.live: set[_Connection] = set()
-        self.server: Server | None = None
-        self.draining = False
 
     async def start(self) -> Server:
-        self.server = await serve(
+        self.server = server = await serve(
             self._handler,
             self.config.ws_host,
             self.config.ws_port,
@@ -301,12 +305,7 @@ class AudioStreamSite:
             server_header="farm",
             ssl=self.tls,
         )
-        return self.server
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(list(self.server.sockets)[0].getsockname()[1])
+        return server
 
     async def _handler(self, ws: ServerConnection) -> None:
         await _Connection(self, ws).run()
@@ -345,32 +344,10 @@ class AudioStreamSite:
             response = _text(conn, http.HTTPStatus.UNAUTHORIZED, UNAUTHORIZED)
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
-        if self.draining:
-            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "farm is draining\n")
-        if len(self.live) >= self.config.max_connections:
-            self.metrics.reject("too many calls")
-            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, "farm is at its call limit\n")
-        why = self.registry.admission()
+        why = self.refusal()
         if why:
-            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"farm cannot take the call: {why}\n")
+            return _text(conn, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
         return None
-
-    async def drain(self, timeout: float) -> None:
-        """Stop taking calls; let utterances in flight finish, then close the rest."""
-        # Keep listening meanwhile: new upgrades get 503 and /readyz says draining, so
-        # a load balancer moves new calls elsewhere and health checks keep answering.
-        self.draining = True
-        deadline = time.monotonic() + timeout
-        while self.live:
-            # A caller in mid-utterance keeps the call until the VAD ends it.
-            quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
-            for conn in quiet:
-                self.live.discard(conn)
-                conn.end = ("drain", "farm is shutting down")
-                await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
-            await asyncio.sleep(0.05)
-        if self.server is not None:
-            self.server.close()
 
 
 def _text(

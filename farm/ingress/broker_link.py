@@ -1,8 +1,9 @@
-"""The ingress's link to the broker (FARMW02's ingress side, farm/broker/wire.py).
+"""The ingress's link to the broker (FARMW03's ingress side, farm/broker/wire.py).
 
-It announces calls (``I_OPEN``), beats (``I_HEARTBEAT``) and reads the answers: ``I_DONE``
-(a worker finished a call: the call table may unlink its ring) and ``I_STATUS`` (live
-workers, recognition lag, capacity: what admission and readiness go by). When the status
+It announces calls (``I_OPEN``), beats (``I_HEARTBEAT``) and reads the answers:
+``I_STATUS`` (live workers, recognition lag, capacity: what admission and readiness go
+by), ``I_FLUSH`` (a worker heard the caller over a call's playback: barge-in) and
+``I_GAVE_UP`` (no worker will end a call: the call table says its end). When the status
 comes from a new broker pid, the live calls are announced again (the contract's Restarts).
 """
 
@@ -36,12 +37,14 @@ class BrokerLink:
         ctx: zmq.asyncio.Context,
         config: Config,
         metrics: Metrics,
-        on_done: Callable[[str], None],
+        on_flush: Callable[[str, wire.FlushRequest], None],
+        on_gave_up: Callable[[str, str], None],
         live_calls: Callable[[], list[Announced]],
     ) -> None:
         self.config = config
         self.metrics = metrics
-        self.on_done = on_done
+        self.on_flush = on_flush
+        self.on_gave_up = on_gave_up
         self.live_calls = live_calls
         self.dealer = ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
@@ -74,8 +77,15 @@ class BrokerLink:
             except wire.WireError as exc:
                 log.warning("dropped a broker message: %s", exc)
                 continue
-            if command == wire.I_DONE:
-                self.on_done(body[0])
+            if command == wire.I_FLUSH:
+                try:
+                    request = wire.FlushRequest.decode(body[1])
+                except wire.WireError as exc:
+                    log.warning("dropped a flush request: %s", exc)
+                    continue
+                self.on_flush(body[0], request)
+            elif command == wire.I_GAVE_UP:
+                self.on_gave_up(body[0], body[1])
             elif command == wire.I_STATUS:
                 try:
                     status = wire.Status.decode(body[0])

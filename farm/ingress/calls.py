@@ -1,9 +1,11 @@
 """The ingress's call table: one ring per call, from its open to its worker's done.
 
 The ingress owns every ring: it creates one per call, writes it, marks it closed when
-the connection ends, and unlinks it only when the broker relays ``I_DONE`` (the
-worker finished the call) or, failing that, after a timeout — so a worker that
-takes over a call after a crash still finds the ring. The table also says whether a
+the connection ends, and unlinks it only when the worker's ``call_end`` comes back
+through the event relay (the call's last event, on the path of all the others: nothing
+of the call comes after it), when the broker says the worker gave the call up
+(``I_GAVE_UP``), or, failing both, after a timeout — so a worker that takes over a
+call after a crash still finds the ring. The table also says whether a
 new call is taken (admission) and whether calls can be transcribed (readiness), from
 the broker's status (:mod:`farm.ingress.broker_link`); events travel through
 :mod:`farm.ingress.event_relay`.
@@ -46,9 +48,6 @@ DONE_TIMEOUT_S = 120.0
 # How long a new connection for a call id waits for the previous leg to finish
 # (IXWebSocket reconnects 100 ms after a close, §1.10).
 RECONNECT_WAIT_S = 3.0
-# Events and I_DONE take different broker paths (XPUB relay thread vs ROUTER), so a
-# call's last final and call_end can arrive just after its done: still relay them.
-LATE_EVENTS_S = 2.0
 # How long a closing call's ring waits for the ingress's own last events to come back from
 # the relay (see close()), and how many unechoed events a call keeps track of.
 ECHO_WAIT_S = 2.0
@@ -66,7 +65,11 @@ class Call:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     player: Player | None = None  # set by sites that can play audio to the caller
     background: bool = False  # a recorded file (source: file): it holds no live call's capacity
-    lost: str = ""  # the worker gave the call up while it streamed (it said why in an error event)
+    # Events of this leg have seq >= first_seq (a reconnect continues the numbering); the
+    # ingress's own call_end (of a call no worker ended) has seq 0.
+    first_seq: int = 0
+    lost: str = ""  # no worker serves the call while it streams (it said why in an error event)
+    said_end: bool = False  # a worker's call_end came while it streamed (farm stopping)
     info: str = "{}"  # what I_OPEN told the broker (told again to a restarted broker)
     # Publish stamps of what the ingress said of this call and has not seen come back from
     # the relay yet; and the end the ring is to be marked with once it has (see close()).
@@ -81,15 +84,14 @@ class CallRegistry:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.ctx = zmq.asyncio.Context()
-        self.link = BrokerLink(self.ctx, config, metrics, self._worker_done, self._live)
-        self.relay = EventRelay(self.ctx, config, metrics, self._find, self._seen)
         self.calls: dict[str, Call] = {}
+        self.ctx = zmq.asyncio.Context()
+        self.link = BrokerLink(self.ctx, config, metrics, self._flush, self._gave_up, self._live)
+        self.relay = EventRelay(self.ctx, config, metrics, self.calls.get, self._seen)
         self._seq = 0
         # call id -> next event seq, so a reconnected call continues its numbering.
         self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
-        self._late: dict[str, Call] = {}  # finished calls still relaying events (LATE_EVENTS_S)
 
     def start(self) -> None:
         self.tasks = [
@@ -142,6 +144,7 @@ class CallRegistry:
             event_seq=next_seq + 1,
         )
         call = Call(call_id, ring, protocol, leg + 1, on_event, background=background, info=wire.encode_info(info))
+        call.first_seq = next_seq + 1
         self.calls[call_id] = call
         self.metrics.calls_total += 1
         start = Event(
@@ -174,29 +177,55 @@ class CallRegistry:
             else:
                 self._close_ring(call)
             if call.lost:  # no worker has it: the call's end is ours to say
-                data = {"reason": "error", "detail": call.lost, "duration_ms": 0, "overrun_bytes": 0, "frames": 0}
-                self.publish(Event("call_end", call.call_id, 0, 0, data, {"recv": time.monotonic_ns()}))
+                if not call.said_end:
+                    self._say_end(call.call_id, call.lost)
                 self._finish(call.call_id, "lost")
 
     def end_unopened(self, call_id: str, reason: str, detail: str = "") -> None:
         """A call that never began (refused, or failed before its audio came) ends too:
         its call_end, said by the ingress as no worker ever had it. Not while a call of
         that id is served: its subscribers would take it for the end of that call."""
-        if call_id in self.calls or call_id in self._late:
+        if call_id in self.calls:
             return
+        self._say_end(call_id, detail, reason)
+
+    def _say_end(self, call_id: str, detail: str, reason: str = "error") -> None:
+        """The call_end of a call no worker ends (seq 0: see Call.first_seq)."""
         data = {"reason": reason, "detail": detail, "duration_ms": 0, "overrun_bytes": 0, "frames": 0}
         self.publish(Event("call_end", call_id, 0, 0, data, {"recv": time.monotonic_ns()}))
+
+    def _gave_up(self, call_id: str, reason: str) -> None:
+        """I_GAVE_UP: the worker serves the call no more and no call_end of its will end it."""
+        call = self.calls.get(call_id)
+        if call is None:
+            return
+        if not call.closed_at:
+            # Its connection still streams: the ring stays until it ends (the site writes into
+            # it meanwhile, unread and bounded); then close() says call_end and unlinks it.
+            call.lost = reason
+            log.warning("no worker serves the call while it streams: %s", reason, extra={"call_id": call_id})
+            return
+        self._say_end(call_id, reason)
+        self._finish(call_id, "given up")
+
+    def _ended(self, call: Call) -> None:
+        """The call's worker published its call_end (delivered already): the call is over."""
+        if call.closed_at:
+            self._finish(call.call_id, "call_end")
+            return
+        # While its connection streams: the worker stopped (farm stopping) and said its end.
+        call.said_end = True
+        call.lost = "its worker ended the call"
+
+    def _flush(self, call_id: str, request: wire.FlushRequest) -> None:
+        """I_FLUSH: the caller speaks over the call's playback (barge-in)."""
+        call = self.calls.get(call_id)
+        if call is not None and call.player is not None:
+            self.metrics.barge_ins += call.player.barge_in(request)
 
     def _finish(self, call_id: str, why: str) -> None:
         call = self.calls.get(call_id)
         if call is None:
-            return
-        if why == "worker done" and not call.closed_at:
-            # Done while its connection still streams: the worker could not serve it (it
-            # published why). The ring stays until the connection ends (the site writes into
-            # it meanwhile, unread and bounded); then close() says call_end and unlinks it.
-            call.lost = "no worker could serve the call"
-            log.warning("the worker gave the call up while it streams", extra={"call_id": call_id})
             return
         del self.calls[call_id]
         self.metrics.overrun_bytes += call.ring.overrun_bytes
@@ -206,16 +235,9 @@ class CallRegistry:
             self._next_seq.popitem(last=False)
         call.ring.close()
         call.ring.unlink()
-        if call.on_event is not None:
-            self._late[call_id] = call
-            asyncio.get_running_loop().call_later(LATE_EVENTS_S, self._forget_late, call)
+        call.on_event = None
         call.done.set()
         log.debug("ring %s unlinked (%s)", call.ring.name, why, extra={"call_id": call_id})
-
-    def _forget_late(self, call: Call) -> None:
-        call.on_event = None
-        if self._late.get(call.call_id) is call:
-            del self._late[call.call_id]
 
     def publish(self, event: Event) -> None:
         event = event.stamped("publish", time.monotonic_ns())
@@ -225,9 +247,15 @@ class CallRegistry:
         self.relay.publish(event)
 
     def _seen(self, event: Event) -> None:
-        """An event came back from the relay: if it is one of ours, a closing call may close."""
+        """An event came back from the relay (and was delivered): a worker's call_end ends the
+        call; if it is one of ours, a closing call may close."""
         call = self.calls.get(event.call_id)
-        if call is None or not call.unechoed:
+        if call is None:
+            return
+        if event.type == "call_end" and event.seq >= call.first_seq:
+            self._ended(call)
+            return
+        if not call.unechoed:
             return
         call.unechoed.discard(event.stamps.get("publish", -1))
         if not call.unechoed and call.closing:
@@ -244,13 +272,6 @@ class CallRegistry:
     def error(self, call_id: str, reason: str) -> None:
         """Report bad input of one call on the event stream."""
         self.publish(Event("error", call_id, 0, 0, {"reason": reason}))
-
-    def _worker_done(self, call_id: str) -> None:
-        self._finish(call_id, "worker done")
-
-    def _find(self, call_id: str) -> Call | None:
-        """The call an event is for: live, or finished a moment ago (LATE_EVENTS_S)."""
-        return self.calls.get(call_id) or self._late.get(call_id)
 
     def _live(self) -> list[tuple[str, str, str]]:
         """The calls a restarted broker must hear of again (not those no worker could serve)."""

@@ -3,8 +3,9 @@
 Out: what the ingress itself says (``call_start``, its errors, the ``call_end`` of calls
 no worker had), on an XPUB that hears the relay's subscription, so readiness can wait
 for it. In: every call's events from the relay, handed to the connection that relays
-them to FreeSWITCH (``on_event``), a worker's ``flush`` to the call's player (barge-in),
-and all of them to the metrics.
+them to FreeSWITCH (``on_event``) and to the metrics, then to the call table (``seen``),
+which ends a call on its worker's ``call_end``: the call's last event, on the same path
+as all the others, so none comes after it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class EventRelay:
     ) -> None:
         self.metrics = metrics
         self.find = find
-        self.seen = seen  # every event from the relay, the ingress's own included (their echo)
+        self.seen = seen  # every event from the relay once delivered, the ingress's own included (their echo)
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 500)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)  # what it publishes while a broker restarts waits here
@@ -82,13 +83,11 @@ class EventRelay:
                 self.metrics.drop(DROP_MALFORMED)
                 continue
             self.metrics.observe(event, received)
-            self.seen(event)
             call = self.find(event.call_id)
-            if call is not None and event.type == "flush" and call.player is not None:
-                self.metrics.barge_ins += call.player.barge_in(event)
             if call is not None and call.on_event is not None:
                 self.metrics.events_relayed += 1
                 call.on_event(event)
+            self.seen(event)
 
     def close(self) -> None:
         if self.authenticator is not None:

@@ -189,7 +189,7 @@ class NodeCollector(Collector):
         yield _labelled(
             GaugeMetricFamily,
             "farm_recognizers",
-            "A worker's recognisers: warm in its pool (idle) or serving an utterance (busy)",
+            "A worker's recognizers: warm in its pool (idle) or serving an utterance (busy)",
             ["worker", "state"],
             (
                 item
@@ -216,8 +216,8 @@ _WORKER_GAUGES = (
 )
 _WORKER_COUNTERS = (
     ("farm_worker_cpu_seconds", "CPU time of a worker process, every thread", "cpu_ms", 0.001),
-    ("farm_recognizers_created", "Recognisers a worker created", "recognizers_created", 1.0),
-    ("farm_recognizers_retired", "Recognisers a worker retired", "recognizers_retired", 1.0),
+    ("farm_recognizers_created", "Recognizers a worker created", "recognizers_created", 1.0),
+    ("farm_recognizers_retired", "Recognizers a worker retired", "recognizers_retired", 1.0),
     ("farm_worker_events_published", "Events a worker published", "events_published", 1.0),
 )
 

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
 from farm.config import Config
 from farm.ingress.calls import CallRegistry
+from farm.ingress.site import start_optional
 from farm.protocol.events import Event
 from farm.transcribe import AMD_SHOWN, CHUNK_MS, SHOWN, parse_audio
 
@@ -177,15 +178,12 @@ class TranscribeSite:
 async def start_site(
     config: Config, registry: CallRegistry, tls: ssl.SSLContext | None = None
 ) -> TranscribeSite | None:
-    """Start the site if ``http_port`` is set; a port in use is logged, not fatal."""
+    """Start the site if ``http_port`` is set; a port in use is logged, not fatal (:func:`start_optional`)."""
     if not config.http_port:
         return None
     site = TranscribeSite(config, registry)
     site.tls = tls
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("POST /transcribe off: cannot listen on %s:%d: %s", config.ws_host, config.http_port, exc.strerror)
+    if not await start_optional(site.start, "POST /transcribe", f"{config.ws_host}:{config.http_port}"):
         return None
     log.info("POST /transcribe on %s://%s:%d/transcribe", "https" if tls else "http", config.ws_host, site.port)
     return site

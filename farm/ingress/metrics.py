@@ -11,7 +11,7 @@ hears everything worth counting.
   whichever worker produced the event and however often workers restart.
 * Workers. Each worker's heartbeat to the broker (``W_HEARTBEAT``, every 250 ms,
   from its recognition loop) carries a :class:`~farm.broker.wire.Load` with its
-  figures: calls, lag, recognition queue, CPU, RSS, recogniser pool, events
+  figures: calls, lag, recognition queue, CPU, RSS, recognizer pool, events
   published and dropped. The broker passes the live workers' last loads to the
   ingress in ``I_STATUS`` (every second) with its own counters. No new socket, no
   new thread, and a worker that stops heartbeating stops being reported, which is
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # Seconds. Fine around the SLOs (onset -> speech_start 150 ms, end of speech -> final
-# 400 ms), from the ingress's tens of microseconds to a recogniser seconds behind.
+# 400 ms), from the ingress's tens of microseconds to a recognizer seconds behind.
 LATENCY_BUCKETS = (
     0.0005,
     0.001,

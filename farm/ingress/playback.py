@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import soxr
 
+from farm.broker.wire import FlushRequest
 from farm.logs import call_logger, quote
 from farm.protocol.events import Event
 from farm.ring import Ring
@@ -208,8 +209,8 @@ class Player:
         info["flushed"] = bool(self._flush_remote())
         return info
 
-    def barge_in(self, request: Event) -> bool:
-        """A worker heard the caller speak over playback (a ``flush`` event); True if it cut."""
+    def barge_in(self, request: FlushRequest) -> bool:
+        """A worker heard the caller speak over playback (its ``W_FLUSH``); True if it cut."""
         now = time.monotonic_ns()
         if not self.is_playing(now):
             # Playback ended between the worker's look at the flag and now: flushing
@@ -222,7 +223,7 @@ class Player:
         stamps = dict(request.stamps)
         if flush_ns:
             stamps["flush"] = flush_ns
-        data = {**info, "flush_sent": bool(flush_ns), "voiced_ms": request.get("voiced_ms", 0)}
+        data = {**info, "flush_sent": bool(flush_ns), "voiced_ms": request.voiced_ms}
         self._publish(Event("barge_in", self.call_id, 0, request.offset_ms, data, stamps))
         self.log.info(
             "barge-in, cut %s after %d ms, %d ms dropped",

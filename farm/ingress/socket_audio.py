@@ -35,6 +35,7 @@ from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.esl_link import EslClosed, EslLink
 from farm.ingress.metrics import Metrics
 from farm.ingress.playback import Clip, Player
+from farm.ingress.site import CallSite
 from farm.logs import call_logger, quote
 from farm.protocol import esl
 from farm.protocol.events import ERROR_ENDS
@@ -270,19 +271,13 @@ class _Session:
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         assert self.call is not None
         carry = SampleCarry(2)
-        metrics = self.site.metrics
         try:
             while True:
                 chunk = await asyncio.wait_for(reader.read(READ_BYTES), self.config.idle_timeout)
                 if not chunk:
                     self.end = ("stop", "audio stream ended")  # or a hang-up: see _serve
                     return
-                recv_ns = time.monotonic_ns()
-                pcm = carry.feed(chunk)
-                if pcm:
-                    self.call.write(pcm, recv_ns)
-                metrics.audio_bytes += len(chunk)
-                metrics.frames += 1
+                self.site.received(self.call, carry.feed(chunk), len(chunk), time.monotonic_ns())
         except TimeoutError:
             # The module writes a frame every 20 ms while the channel lives (§2.3): a silent
             # audio socket is a stalled call, and it holds a slot of --max-connections.
@@ -291,6 +286,16 @@ class _Session:
         except ConnectionError as exc:
             # A hang-up while FreeSWITCH still held our playback surfaces as a reset (§2.6).
             self.end = ("hangup", f"audio stream reset ({exc.__class__.__name__})")
+
+    async def end_for_drain(self) -> None:
+        """Hand the call back to its dialplan instead of hanging it up."""
+        self.end = ("drain", "farm is shutting down")
+        try:
+            self.link.send(esl.command("resume"))
+            self.link.send(esl.command("exit"))
+        except EslClosed:
+            pass
+        self.hangup.set()
 
     async def _end(self) -> None:
         self.site.live.discard(self)
@@ -338,7 +343,7 @@ class _Session:
             self._log(logging.WARNING, "%s answered %r", what, reply.body.strip()[:200])
 
     def _on_message(self, message: esl.Message) -> None:
-        if isinstance(message, esl.Event):
+        if isinstance(message, esl.EslEvent):
             if message.subclass == "socket_audio::playback_start" and self.player is not None:
                 self.player.on_remote_playback(True)
             elif message.subclass == "socket_audio::playback_stop" and self.player is not None:
@@ -376,28 +381,20 @@ class _Session:
             pass
 
 
-class SocketAudioSite:
+class SocketAudioSite(CallSite[_Session]):
     """The outbound Event Socket server (default port 8084) and its per-call audio ports."""
 
+    listen_while_draining = False  # FreeSWITCH tries the dialplan's next socket target
+
     def __init__(self, config: Config, registry: CallRegistry, metrics: Metrics) -> None:
-        self.config = config
-        self.registry = registry
-        self.metrics = metrics
-        self.live: set[_Session] = set()
+        super().__init__(config, registry, metrics)
         self.sessions: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-        self.draining = False
         self.allowed = AllowList.from_spec(config.esl_allow)
         self._ports = _port_cycle(config.socket_audio_ports)
 
     async def start(self) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._handle, self.config.esl_host, self.config.esl_port)
-        return self.server
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
+        self.server = server = await asyncio.start_server(self._handle, self.config.esl_host, self.config.esl_port)
+        return server
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -436,25 +433,7 @@ class SocketAudioSite:
         raise OSError(f"no free port in {self.config.socket_audio_ports}")
 
     async def drain(self, timeout: float) -> None:
-        """Refuse new calls (FreeSWITCH tries the next socket target), then end the rest."""
-        self.draining = True
-        if self.server is not None:
-            self.server.close()
-        deadline = time.monotonic() + timeout
-        while self.live:
-            for session in list(self.live):
-                ring = session.call.ring if session.call else None
-                if time.monotonic() >= deadline or ring is None or not ring.in_speech:
-                    self.live.discard(session)
-                    session.end = ("drain", "farm is shutting down")
-                    # Hand the call back to its dialplan instead of hanging it up.
-                    try:
-                        session.link.send(esl.command("resume"))
-                        session.link.send(esl.command("exit"))
-                    except EslClosed:
-                        pass
-                    session.hangup.set()
-            await asyncio.sleep(0.05)
+        await super().drain(timeout)
         for task in list(self.sessions):
             task.cancel()
 

@@ -3,7 +3,7 @@
 Existing Vosk clients (vosk-asterisk, EAGI scripts, vosk-server's test clients) and
 benchmarks written for vosk-server use farm unchanged. Each connection is one farm
 call (``protocol: "vosk"``, mono, the rate of its config message or 8000): audio goes
-into the call's ring like any other call's, farm's workers recognise it, and
+into the call's ring like any other call's, farm's workers recognize it, and
 :mod:`farm.protocol.vosk_server` turns the call's partial and final events into
 vosk-server's replies, one per audio message.
 """
@@ -24,11 +24,12 @@ from farm.auth import UNAUTHORIZED, Tokens, once_per_peer, without_token
 from farm.config import Config
 from farm.ingress.calls import Call, CallRegistry
 from farm.ingress.metrics import Metrics
+from farm.ingress.site import CallSite, start_optional
 from farm.logs import call_logger, quote
-from farm.protocol import vosk_server as proto
 from farm.protocol.events import ERROR_ENDS, Event
 from farm.protocol.exceptions import CLOSE_GOING_AWAY, CLOSE_POLICY
 from farm.protocol.pcm import SampleCarry
+from farm.protocol.vosk_server import CLOSE_INVALID, CONFIG, RESET, VoskServerError, VoskSession
 
 
 __all__ = ["VoskServerSite"]
@@ -49,7 +50,7 @@ class _Connection:
         self.site = site
         self.ws = ws
         self.config = site.config
-        self.session = proto.VoskSession()
+        self.session = VoskSession()
         self.call_id = f"vosk-{uuid.uuid4()}"
         self.call: Call | None = None
         self.carry = SampleCarry(2)
@@ -62,7 +63,7 @@ class _Connection:
     async def run(self) -> None:
         try:
             await self._receive()
-        except proto.VoskServerError as exc:
+        except VoskServerError as exc:
             await self._refuse(exc)
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
@@ -80,13 +81,13 @@ class _Connection:
                 self.site.registry.end_unopened(self.call_id, reason, detail)
             self.site.live.discard(self)
 
-    async def _refuse(self, exc: proto.VoskServerError) -> None:
+    async def _refuse(self, exc: VoskServerError) -> None:
         self.log.warning("closing: %s", exc)
         if exc.code == CLOSE_POLICY:  # no message in time
             self.end = ("idle", str(exc))
         else:
             self.end = ("refused" if self.call is None and exc.code == CLOSE_GOING_AWAY else "error", str(exc))
-        self.site.metrics.reject("vosk: " + ("bad json" if exc.code == proto.CLOSE_INVALID else "bad message"))
+        self.site.metrics.reject("vosk: " + ("bad json" if exc.code == CLOSE_INVALID else "bad message"))
         if self.call is None or self.end[0] not in ERROR_ENDS:
             self.site.registry.error(self.call_id, str(exc))  # else the call's worker says it (ERROR_ENDS)
         await self.ws.close(exc.code, str(exc)[:120])
@@ -101,7 +102,7 @@ class _Connection:
             try:
                 message = await asyncio.wait_for(self.ws.recv(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
-                raise proto.VoskServerError(silent, CLOSE_POLICY) from None
+                raise VoskServerError(silent, CLOSE_POLICY) from None
             recv_ns = time.monotonic_ns()
             if isinstance(message, bytes) or not spoke:
                 # Only audio keeps a connection alive once it spoke: a client that sends
@@ -118,9 +119,9 @@ class _Connection:
                 continue
             audio_seen = self.session.audio_seen
             command = self.session.receive_text(message)
-            if command is proto.CONFIG:
+            if command is CONFIG:
                 self._note_config(message, audio_seen)
-            elif command is proto.RESET:
+            elif command is RESET:
                 waited = loop.time()
                 await self._reset()
                 deadline += loop.time() - waited  # waiting for our own worker is not the client's silence
@@ -131,7 +132,7 @@ class _Connection:
     def _note_config(self, text: str, late: bool) -> None:
         cfg = self.session.config
         if late:
-            # vosk-server reads the config when it makes the recogniser, at the first audio.
+            # vosk-server reads the config when it makes the recognizer, at the first audio.
             self.log.info("config after audio ignored, as vosk-server does")
             return
         self.log.debug("config %r", text[:200])
@@ -143,7 +144,7 @@ class _Connection:
 
     async def _open(self) -> None:
         if self.site.draining:
-            raise proto.VoskServerError("farm is shutting down", CLOSE_GOING_AWAY)
+            raise VoskServerError("farm is shutting down", CLOSE_GOING_AWAY)
         rate = self.session.config.sample_rate
         path = without_token(self.ws.request.path) if self.ws.request else ""  # events show no token
         self.call = await self.site.registry.open(
@@ -159,11 +160,11 @@ class _Connection:
 
     def _write(self, chunk: bytes, recv_ns: int) -> None:
         assert self.call is not None
-        pcm = self.carry.feed(chunk)
-        if pcm:
-            self.call.write(pcm, recv_ns)
-        self.site.metrics.audio_bytes += len(chunk)
-        self.site.metrics.frames += 1
+        self.site.received(self.call, self.carry.feed(chunk), len(chunk), recv_ns)
+
+    async def end_for_drain(self) -> None:
+        self.end = ("drain", "farm is shutting down")
+        await self.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
 
     def _on_event(self, event: Event) -> None:
         if event.channel != 0:
@@ -199,25 +200,20 @@ class _Connection:
         await self.ws.close()
 
 
-class VoskServerSite:
+class VoskServerSite(CallSite[_Connection]):
     """Listens for vosk-server clients; see the module docstring."""
 
     def __init__(self, config: Config, registry: CallRegistry, metrics: Metrics) -> None:
-        self.config = config
-        self.registry = registry
-        self.metrics = metrics
+        super().__init__(config, registry, metrics)
         self.tokens = Tokens.from_spec(config.auth_tokens)
         self.tls: ssl.SSLContext | None = None
-        self.live: set[_Connection] = set()
-        self.server: Server | None = None
-        self.draining = False
 
     @property
     def host(self) -> str:
         return self.config.vosk_host or self.config.ws_host
 
     async def start(self) -> Server:
-        self.server = await serve(
+        self.server = server = await serve(
             self._handler,
             self.host,
             self.config.vosk_port,
@@ -230,12 +226,7 @@ class VoskServerSite:
             server_header="farm",
             ssl=self.tls,
         )
-        return self.server
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(list(self.server.sockets)[0].getsockname()[1])
+        return server
 
     async def _handler(self, ws: ServerConnection) -> None:
         await _Connection(self, ws).run()
@@ -247,48 +238,20 @@ class VoskServerSite:
             response = conn.respond(401, UNAUTHORIZED)
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
-        if self.draining:
-            return conn.respond(503, "farm is draining\n")
-        if len(self.live) >= self.config.max_connections:
-            self.metrics.reject("too many calls")
-            return conn.respond(503, "farm is at its call limit\n")
-        why = self.registry.admission()
-        if why:
-            return conn.respond(503, f"farm cannot take the call: {why}\n")
-        return None
-
-    async def drain(self, timeout: float) -> None:
-        """Stop taking calls; let utterances in flight finish, then close the rest."""
-        self.draining = True
-        deadline = time.monotonic() + timeout
-        while self.live:
-            quiet = [c for c in self.live if time.monotonic() >= deadline or not (c.call and c.call.ring.in_speech)]
-            for conn in quiet:
-                self.live.discard(conn)
-                conn.end = ("drain", "farm is shutting down")
-                await conn.ws.close(CLOSE_GOING_AWAY, "farm is shutting down")
-            await asyncio.sleep(0.05)
-        if self.server is not None:
-            self.server.close()
+        why = self.refusal()
+        return conn.respond(503, f"{why}\n") if why else None
 
 
 async def start_site(
     config: Config, registry: CallRegistry, metrics: Metrics, tls: ssl.SSLContext | None = None
 ) -> VoskServerSite | None:
-    """Start the site if ``vosk_port`` is set; a port in use is logged, not fatal.
-
-    The vosk port is an extra door with a fixed default (2700, vosk-server's): a node
-    whose mod_audio_stream port works must not fail to start because another process
-    (a real vosk-server, a second node) holds it.
-    """
+    """Start the site if ``vosk_port`` is set: an extra door with a fixed default (2700,
+    vosk-server's), so a port in use is logged, not fatal (:func:`start_optional`)."""
     if not config.vosk_port:
         return None
     site = VoskServerSite(config, registry, metrics)
     site.tls = tls
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("vosk-server protocol off: cannot listen on %s:%d: %s", site.host, config.vosk_port, exc.strerror)
+    if not await start_optional(site.start, "vosk-server protocol", f"{site.host}:{config.vosk_port}"):
         return None
     log.info("vosk-server protocol on %s://%s:%d/", "wss" if tls else "ws", site.host, site.port)
     return site

@@ -28,7 +28,7 @@ from farm.protocol.esl_messages import (
     AuthRequest,
     ChannelData,
     DisconnectNotice,
-    Event,
+    EslEvent,
     Headers,
     LogData,
     Message,
@@ -51,7 +51,7 @@ __all__ = [
     "AuthRequest",
     "Reply",
     "ApiResponse",
-    "Event",
+    "EslEvent",
     "LogData",
     "DisconnectNotice",
     "RudeRejection",
@@ -292,9 +292,9 @@ def _build(headers: Headers, body: bytes | None) -> Message:
     if content_type in ("text/event-plain", "text/event-json"):
         parse = _parse_plain_event if content_type == "text/event-plain" else _parse_json_event
         inner, inner_body = parse(body or b"")
-        return Event(inner.get("Event-Name", ""), inner.get("Event-Subclass"), inner, inner_body, content_type)
+        return EslEvent(inner.get("Event-Name", ""), inner.get("Event-Subclass"), inner, inner_body, content_type)
     if content_type == "text/event-xml":
-        return Event(content_type=content_type, raw=_text(body) or "")
+        return EslEvent(content_type=content_type, raw=_text(body) or "")
     if content_type == "log/data":
         return LogData(headers, _text(body) or "")
     if content_type == "text/disconnect-notice":

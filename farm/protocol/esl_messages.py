@@ -18,7 +18,7 @@ __all__ = [
     "AuthRequest",
     "Reply",
     "ApiResponse",
-    "Event",
+    "EslEvent",
     "LogData",
     "DisconnectNotice",
     "RudeRejection",
@@ -122,7 +122,7 @@ class ApiResponse:
 
 
 @dataclass(frozen=True)
-class Event:
+class EslEvent:
     """One FreeSWITCH event (``text/event-plain``, ``-json`` or ``-xml``, §3.4).
 
     Attributes:
@@ -217,7 +217,7 @@ Message: TypeAlias = (
     AuthRequest
     | Reply
     | ApiResponse
-    | Event
+    | EslEvent
     | LogData
     | DisconnectNotice
     | RudeRejection

@@ -56,11 +56,10 @@ EVENT_TYPES = frozenset(
         "call_start",  # ingress saw the call begin: protocol, rate, channels, metadata
         "call_end",  # the call's audio is fully processed: reason (END_REASONS), detail, duration_ms
         "speech_start",  # VAD hysteresis says speech began
-        "partial",  # recogniser has a new partial hypothesis: text
+        "partial",  # recognizer has a new partial hypothesis: text
         "final",  # utterance finished: text, words, reason (vad|endpoint|end)
         "speech_end",  # VAD says speech ended: duration_ms
         "barge_in",  # the caller spoke over playback and it was cut: what was flushed
-        "flush",  # a worker asks the ingress to cut playback (caller speech while playing)
         "playback_start",  # the farm began playing audio to the call: play id, duration
         "playback_stop",  # that audio ended: reason complete|flush|barge_in|hangup, played_ms
         "intent",  # a transcript matched an intent: intent, matched, source, early, also, revised

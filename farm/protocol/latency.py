@@ -13,7 +13,7 @@ histograms and ``farm bench`` report the same figures:
   frame's and its ``read`` the read of the frame that confirmed the onset, so it holds
   the VAD's onset window on top of the dispatch delay;
 * ``vad``: ``vad - read`` of speech_start (the decision itself);
-* ``asr``: ``asr - commit`` of partials and finals (the audio's commit -> recogniser
+* ``asr``: ``asr - commit`` of partials and finals (the audio's commit -> recognizer
   output: there is no separate "fed" stamp, so it includes the queue to Vosk);
 * ``publish``: ``publish`` -> received by the subscriber that measures;
 * ``end_of_speech_to_final``: a final ending an utterance (reason ``vad`` or ``end``):

@@ -8,7 +8,7 @@ c2e82f0; replies are vosk-api's own JSON):
 - an optional text message ``{"config": {...}}`` sets ``sample_rate`` (default 8000),
   ``words`` (default on), ``max_alternatives`` (default 0) and ``phrase_list``; it
   gets no reply (asr_server.py:43-57). It counts only before the first audio, since
-  vosk-server builds its recogniser from it then (:60-67);
+  vosk-server builds its recognizer from it then (:60-67);
 - every binary message gets exactly one reply (:71-72): a result if an utterance
   ended since the previous reply, else ``{"partial": ...}``;
 - ``{"eof" : 1}`` gets the final result, then the server closes normally (:14-15, 73);
@@ -17,7 +17,7 @@ c2e82f0; replies are vosk-api's own JSON):
   are in the reply (the ingress waits for that final before answering).
 
 vosk-server compares eof and reset as exact strings and hands anything else that
-is not a config to the recogniser, which fails the connection; here any JSON
+is not a config to the recognizer, which fails the connection; here any JSON
 object with a true ``eof`` or ``reset`` member counts, and other text closes the
 connection with a reason (:class:`VoskServerError`).
 
@@ -58,7 +58,7 @@ __all__ = [
 
 DEFAULT_RATE = 8000  # asr_server.py:97, VOSK_SAMPLE_RATE
 
-# vosk-api returns these when nothing was decoded since the recogniser was created
+# vosk-api returns these when nothing was decoded since the recognizer was created
 # or last returned a result (recognizer.cc StoreEmptyReturn): compact, unlike the rest.
 EMPTY_RESULT = '{"text": ""}'
 EMPTY_ALTERNATIVES = '{"alternatives" : [{"text": "", "confidence" : 1.0}] }'
@@ -236,7 +236,7 @@ class VoskSession:
 
     def __init__(self) -> None:
         self.config = VoskConfig()
-        self.audio_seen = False  # the first audio fixes the config (vosk-server makes its recogniser then)
+        self.audio_seen = False  # the first audio fixes the config (vosk-server makes its recognizer then)
         self.partial = ""
         self.finals: deque[tuple[str, list[dict[str, Any]]]] = deque()
         self.audio_since_result = False
@@ -275,7 +275,7 @@ class VoskSession:
         return format_partial(self.partial)
 
     def final_reply(self) -> str:
-        """The reply to eof or reset: everything recognised since the last result sent.
+        """The reply to eof or reset: everything recognized since the last result sent.
 
         vosk-server's ``FinalResult()`` covers all audio after its last result, so the
         finals no reply has carried yet go out as one result (texts joined by a space,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Regenerate workers/data/warmup_8k.wav: the speech a worker warms its recognisers with.
+# Regenerate workers/data/warmup_8k.wav: the speech a worker warms its recognizers with.
 #
-# A new Vosk recogniser composes its decoding graph as it goes, so its first seconds of
+# A new Vosk recognizer composes its decoding graph as it goes, so its first seconds of
 # audio cost several times what later ones do (bench/results/profile-12calls.md). Workers
 # pay that at start, before they take calls, on this clip: Korean call-centre sentences
 # spoken by espeak-ng, deliberately none of the ones the tests and the bench use (a
-# recogniser that has heard the bench's sentences would decode them unfairly cheaply).
+# recognizer that has heard the bench's sentences would decode them unfairly cheaply).
 # Deterministic (espeak-ng 1.51, SoX 14.4.2, -R -D); needs only espeak-ng and sox.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,23 +1,23 @@
-"""The one place that imports vosk: model loading, recognisers and their pool.
+"""The one place that imports vosk: model loading, recognizers and their pool.
 
-Measured on this machine (MEASUREMENTS.md): a new recogniser costs ~1.4 s CPU over its
+Measured on this machine (MEASUREMENTS.md): a new recognizer costs ~1.4 s CPU over its
 first 2 s of audio with one long stall, a reused one (``Reset``) half that; and a
-recogniser's memory grows with the audio it has heard and is never given back. So
-recognisers are leased per utterance from a per-worker pool, returned with
+recognizer's memory grows with the audio it has heard and is never given back. So
+recognizers are leased per utterance from a per-worker pool, returned with
 ``Reset()``, and retired once they have heard ``max_audio_s`` seconds. Only
 utterances in flight hold one, so a worker needs as many as the caller speech that
 overlaps, not one per call.
 
-Reset() keeps Vosk's adaptation state (and its clock), so a reused recogniser may
+Reset() keeps Vosk's adaptation state (and its clock), so a reused recognizer may
 word an utterance slightly differently from a fresh one; ``reuse=False`` trades the
 capacity for bit-exact repeatability.
 
-Why warm recognisers matter so much (bench/results/profile-12calls.md): with a model
-that ships HCLr.fst and Gr.fst (the small ones), each recogniser composes its decoding
+Why warm recognizers matter so much (bench/results/profile-12calls.md): with a model
+that ships HCLr.fst and Gr.fst (the small ones), each recognizer composes its decoding
 graph as it decodes and caches what it built; that composition is ~75 % of a worker's
-CPU, and a recogniser's first second of audio costs ~5x what its twentieth does. The
-cache is also most of its memory, and glibc keeps a retired recogniser's memory unless
-asked to give it back (``malloc_trim``). So the pool warms recognisers on speech before
+CPU, and a recognizer's first second of audio costs ~5x what its twentieth does. The
+cache is also most of its memory, and glibc keeps a retired recognizer's memory unless
+asked to give it back (``malloc_trim``). So the pool warms recognizers on speech before
 calls come, reuses the warmest first, and retires one only when the worker holds more
 memory than its budget (or it has heard ``max_audio_s``).
 """
@@ -52,7 +52,7 @@ __all__ = [
     "rss_bytes",
 ]
 
-log = logging.getLogger("farm.worker.vosk")
+log = logging.getLogger(__name__)
 
 
 class ModelError(Exception):
@@ -78,7 +78,7 @@ def model_view(path: str, into: str, *, dither: float = 0.0, decoder: dict[str, 
 
     Kaldi's MFCC code adds random dither (1.0 unless mfcc.conf says otherwise, and
     Vosk's small models do not), which made the same audio give "… 저 입니다" in
-    some runs and "… 더 입니다" in others here. With dither 0 a recogniser is
+    some runs and "… 더 입니다" in others here. With dither 0 a recognizer is
     repeatable, so a worker that takes over a call rebuilds the same words. The decoder
     options trade accuracy for CPU (bench/results/profile-12calls.md: the search and the
     graph it composes are most of a worker's CPU). The view is symlinks to the model's
@@ -132,7 +132,7 @@ _M_ARENA_MAX = -8  # mallopt(3)
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Fewer glibc arenas for the recognition threads: memory a retired recogniser gave
+    """Fewer glibc arenas for the recognition threads: memory a retired recognizer gave
     back is reused, and ``malloc_trim`` can return it, instead of sitting in a thread's
     own arena. Call once at worker start."""
     _libc.mallopt(_M_ARENA_MAX, arenas)
@@ -165,7 +165,7 @@ def _rss_mb() -> float:
 
 @dataclass(frozen=True)
 class Result:
-    """What a recogniser said, times relative to the start of its utterance."""
+    """What a recognizer said, times relative to the start of its utterance."""
 
     text: str
     words: list[dict[str, Any]]
@@ -203,7 +203,7 @@ class Recognizer:
 
     @property
     def heard_ms(self) -> int:
-        """Vosk's word times count from the recogniser's creation, across Reset()."""
+        """Vosk's word times count from the recognizer's creation, across Reset()."""
         return self.heard_bytes * 1000 // (2 * self.rate)
 
     def accept(self, pcm: bytes) -> bool:
@@ -221,15 +221,15 @@ class Recognizer:
 
     def final(self) -> Result:
         """End the utterance now (flushes the features and the decoder); the next audio
-        starts a fresh feature pipeline, as a new recogniser would."""
+        starts a fresh feature pipeline, as a new recognizer would."""
         self.open_pipeline = False
         return _parse(self._rec.FinalResult())
 
     def reset(self) -> None:
-        """Before reuse. A recogniser given back without a final (its call ended mid-utterance,
+        """Before reuse. A recognizer given back without a final (its call ended mid-utterance,
         or after Vosk's own endpoint) still holds that utterance's feature pipeline, which
         Reset() keeps: end it on 20 ms of silence first, so the next utterance starts fresh,
-        as a new recogniser would."""
+        as a new recognizer would."""
         if self.open_pipeline:
             self.accept(bytes(self.rate // 50 * 2))
             self.final()
@@ -237,14 +237,14 @@ class Recognizer:
 
 
 class RecognizerPool:
-    """Warm recognisers of one worker, leased per utterance; thread-safe.
+    """Warm recognizers of one worker, leased per utterance; thread-safe.
 
     Args:
-        max_audio_s: retire a recogniser that has heard this much audio.
-        keep: idle recognisers kept at most.
-        memory_mb: retire a returned recogniser while the worker holds more than this
+        max_audio_s: retire a recognizer that has heard this much audio.
+        keep: idle recognizers kept at most.
+        memory_mb: retire a returned recognizer while the worker holds more than this
             (resident MB; 0: no budget). Retiring trims the heap so the memory goes back.
-        reuse: False gives each utterance a fresh recogniser (repeatable, slower).
+        reuse: False gives each utterance a fresh recognizer (repeatable, slower).
     """
 
     def __init__(
@@ -278,7 +278,7 @@ class RecognizerPool:
         return Recognizer(self.model, self.rate)
 
     def give_back(self, rec: Recognizer) -> None:
-        """Return a recogniser after its utterance; retire it if it has heard too much, or
+        """Return a recognizer after its utterance; retire it if it has heard too much, or
         the worker is over its memory budget, or enough are idle."""
         with self._lock:
             self.leased -= 1
@@ -297,7 +297,7 @@ class RecognizerPool:
             self._idle.append(rec)
 
     def warm(self, count: int, pcm: bytes, progress: Callable[[], None] | None = None) -> None:
-        """Create ``count`` recognisers and pay their first-audio cost now, on ``pcm`` (speech
+        """Create ``count`` recognizers and pay their first-audio cost now, on ``pcm`` (speech
         at the model's rate), fed as a worker feeds calls: 20 ms frames, partials every 200 ms.
         ``progress`` is called every second of audio (a worker proves it is alive)."""
         frame = self.rate // 50 * 2
@@ -323,7 +323,7 @@ class RecognizerPool:
             except OSError:  # pragma: no cover - not allowed here; warm at normal priority
                 pass
             self.warm(count, pcm)
-            log.info("%d more recognisers warmed in the background (%d idle)", count, self.idle)
+            log.info("%d more recognizers warmed in the background (%d idle)", count, self.idle)
 
         thread = threading.Thread(target=run, name="warm", daemon=True)
         thread.start()
