@@ -265,7 +265,7 @@ def micro_line(m: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``farm bench --amd``'s run (args from bench/cli.py's parser)."""
-    from bench.cli import _pids
+    from bench.procs import pids_from_args
     from bench.report import write_json
     from bench.run import machine_info, start_farm
 
@@ -275,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
     out: list[str] = []
     if not args.micro_only:
         with contextlib.ExitStack() as stack:
-            target, events, pids = args.target, args.events, _pids(args)
+            target, events, pids = args.target, args.events, pids_from_args(args.farm_log, args.pid)
             if args.start_farm:
                 log = Path(tempfile.mkdtemp(prefix="farm-bench-amd-")) / "farm.log"
                 print(f"farm log: {log}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.audio import CORPORA
+from bench.procs import pids_from_args
 from bench.senders import PROTOCOLS
 
 
@@ -124,16 +125,6 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
     return p
 
 
-def _pids(args: argparse.Namespace) -> dict[int, str]:
-    from bench.procs import farm_pids
-
-    pids = farm_pids(Path(args.farm_log).read_text(errors="replace")) if args.farm_log else {}
-    for spec in args.pid:
-        pid, _, role = spec.partition(":")
-        pids[int(pid)] = role or f"pid-{pid}"
-    return pids
-
-
 def config_from_args(args: argparse.Namespace, **override: Any) -> Any:
     from bench.run import BenchConfig, Slo
 
@@ -157,7 +148,7 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> Any:
         prompt_ms=args.prompt_ms,
         prompt_lead_ms=args.prompt_lead_ms,
         slo=Slo(args.slo_final_ms, args.slo_onset_ms, args.slo_max_lost, not args.no_slo_real_time),
-        pids=_pids(args),
+        pids=pids_from_args(args.farm_log, args.pid),
         progress=not args.no_progress,
     )
     kw.update(override)
@@ -230,7 +221,7 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
                 events=farm.events,
                 esl=f"127.0.0.1:{farm.esl_port}",
                 commands=farm.commands,
-                pids={**farm.pids(), **_pids(args)},
+                pids={**farm.pids(), **pids_from_args(args.farm_log, args.pid)},
             )
             result = _run(args, cfg, settle=lambda: wait_ready(farm.url))
     else:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["farm_pids", "cpu_seconds", "rss_kb", "pss_kb", "ProcMonitor"]
+__all__ = ["farm_pids", "pids_from_args", "cpu_seconds", "rss_kb", "pss_kb", "ProcMonitor"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -46,6 +46,15 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def pids_from_args(farm_log: str | None, specs: list[str]) -> dict[int, str]:
+    """The processes to measure: the farm's, read from its log, and ``--pid PID[:ROLE]``s."""
+    pids = farm_pids(Path(farm_log).read_text(errors="replace")) if farm_log else {}
+    for spec in specs:
+        pid, _, role = spec.partition(":")
+        pids[int(pid)] = role or f"pid-{pid}"
+    return pids
 
 
 def farm_pids(log_text: str) -> dict[int, str]:

@@ -72,10 +72,6 @@ class Tokens:
             raise ValueError("a token must have at least 8 characters")
         return cls(tokens)
 
-    @property
-    def required(self) -> bool:
-        return bool(self._tokens)
-
     def allows(self, target: str, authorization: str | None) -> bool:
         """Whether the request for ``target`` (path and query) with that Authorization header
         shows a valid token (always, when none is required). Compared in constant time."""

@@ -49,26 +49,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run(config)
 
 
-def _describe(event: object) -> str:
-    from farm.protocol.events import Event
-
-    assert isinstance(event, Event)
-    e = event
-    at = f"{e.offset_ms / 1000:7.2f}s"
-    lag = ""
-    if "publish" in e.stamps and "recv" in e.stamps:
-        lag = f"  (+{(e.stamps['publish'] - e.stamps['recv']) / 1e6:.0f} ms)"
-    if e.type in ("partial", "final"):
-        words = f"  [{len(e.get('words', []))} words, {e.get('reason')}]" if e.type == "final" else ""
-        return f"{at} {e.type:<12} {e.get('text')!r}{words}{lag}"
-    if e.type == "speech_end":
-        return f"{at} {e.type:<12} {e.get('duration_ms')} ms of speech{lag}"
-    extra = {k: v for k, v in e.data.items() if k not in ("metadata",)}
-    return f"{at} {e.type:<12} {json.dumps(extra, ensure_ascii=False) if extra else ''}{lag}"
-
-
 async def _call(args: argparse.Namespace) -> int:
-    from farm.client import Subscription
+    from farm.client import Subscription, describe
     from farm.sender import metadata_for, read_wav, send_pcm
 
     pcm, rate, channels = read_wav(args.file)
@@ -91,7 +73,7 @@ async def _call(args: argparse.Namespace) -> int:
             except TimeoutError:
                 print(f"no event for {args.timeout:.0f} s: is the farm up at {args.events}?", file=sys.stderr)
                 return 1
-            print(event.to_json().decode() if args.json else _describe(event), flush=True)
+            print(event.to_json().decode() if args.json else describe(event), flush=True)
             if event.type == "call_end":
                 break
         result = await sending
@@ -102,11 +84,11 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 async def _events(args: argparse.Namespace) -> int:
-    from farm.client import Subscription
+    from farm.client import Subscription, describe
 
     async with Subscription(args.events, args.call_id, keys=_client_keys(args)) as sub:
         async for event in sub:
-            print(event.to_json().decode() if args.json else f"{event.call_id[:12]:<12} {_describe(event)}", flush=True)
+            print(event.to_json().decode() if args.json else f"{event.call_id[:12]:<12} {describe(event)}", flush=True)
     return 0
 
 

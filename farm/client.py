@@ -30,12 +30,27 @@ from farm.curve import Keys, client_socket
 from farm.protocol.events import SUBSCRIBED, Event, EventError, topic_for
 
 
-__all__ = ["events", "Subscription", "Commands", "CommandError", "DEFAULT_EVENTS", "DEFAULT_COMMANDS"]
+__all__ = ["events", "Subscription", "Commands", "CommandError", "DEFAULT_EVENTS", "DEFAULT_COMMANDS", "describe"]
 
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
 DEFAULT_COMMANDS = "tcp://127.0.0.1:5557"
 # How long entering a Subscription waits for the farm to confirm it.
 SUBSCRIBE_TIMEOUT_S = 5.0
+
+
+def describe(e: Event) -> str:
+    """One event as `farm events` and `farm transcribe` print it."""
+    at = f"{e.offset_ms / 1000:7.2f}s"
+    lag = ""
+    if "publish" in e.stamps and "recv" in e.stamps:
+        lag = f"  (+{(e.stamps['publish'] - e.stamps['recv']) / 1e6:.0f} ms)"
+    if e.type in ("partial", "final"):
+        words = f"  [{len(e.get('words', []))} words, {e.get('reason')}]" if e.type == "final" else ""
+        return f"{at} {e.type:<12} {e.get('text')!r}{words}{lag}"
+    if e.type == "speech_end":
+        return f"{at} {e.type:<12} {e.get('duration_ms')} ms of speech{lag}"
+    extra = {k: v for k, v in e.data.items() if k not in ("metadata",)}
+    return f"{at} {e.type:<12} {json.dumps(extra, ensure_ascii=False) if extra else ''}{lag}"
 
 
 class Subscription:

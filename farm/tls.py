@@ -48,7 +48,6 @@ class CertificateFiles:
     def __init__(self, context: ssl.SSLContext, cert: str, key: str) -> None:
         self.context, self.cert, self.key = context, cert, key
         self.seen = self._times()
-        self.reloads = 0
 
     def _times(self) -> tuple[float, float]:
         try:
@@ -67,7 +66,6 @@ class CertificateFiles:
         except ValueError as exc:
             log.warning("%s; the previous certificate stays in use", exc)
             return False
-        self.reloads += 1
         log.info("certificate %s loaded again: new connections get it", self.cert)
         return True
 

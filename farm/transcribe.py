@@ -33,7 +33,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from farm.client import DEFAULT_EVENTS, Subscription
+from farm.client import DEFAULT_EVENTS, Subscription, describe
 from farm.protocol.events import Event
 
 
@@ -131,7 +131,6 @@ async def _stream(url: str, job: _Job, meta: dict[str, Any]) -> tuple[int | None
 
 async def transcribe_one(job: _Job, args: argparse.Namespace, shown: frozenset[str]) -> None:
     """Stream one file as a call and print its events as they come; raises Failed."""
-    from farm.cli import _describe
 
     call_id = f"file-{uuid.uuid4()}"
     url = f"{args.target.rstrip('/')}/{call_id}"
@@ -159,7 +158,7 @@ async def transcribe_one(job: _Job, args: argparse.Namespace, shown: frozenset[s
                 event: Event = waiting.result()
                 waiting = asyncio.ensure_future(sub.next())
                 if event.type in shown:
-                    print(event.to_json().decode() if args.json else prefix + _describe(event), flush=True)
+                    print(event.to_json().decode() if args.json else prefix + describe(event), flush=True)
                 if event.type == "overrun":
                     raise Failed(f"the farm lost {event.get('bytes')} bytes of the file (ring overrun)")
                 if event.type == "call_end":
