@@ -45,6 +45,10 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
     what.add_argument("--keep-going", action="store_true", help="ramp: run every step even after the SLO broke")
     what.add_argument("--rtf", action="store_true", help="measure the model's single-stream CPU real-time factor")
     what.add_argument(
+        "--soak", type=float, default=0.0, metavar="SECONDS", help="waves of --calls calls this long (bench/soak.py)"
+    )
+    what.add_argument("--sample-s", type=float, default=30.0, help="--soak: seconds between samples (default 30)")
+    what.add_argument(
         "--decoder",
         action="append",
         default=[],
@@ -161,9 +165,21 @@ def ramp_steps(args: argparse.Namespace) -> list[int]:
     return list(range(args.ramp_start, args.ramp_max + 1, max(1, args.ramp_step)))
 
 
-def _run(args: argparse.Namespace, cfg: Any, settle: Callable[[], float] | None = None) -> dict[str, Any]:
+def _run(
+    args: argparse.Namespace,
+    cfg: Any,
+    pids: Callable[[], dict[int, str]],
+    settle: Callable[[], float] | None = None,
+) -> dict[str, Any]:
     from bench.report import ramp_report, step_report
     from bench.run import ramp, run_step
+
+    if args.soak:
+        from bench.soak import soak, soak_report
+
+        result = asyncio.run(soak(cfg, args.calls, args.soak, args.sample_s, pids))
+        print(soak_report(result))
+        return result
 
     if args.ramp:
         result = ramp(cfg, ramp_steps(args), keep_going=args.keep_going, settle=settle)
@@ -181,7 +197,7 @@ def _outputs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         return
     write_json(args.out, doc)
     print(f"wrote {args.out}", file=sys.stderr)
-    if args.no_plot or doc["result"]["steps"][-1].get("idle"):
+    if args.no_plot or args.soak or doc["result"]["steps"][-1].get("idle"):
         return
     from bench import plots
 
@@ -223,10 +239,10 @@ def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
                 commands=farm.commands,
                 pids={**farm.pids(), **pids_from_args(args.farm_log, args.pid)},
             )
-            result = _run(args, cfg, settle=lambda: wait_ready(farm.url))
+            result = _run(args, cfg, settle=lambda: wait_ready(farm.url), pids=farm.pids)
     else:
         cfg = config_from_args(args)
-        result = _run(args, cfg)
+        result = _run(args, cfg, pids=lambda: pids_from_args(args.farm_log, args.pid))
     doc = {
         "machine": machine_info(),
         "argv": sys.argv[1:] if argv is None else argv,
