@@ -10,6 +10,7 @@ dialer retries every call), and counted by the sites as refusals.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -75,13 +76,27 @@ class Tokens:
     def allows(self, target: str, authorization: str | None) -> bool:
         """Whether the request for ``target`` (path and query) with that Authorization header
         shows a valid token (always, when none is required). Compared in constant time."""
+        return self.credential(target, authorization) is not None
+
+    def credential(self, target: str, authorization: str | None) -> str | None:
+        """Who the request is, by the token it shows: the token's fingerprint (a hash: the
+        token itself is never published), ``""`` when no token is required, None when it
+        shows no valid one. A call id belongs to the credential that opened it."""
         if not self._tokens:
-            return True
+            return ""
         shown = [v.encode() for v in parse_qs(urlsplit(target).query).get("token", [])]
         scheme, _, credential = (authorization or "").strip().partition(" ")
         if scheme.lower() == "bearer" and credential.strip():
             shown.append(credential.strip().encode())
-        return any(hmac.compare_digest(s, t) for s in shown for t in self._tokens)
+        for token in self._tokens:
+            if any(hmac.compare_digest(s, token) for s in shown):
+                return fingerprint(token)
+        return None
+
+
+def fingerprint(token: bytes) -> str:
+    """A token's name in events and logs: 12 hex digits of its SHA-256."""
+    return hashlib.sha256(token).hexdigest()[:12]
 
 
 class AllowList:

@@ -9,12 +9,16 @@ import json
 import socket
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import websockets
 
-from farm.auth import AllowList, Tokens, without_token
+from farm.auth import AllowList, Tokens, fingerprint, without_token
+from farm.client import Subscription
+from farm.protocol.events import Event
+from farm.sender import metadata_for
 
 from .conftest import DATA, MS, Node, free_port, metric_value, run_call, start_node
 from .peers import AudioStreamPeer, HandshakeRefused
@@ -139,3 +143,57 @@ def test_token_and_network_specs_parse_or_say_why(tmp_path: object) -> None:
         AllowList.from_spec("10.0.0.0/33")
     assert without_token("/stream/c1?token=abcdefgh&rate=8000") == "/stream/c1?rate=8000"
     assert without_token("/stream/c1?rate=8000") == "/stream/c1?rate=8000"
+
+
+def test_a_call_id_belongs_to_the_token_that_opened_it(node: Node) -> None:
+    """Another token cannot take a call's id, live or ended: 1008 and nothing published
+    under the id; the owner's token continues it (leg 2). call_start says who is who."""
+    call_id = f"owned-{uuid.uuid4()}"
+    owner, intruder = f"/{call_id}?rate=16000&token={TOKENS[0]}", f"/{call_id}?rate=16000&token={TOKENS[1]}"
+
+    async def stream(path: str, frames: int = 10) -> AudioStreamPeer:
+        peer = await AudioStreamPeer("127.0.0.1", node.port, path).connect(timeout=30_000 * MS)
+        await peer.send_text(metadata_for(call_id, 16000, 1))
+        for _ in range(frames):
+            await peer.send_binary(bytes(640))
+        return peer
+
+    async def refused(path: str) -> AudioStreamPeer:
+        peer = await stream(path, frames=1)
+        await asyncio.wait_for(peer.closed.wait(), 30_000 * MS)
+        peer.abort()
+        return peer
+
+    async def main() -> tuple[list[Event], list[AudioStreamPeer], list[Event]]:
+        async with Subscription(node.events, call_id) as sub:
+            first = await stream(owner)
+            start = await sub.next(timeout=30)
+            taken_live = await refused(intruder)  # while the owner streams
+            await first.close()
+            events = [start, *await until_end(sub)]
+            taken_ended = await refused(intruder)  # after it ended
+            again = await stream(owner)  # the owner's reconnect: the call's next leg
+            await again.close()
+            return events, [taken_live, taken_ended], await until_end(sub)
+
+    first_leg, intruders, second_leg = asyncio.run(main())
+    for peer in intruders:
+        assert peer.close_code == 1008 and peer.close_reason.startswith("call id taken by another token"), peer
+    # Nothing of the intruders reached the call's subscribers: one call_start and one
+    # call_end per leg, no error.
+    assert [e.type for e in first_leg if e.type in ("call_start", "call_end", "error")] == ["call_start", "call_end"]
+    assert [e.type for e in second_leg if e.type in ("call_start", "call_end", "error")] == ["call_start", "call_end"]
+    start1, start2 = first_leg[0], second_leg[0]
+    assert start1["leg"] == 1 and start2["leg"] == 2
+    assert start1["credential"] == start2["credential"] == fingerprint(TOKENS[0].encode())
+    assert start1["peer"].startswith("127.0.0.1:") and start1["peer"] != start2["peer"]
+    assert TOKENS[0] not in json.dumps(start1.data)
+    refusals = metric_value(metrics(node), "farm_connections_refused_total", reason="call id taken by another token")
+    assert (refusals or 0) >= 2
+
+
+async def until_end(sub: Subscription) -> list[Event]:
+    events = [await sub.next(timeout=60)]
+    while events[-1].type != "call_end":
+        events.append(await sub.next(timeout=60))
+    return events

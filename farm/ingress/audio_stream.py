@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from farm.auth import UNAUTHORIZED, Tokens, once_per_peer, without_token
 from farm.config import Config
-from farm.ingress.calls import Call, CallRegistry
+from farm.ingress.calls import Call, CallIdTaken, CallRegistry
 from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.exposition import CONTENT_TYPE, Exposition
 from farm.ingress.metrics import DROP_WS_BACKLOG, Metrics
@@ -42,7 +42,7 @@ from farm.protocol.audio_stream import (
     is_background,
 )
 from farm.protocol.events import ERROR_ENDS, Event
-from farm.protocol.exceptions import CLOSE_GOING_AWAY
+from farm.protocol.exceptions import CLOSE_GOING_AWAY, CLOSE_POLICY
 
 
 __all__ = ["AudioStreamSite"]
@@ -113,6 +113,7 @@ class _Connection:
         self.peer = "%s:%s" % (ws.remote_address[:2] if ws.remote_address else ("?", "?"))
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
         self.end: tuple[str, str] | None = None  # why the call ended: (END_REASONS member, detail); first wins
+        self.taken = False  # its call id is another token's: nothing is said under that id
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_events())
@@ -143,7 +144,7 @@ class _Connection:
             self.site.live.discard(self)
             return
         call_id = self.session.call_id  # a call that never opened ends too, if it was named
-        if call_id is not None:
+        if call_id is not None and not self.taken:
             self.site.registry.end_unopened(call_id, reason, detail)
 
     def _log(self, level: int, message: str, *args: object) -> None:
@@ -209,7 +210,7 @@ class _Connection:
             if self.site.draining:
                 await self.refuse(Close(CLOSE_GOING_AWAY, "farm is shutting down", "refused"))
                 return False
-            await self._open(action)
+            return await self._open(action)
         elif isinstance(action, PublishError):
             self._log(logging.WARNING, "%s", action.reason)
             assert self.call is not None
@@ -221,23 +222,32 @@ class _Connection:
             return False
         return True
 
-    async def _open(self, p: OpenCall) -> None:
+    async def _open(self, p: OpenCall) -> bool:
+        request = self.ws.request
         info: dict[str, Any] = {
             "protocol": "audio_stream",
             "metadata": p.metadata,
-            "path": without_token(self.ws.request.path) if self.ws.request else "",
+            "path": without_token(request.path) if request else "",
+            "peer": self.peer,
         }
         if p.transcribe:
             info["transcribe"] = p.transcribe
-        self.call = await self.site.registry.open(
-            p.call_id,
-            rate=p.rate,
-            channels=p.channels,
-            protocol="audio_stream",
-            info=info,
-            on_event=self._queue_event if self.config.ws_events else None,
-            background=is_background(p.metadata),
-        )
+        credential = self.site.tokens.credential(request.path, request.headers.get("Authorization")) if request else ""
+        try:
+            self.call = await self.site.registry.open(
+                p.call_id,
+                rate=p.rate,
+                channels=p.channels,
+                protocol="audio_stream",
+                info=info,
+                on_event=self._queue_event if self.config.ws_events else None,
+                background=is_background(p.metadata),
+                credential=credential or "",
+            )
+        except CallIdTaken as exc:
+            self.taken = True
+            await self.refuse(Close(CLOSE_POLICY, str(exc), "refused"))
+            return False
         self.log = call_logger(log, self.call.call_id)
         self.call.player = StreamAudioPlayer(self, self.call, str(p.metadata.get("uuid") or p.call_id))
         self.call.player.start()
@@ -249,6 +259,7 @@ class _Connection:
             p.channels,
             "" if p.metadata_seen else ", no metadata",
         )
+        return True
 
     def _write(self, audio: WriteAudio) -> None:
         assert self.call is not None

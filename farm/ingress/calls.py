@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from farm.ingress.playback import Player
 
 
-__all__ = ["Call", "CallRegistry"]
+__all__ = ["Call", "CallIdTaken", "CallRegistry"]
 
 log = logging.getLogger("farm.ingress")
 
@@ -52,6 +52,10 @@ RECONNECT_WAIT_S = 3.0
 # the relay (see close()), and how many unechoed events a call keeps track of.
 ECHO_WAIT_S = 2.0
 MAX_UNECHOED = 1000
+
+
+class CallIdTaken(Exception):
+    """With tokens on, a call id belongs to the credential that opened it: another is refused."""
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Call:
     first_seq: int = 0
     lost: str = ""  # no worker serves the call while it streams (it said why in an error event)
     said_end: bool = False  # a worker's call_end came while it streamed (farm stopping)
+    credential: str = ""  # the fingerprint of the token that opened it ("" without tokens)
     info: str = "{}"  # what I_OPEN told the broker (told again to a restarted broker)
     # Publish stamps of what the ingress said of this call and has not seen come back from
     # the relay yet; and the end the ring is to be marked with once it has (see close()).
@@ -89,8 +94,9 @@ class CallRegistry:
         self.link = BrokerLink(self.ctx, config, metrics, self._flush, self._gave_up, self._live)
         self.relay = EventRelay(self.ctx, config, metrics, self.calls.get, self._seen)
         self._seq = 0
-        # call id -> next event seq, so a reconnected call continues its numbering.
-        self._next_seq: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # call id -> (next event seq, legs, credential) of a finished call, so a reconnected
+        # call continues its numbering (and only its own credential continues it).
+        self._finished: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -113,8 +119,13 @@ class CallRegistry:
         info: dict[str, Any],
         on_event: Callable[[Event], None] | None,
         background: bool = False,
+        credential: str = "",
     ) -> Call:
-        """Create the call's ring, announce it (call_start) and ask for a worker."""
+        """Create the call's ring, announce it (call_start) and ask for a worker.
+
+        With tokens on (``credential`` is the fingerprint of the one shown), a call id
+        that another credential opened, live or ended, is refused: CallIdTaken."""
+        self._check_owner(call_id, credential)
         old = self.calls.get(call_id)
         if old is not None and old.closed_at:
             # A reconnect of a call whose previous leg is still being finished.
@@ -132,9 +143,10 @@ class CallRegistry:
                 extra={"call_id": call_id},
             )
             # Say it on the original id too: its subscribers would miss the new one.
-            self.error(call_id, f"a second live connection used this call id; it is served as {call_id}-{n}")
+            peer = f" from {info['peer']}" if info.get("peer") else ""
+            self.error(call_id, f"a second live connection{peer} used this call id; it is served as {call_id}-{n}")
             call_id = f"{call_id}-{n}"
-        next_seq, leg = self._next_seq.pop(call_id, (0, 0))
+        next_seq, leg, _ = self._finished.pop(call_id, (0, 0, ""))
         self._seq += 1
         ring = Ring.create(
             segment_name(os.getpid(), self._seq),
@@ -145,6 +157,7 @@ class CallRegistry:
         )
         call = Call(call_id, ring, protocol, leg + 1, on_event, background=background, info=wire.encode_info(info))
         call.first_seq = next_seq + 1
+        call.credential = credential
         self.calls[call_id] = call
         self.metrics.calls_total += 1
         start = Event(
@@ -152,12 +165,21 @@ class CallRegistry:
             call_id,
             next_seq,
             0,
-            {"protocol": protocol, "rate": rate, "channels": channels, "leg": call.leg, **info},
+            {"protocol": protocol, "rate": rate, "channels": channels, "leg": call.leg, **info}
+            | ({"credential": credential} if credential else {}),
             {"recv": time.monotonic_ns()},
         )
         self.publish(start)
         await self.link.announce(call_id, ring.name, call.info)
         return call
+
+    def _check_owner(self, call_id: str, credential: str) -> None:
+        if not self.config.auth_tokens:
+            return  # no credentials: a second connection is served as <id>-2 (see open)
+        live = self.calls.get(call_id)
+        owner = live.credential if live is not None else self._finished.get(call_id, (0, 0, credential))[2]
+        if owner != credential:
+            raise CallIdTaken(f"call id taken by another token ({call_id!r}, {'live' if live else 'ended'})")
 
     def close(self, call: Call, reason: str, detail: str = "") -> None:
         """The connection ended: no more audio. The worker finishes what it has, then
@@ -230,9 +252,9 @@ class CallRegistry:
         del self.calls[call_id]
         self.metrics.overrun_bytes += call.ring.overrun_bytes
         self.metrics.overruns += call.ring.overrun_count
-        self._next_seq[call_id] = (call.ring.event_seq, call.leg)
-        while len(self._next_seq) > 10_000:
-            self._next_seq.popitem(last=False)
+        self._finished[call_id] = (call.ring.event_seq, call.leg, call.credential)
+        while len(self._finished) > 10_000:
+            self._finished.popitem(last=False)
         call.ring.close()
         call.ring.unlink()
         call.on_event = None

@@ -220,6 +220,7 @@ class _Session:
         self.audio_writer = writer
         info: dict[str, Any] = {
             "protocol": "socket_audio",
+            "peer": self.peer,
             "metadata": {k: self.channel[k] for k in _CHANNEL_FIELDS if k in self.channel}
             | {k[len("variable_") :]: v for k, v in self.channel.items() if k.startswith("variable_farm_")},
         }
