@@ -33,6 +33,7 @@ from farm.config import Config
 from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
+from farm.proctitle import name_process
 from farm.ring import sweep_stale
 from workers.engines.vosk import ModelError, load_model, model_rate, model_view
 from workers.worker import worker_main
@@ -407,4 +408,5 @@ def run(config: Config) -> int:
     if not config.run_dir:
         config = config.replace(run_dir=tempfile.mkdtemp(prefix=f"farm-{os.getpid()}-"))
     os.makedirs(config.run_dir, exist_ok=True)
+    name_process("supervisor")
     return Supervisor(config).run()

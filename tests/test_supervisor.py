@@ -441,8 +441,26 @@ def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_pat
             metrics = r.read().decode()
         assert "farm_workers_live 2" in metrics
         assert r.headers.get_all("Content-Type") == ["text/plain; version=0.0.4"]
+        # ps tells the processes apart, and their environment is intact (SPT_NOENV).
+        titles = {pid: _cmdline(pid) for role in ("broker", "ingress", "worker") for pid in n.pids(role)}
+        titles[n.proc.pid] = _cmdline(n.proc.pid)
+        assert sorted(titles.values()) == [
+            "farm: broker", "farm: ingress", "farm: supervisor", "farm: worker 0", "farm: worker 1"
+        ]
+        for pid in titles:
+            assert f"FARM_TEST_SESSION={os.environ['FARM_TEST_SESSION']}".encode() in _environ(pid)
     finally:
         assert n.stop() == 0
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")[0].decode()
+
+
+def _environ(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
 
 
 def _running(pid: int) -> bool:

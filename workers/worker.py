@@ -22,6 +22,7 @@ from farm.heartbeats import HeartbeatTable
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned
 from farm.limits import raise_open_files_limit
 from farm.logs import call_logger
+from farm.proctitle import name_process
 from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of
 from farm.ring import Ring, RingError
 from workers.analysis import IntentLibrary, node_amd_config, options_for
@@ -388,6 +389,7 @@ def worker_main(
     if not die_with_parent(parent):
         return 1  # the supervisor died while forking us
     setup_logging(config.log_level, f"worker{index}")
+    name_process(f"worker {index}")
     stop_signal = obey_supervisor_only(parent)
     limit_malloc_arenas()
     if cpu is not None and config.pin_workers:

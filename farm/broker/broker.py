@@ -21,6 +21,7 @@ from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
 from farm.curve import Keys, node_keys, server_socket, start_authenticator
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
+from farm.proctitle import name_process
 from farm.protocol.events import SUBSCRIBED
 
 
@@ -462,6 +463,7 @@ def main() -> None:
         return  # the supervisor died while starting us
     config = Config.from_env()
     setup_logging(config.log_level, "broker")
+    name_process("broker")
     broker = Broker(config)
 
     def stop(signum: int, frame: object) -> None:

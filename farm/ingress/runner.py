@@ -18,6 +18,7 @@ from farm.ingress.socket_audio import SocketAudioSite
 from farm.ingress.vosk_server import start_site as start_vosk_site
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.limits import raise_open_files_limit
+from farm.proctitle import name_process
 from farm.tls import CertificateFiles, server_context
 
 
@@ -122,6 +123,7 @@ def main() -> None:
         return  # the supervisor died while starting us
     config = Config.from_env()
     setup_logging(config.log_level, "ingress")
+    name_process("ingress")
     raise_open_files_limit()  # every call is a socket and a ring here
     import uvloop
 
