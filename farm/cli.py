@@ -101,6 +101,8 @@ async def _control(args: argparse.Namespace) -> int:
             reply = await commands.play_wav(args.call_id, args.file)
         elif args.command == "flush":
             reply = await commands.flush(args.call_id)
+        elif args.command == "stats":
+            reply = await commands.stats(args.call_id)
         else:
             reply = {"calls": await commands.calls()}
     except CommandError as exc:
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, what in (
         ("play", "play a WAV file to a live call (cut by barge-in)"),
         ("flush", "cut what a call is playing"),
+        ("stats", "a live call's conversation figures so far"),
         ("calls", "list live calls and whether they play"),
     ):
         q = sub.add_parser(name, help=what)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             return transcribe(args)
         if args.command == "keys":
             return _keys(args)
-        if args.command in ("play", "flush", "calls"):
+        if args.command in ("play", "flush", "stats", "calls"):
             return asyncio.run(_control(args))
         return asyncio.run(_call(args) if args.command == "call" else _events(args))
     except KeyboardInterrupt:

@@ -228,6 +228,11 @@ class Commands:
         """Whether the call is playing, which clip, what is queued."""
         return await self.request({"op": "state", "call_id": call_id})
 
+    async def stats(self, call_id: str) -> dict[str, Any]:
+        """The live call's conversation figures so far (``call_end``'s ``stats``, from its
+        events): ``{"ok": True, "at_ms": ..., "stats": {...}}``."""
+        return await self.request({"op": "stats", "call_id": call_id})
+
     async def calls(self) -> list[dict[str, Any]]:
         reply = await self.request({"op": "calls"})
         return list(reply["calls"])

@@ -281,7 +281,7 @@ class Config:
     tls_key: str = field(default="", metadata=knob("its private key (PEM)", group="security"))
     # -- playback and barge-in
     commands: str = field(
-        default="tcp://127.0.0.1:5557", metadata=knob("ZeroMQ endpoint for play/flush/state/finalize", group="playback")
+        default="tcp://127.0.0.1:5557", metadata=knob("ZeroMQ endpoint for play/flush/state/finalize/stats", group="playback")
     )
     playback_lead_ms: int = field(
         default=200, metadata=knob("write playback this far ahead of real time", group="playback", check=_at_least(0))

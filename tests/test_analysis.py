@@ -12,9 +12,9 @@ import pytest
 
 from farm.config import Config
 from farm.intents import IntentsError
+from farm.protocol.call_stats import CallStats
 from workers.amd import AmdConfig
 from workers.analysis import CallAnalysis, IntentLibrary, Options, node_amd_config, options_for
-from workers.stats import CallStats
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -98,6 +98,7 @@ def test_the_finalize_command_ends_the_utterance_in_progress_at_once(node: Node,
 
     async def scenario() -> list:
         events = []
+        live: dict = {}
         async with Subscription(node.events, call_id) as sub, Commands(node.commands) as farm:
             sending = asyncio.create_task(
                 send_pcm(f"{node.url}/{call_id}", pcm, rate=rate, metadata=metadata_for(call_id, rate, 1))
@@ -109,10 +110,17 @@ def test_the_finalize_command_ends_the_utterance_in_progress_at_once(node: Node,
             reply = await farm.finalize(call_id)
             while not events or events[-1].type != "call_end":
                 events.append(await sub.next(timeout=60_000 * MS))
+                if events[-1].type == "speech_end" and not live:
+                    live = await farm.stats(call_id)  # the live call's figures so far
             await sending
-            return [reply, *events]
+            return [reply, live, *events]
 
-    reply, *events = asyncio.run(scenario())
+    reply, live, *events = asyncio.run(scenario())
+    # The stats command counted what the events had said by then: the first utterance.
+    first_start = next(e for e in events if e.type == "speech_start")
+    assert live["ok"] and live["at_ms"] >= first_start.offset_ms
+    assert live["stats"]["first_speech_ms"] == first_start.offset_ms and live["stats"]["utterances"] >= 1
+    assert 0 < live["stats"]["talk_ms"] <= events[-1]["stats"]["talk_ms"]
     run = CallRun(call_id, events, None)
     resets = [e for e in run.of("final") if e["reason"] == "reset"]
     assert reply["ok"] and len(resets) == 1

@@ -24,13 +24,13 @@ import soxr
 from farm.broker.wire import FlushRequest
 from farm.config import Config
 from farm.protocol.audio_stream import is_background
+from farm.protocol.call_stats import CallStats
 from farm.protocol.events import Event
 from farm.ring import Ring
 from workers.analysis import CallAnalysis, Found, Options
 from workers.asr import AsrOutput, AsrStream, ResultQueue
 from workers.engines.vosk import RecognizerPool
 from workers.scheduler import AsrScheduler
-from workers.stats import CallStats
 from workers.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart, Vad, VadConfig, VadState
 
 

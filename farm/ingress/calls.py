@@ -31,6 +31,7 @@ from farm.ingress.broker_link import HEARTBEAT_S, BrokerLink
 from farm.ingress.event_relay import EventRelay
 from farm.ingress.metrics import Metrics
 from farm.logs import quote
+from farm.protocol.call_stats import CallStats
 from farm.protocol.events import Event, end_reason_code
 from farm.ring import Ring, segment_name
 
@@ -75,6 +76,7 @@ class Call:
     lost: str = ""  # no worker serves the call while it streams (it said why in an error event)
     said_end: bool = False  # a worker's call_end came while it streamed (farm stopping)
     credential: str = ""  # the fingerprint of the token that opened it ("" without tokens)
+    stats: CallStats = field(default_factory=CallStats)  # from its events as relayed: the stats command
     info: str = "{}"  # what I_OPEN told the broker (told again to a restarted broker)
     # Publish stamps of what the ingress said of this call and has not seen come back from
     # the relay yet; and the end the ring is to be marked with once it has (see close()).
@@ -83,6 +85,10 @@ class Call:
 
     def write(self, pcm: bytes, recv_ns: int) -> None:
         self.ring.write(pcm, recv_ns)
+
+    def offset_ms(self, cursor: int) -> int:
+        """Audio time (ms into the stream) of a ring cursor."""
+        return cursor * 1000 // (self.ring.rate * 2 * self.ring.channels)
 
 
 class CallRegistry:

@@ -103,8 +103,10 @@ class CommandServer:
         if call is None or call.closed_at:
             raise PlaybackError(f"no live call {call_id!r}")
         if op == "finalize":
-            cursor = call.ring.request_finalize()
-            return {"ok": True, "at_ms": cursor * 1000 // (call.ring.rate * 2 * call.ring.channels)}
+            return {"ok": True, "at_ms": call.offset_ms(call.ring.request_finalize())}
+        if op == "stats":
+            at_ms = call.offset_ms(call.ring.write_cursor)
+            return {"ok": True, "at_ms": at_ms, "stats": call.stats.summary(at_ms)}
         if call.player is None:
             raise PlaybackError(f"call {call_id} ({call.protocol}) cannot play audio")
         if op == "play":
@@ -128,7 +130,7 @@ class CommandServer:
             return {"ok": True, **call.player.flush()}
         if op == "state":
             return {"ok": True, **call.player.state()}
-        raise PlaybackError(f"unknown op {op!r}: expected play, flush, state, finalize or calls")
+        raise PlaybackError(f"unknown op {op!r}: expected play, flush, state, finalize, stats or calls")
 
     def _calls(self) -> list[dict[str, Any]]:
         return [

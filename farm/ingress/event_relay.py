@@ -84,6 +84,8 @@ class EventRelay:
                 continue
             self.metrics.observe(event, received)
             call = self.find(event.call_id)
+            if call is not None:
+                call.stats.observe(event.type, event.channel, event.offset_ms, event.data)
             if call is not None and call.on_event is not None:
                 self.metrics.events_relayed += 1
                 call.on_event(event)

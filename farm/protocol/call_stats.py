@@ -1,13 +1,16 @@
-"""Per-call conversation figures for ``call_end``: what every dialer report wants.
+"""Per-call conversation figures: what every dialer report wants, from a call's events.
 
-Made from the events the worker publishes anyway (speech_start/speech_end of the caller,
-flush requests, amd, intents) and from the ring's playing flag, read once per pump: no
-audio is looked at twice. A worker that took the call over from another counts from
-where it started (``from_ms``).
+Two places keep them, from what passes through them anyway (no audio is looked at twice):
+the worker, for ``call_end``'s ``stats`` (its speech_start/speech_end, barge-in requests,
+amd, intents, and playback from the ring's playing flag, read once per pump; a worker that
+took the call over counts from where it started, ``from_ms``), and the ingress, for the
+``stats`` command on a live call (the same events as relayed, barge-in cuts, and playback
+from ``playback_stop``'s ``played_ms``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +36,7 @@ class CallStats:
     def __post_init__(self) -> None:
         self._quiet_since = self.from_ms
 
-    def observe(self, type: str, channel: int, offset_ms: int, data: dict[str, Any]) -> None:
+    def observe(self, type: str, channel: int, offset_ms: int, data: Mapping[str, Any]) -> None:
         """One event of the call, as published."""
         if channel != 0:
             return
@@ -47,8 +50,10 @@ class CallStats:
             self.utterances += 1
             self.talk_ms += int(data.get("duration_ms", 0))
             self._quiet_since = offset_ms
-        elif type == "flush":  # the barge-in request (W_FLUSH), counted like an event
+        elif type in ("flush", "barge_in"):  # the worker's request (W_FLUSH); the ingress's cut
             self.barge_ins += 1
+        elif type == "playback_stop":  # the ingress's view of playback
+            self.playback_ms += int(data.get("played_ms", 0))
         elif type == "amd":
             self.amd = str(data.get("result"))
         elif type == "intent":
