@@ -103,6 +103,8 @@ async def _control(args: argparse.Namespace) -> int:
             reply = await commands.flush(args.call_id)
         elif args.command == "stats":
             reply = await commands.stats(args.call_id)
+        elif args.command == "amd":
+            reply = await commands.amd(args.call_id)
         else:
             reply = {"calls": await commands.calls()}
     except CommandError as exc:
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         ("play", "play a WAV file to a live call (cut by barge-in)"),
         ("flush", "cut what a call is playing"),
         ("stats", "a live call's conversation figures so far"),
+        ("amd", "a call was answered now: detect an answering machine from here"),
         ("calls", "list live calls and whether they play"),
     ):
         q = sub.add_parser(name, help=what)
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             return transcribe(args)
         if args.command == "keys":
             return _keys(args)
-        if args.command in ("play", "flush", "stats", "calls"):
+        if args.command in ("play", "flush", "stats", "amd", "calls"):
             return asyncio.run(_control(args))
         return asyncio.run(_call(args) if args.command == "call" else _events(args))
     except KeyboardInterrupt:

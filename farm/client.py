@@ -228,6 +228,12 @@ class Commands:
         """Whether the call is playing, which clip, what is queued."""
         return await self.request({"op": "state", "call_id": call_id})
 
+    async def amd(self, call_id: str) -> dict[str, Any]:
+        """The call was answered now: run answering-machine detection from here (the node's
+        settings; once per call, ignored by a call that asked for AMD at its start). One
+        ``amd`` event follows, its ``decision_ms`` counted from ``at_ms``."""
+        return await self.request({"op": "amd", "call_id": call_id})
+
     async def stats(self, call_id: str) -> dict[str, Any]:
         """The live call's conversation figures so far (``call_end``'s ``stats``, from its
         events): ``{"ok": True, "at_ms": ..., "stats": {...}}``."""

@@ -281,7 +281,8 @@ class Config:
     tls_key: str = field(default="", metadata=knob("its private key (PEM)", group="security"))
     # -- playback and barge-in
     commands: str = field(
-        default="tcp://127.0.0.1:5557", metadata=knob("ZeroMQ endpoint for play/flush/state/finalize/stats", group="playback")
+        default="tcp://127.0.0.1:5557",
+        metadata=knob("ZeroMQ endpoint for play/flush/state/finalize/stats/amd", group="playback"),
     )
     playback_lead_ms: int = field(
         default=200, metadata=knob("write playback this far ahead of real time", group="playback", check=_at_least(0))
@@ -365,6 +366,27 @@ class Config:
     # -- events: dialer apps, bench and the ingress subscribe here
     events: str = field(
         default="tcp://127.0.0.1:5556", metadata=knob("ZeroMQ endpoint where events are published", group="node")
+    )
+    redis_url: str = field(
+        default="",
+        metadata=knob(
+            "also write every event to this Redis as a stream a dialer reads with a consumer group "
+            "(redis://host:port/db; empty: off)",
+            group="node",
+        ),
+    )
+    redis_stream: str = field(default="farm:events", metadata=knob("the stream's key (--redis-url)", group="node"))
+    redis_maxlen: int = field(
+        default=1_000_000,
+        metadata=knob("the stream is trimmed to about this many events (MAXLEN ~)", group="node", check=_at_least(1)),
+    )
+    redis_buffer: int = field(
+        default=100_000,
+        metadata=knob(
+            "events kept while Redis cannot be reached; past them, events are dropped and counted",
+            group="node",
+            check=_at_least(1),
+        ),
     )
     ring_seconds: float = field(
         default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=_at_least(1))

@@ -30,9 +30,11 @@ Segment layout (little-endian; every header field is 8-byte aligned)::
                                              the workers: farm.protocol.events.END_REASONS); 0: not said
     144  end_detail_len    u64      writer   bytes of end_detail used
     152  end_detail        120 B    writer   UTF-8 text saying more (an error's message); both set before CLOSED
-    272  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
+    272  amd               u64      writer   1 + the cursor from which the writer asked the reader to run
+                                             answering-machine detection (a command: "answered now"); 0: never
+    280  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
                            frame k lives in slot k % slots
-    272 + 24*slots         payload, capacity bytes
+    280 + 24*slots         payload, capacity bytes
 
 ``write_horizon`` exposes a write that is overwriting bytes a reader is copying, which
 ``write_cursor``, published after the copy, cannot. Relies on in-order store visibility (x86-64).
@@ -52,7 +54,7 @@ from typing import overload
 
 __all__ = ["MAGIC", "Ring", "RingError", "segment_name", "sweep_stale"]
 
-MAGIC = b"FARMRNG1"
+MAGIC = b"FARMRNG2"
 
 _OFFSET_MAGIC = 0
 _OFFSET_CAPACITY = 8
@@ -76,7 +78,8 @@ _OFFSET_END_REASON = 136
 _OFFSET_END_DETAIL_LEN = 144
 _OFFSET_END_DETAIL = 152
 _END_DETAIL_BYTES = 120
-_OFFSET_TABLE = 272
+_OFFSET_AMD = 272
+_OFFSET_TABLE = 280
 _SLOT_SIZE = 24
 
 _WRITER_CLOSED = 1
@@ -378,6 +381,23 @@ class Ring:
     def finalize_at(self) -> int | None:
         """The cursor of the latest :meth:`request_finalize`, None if there was none."""
         value: int = _get(self._buf, _OFFSET_FINALIZE)[0]
+        return value - 1 if value else None
+
+    def request_amd(self) -> int:
+        """Ask the reader to run answering-machine detection from where the audio written so
+        far ends (writer only; the call was answered now); returns that cursor. Once per call:
+        a later request is ignored."""
+        value: int = _get(self._buf, _OFFSET_AMD)[0]
+        if value:
+            return value - 1
+        cursor: int = _get(self._buf, _OFFSET_WRITE)[0]
+        _put(self._buf, _OFFSET_AMD, cursor + 1)
+        return cursor
+
+    @property
+    def amd_at(self) -> int | None:
+        """The cursor of :meth:`request_amd`, None if there was none."""
+        value: int = _get(self._buf, _OFFSET_AMD)[0]
         return value - 1 if value else None
 
     def mark_closed(self, reason: int = 0, detail: str = "") -> None:

@@ -24,9 +24,9 @@ import soxr
 
 from bench.amd_corpus import Case, generate
 from bench.fs_peer import SocketAudioCall
-from farm.client import Subscription
+from farm.client import Commands, Subscription
 from farm.protocol.events import Event
-from farm.sender import metadata_for
+from farm.sender import metadata_for, read_wav, send_pcm
 
 from .conftest import DATA, MS, Node, run_call, start_node
 
@@ -181,3 +181,38 @@ def test_a_socket_audio_channel_asks_for_amd_with_a_channel_variable(
     [amd] = of(events, "amd")
     assert amd["result"] == "human", amd.data
     assert not of(events, "error")
+
+
+def test_amd_by_command_counts_from_the_answer_the_dialer_names(
+    node: Node, answers: dict[str, tuple[Path, Case]]
+) -> None:
+    """A stream that began before the answer (2 s of ringing silence): the dialer says
+    "answered now" with the amd command, and AMD decides from there, once."""
+    wav, case = answers["human"]
+    pcm, rate, _ = read_wav(str(wav))
+    ringing = bytes(2 * rate * 2)  # 2 s before the answer
+    call_id = f"amd-cmd-{uuid.uuid4()}"
+
+    async def scenario() -> tuple[dict, dict, list[Event]]:
+        async with Subscription(node.events, call_id) as sub, Commands(node.commands) as farm:
+            sending = asyncio.create_task(
+                send_pcm(f"{node.url}/{call_id}", ringing + pcm, rate=rate, metadata=metadata_for(call_id, rate, 1))
+            )
+            events = [await sub.next(timeout=30_000 * MS)]  # call_start: the stream is up
+            await asyncio.sleep(1.95)
+            reply = await farm.amd(call_id)
+            again = await farm.amd(call_id)  # answered once: the first request stands
+            while events[-1].type != "call_end":
+                events.append(await sub.next(timeout=60_000 * MS))
+            await sending
+            return reply, again, events
+
+    reply, again, events = asyncio.run(scenario())
+    assert reply["ok"] and again["at_ms"] == reply["at_ms"]
+    assert 1000 <= reply["at_ms"] <= 3000  # where the stream was when asked
+    [amd] = of(events, "amd")
+    assert (amd["result"], amd["reason"]) == ("human", "after_greeting_silence"), amd.data
+    assert amd["from_ms"] == reply["at_ms"] and amd.offset_ms == reply["at_ms"] + amd["decision_ms"]
+    # Its initial silence is the greeting's own plus what was left of the ringing.
+    first_word = case.speech[0].start_ms + 2000 - reply["at_ms"]
+    assert abs(amd["features"]["initial_silence_ms"] - first_word) <= 300, (amd.data, first_word)

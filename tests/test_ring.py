@@ -105,7 +105,7 @@ def test_create_rounds_capacity_and_attach_reads_every_header_field(make_ring: C
         assert (reader.write_cursor, reader.read_cursor, reader.committed, reader.frames) == (0, 0, 0, 0)
         assert (reader.overrun_bytes, reader.overrun_count) == (0, 0)
         assert not reader.closed and not reader.in_speech
-        assert SHM.joinpath(writer.name).stat().st_size == 272 + 64 * 24 + 1008
+        assert SHM.joinpath(writer.name).stat().st_size == 280 + 64 * 24 + 1008
         assert isinstance(Ring.write_cursor, ring_mod._Field)  # class access yields the descriptor
     finally:
         reader.close()
@@ -119,13 +119,14 @@ def test_header_fields_sit_at_the_documented_offsets(make_ring: Callable[..., Ri
     def u64(off: int) -> int:
         return int.from_bytes(raw[off : off + 8], "little")
 
-    assert raw[:8] == b"FARMRNG1"
+    assert raw[:8] == b"FARMRNG2"
     assert (u64(8), u64(16), u64(80), u64(88), u64(96), u64(112), u64(120)) == (64, 3, 1, 4, 3, os.getpid(), 3)
     assert int.from_bytes(raw[40:44], "little") == 48000 and int.from_bytes(raw[44:48], "little") == 2
     assert u64(128) == 0  # no finalize asked
     assert (u64(136), u64(144)) == (0, 0)  # no end reason, no detail
-    assert u64(272) == 3 and u64(280) == 5  # slot 0: end_cursor, recv_ns
-    assert raw[272 + 4 * 24 : 272 + 4 * 24 + 3] == b"abc"
+    assert u64(272) == 0  # no amd asked
+    assert u64(280) == 3 and u64(288) == 5  # slot 0: end_cursor, recv_ns
+    assert raw[280 + 4 * 24 : 280 + 4 * 24 + 3] == b"abc"
     assert ring.request_finalize() == 3
     assert int.from_bytes(SHM.joinpath(ring.name).read_bytes()[128:136], "little") == 4  # 1 + the cursor
     ring.mark_closed(6, "bad")
@@ -143,6 +144,20 @@ def test_a_finalize_request_marks_the_cursor_the_reader_sees(make_ring: Callable
         ring.write(b"x" * 10, recv_ns=1)
         assert ring.request_finalize() == 10
         assert reader.finalize_at == 10  # the latest request replaces the earlier
+    finally:
+        reader.close()
+
+
+def test_an_amd_request_marks_the_cursor_once(make_ring: Callable[..., Ring]) -> None:
+    ring = make_ring(capacity=64)
+    reader = Ring.attach(ring.name)
+    try:
+        assert reader.amd_at is None
+        ring.write(b"x" * 10, recv_ns=1)
+        assert ring.request_amd() == 10 and reader.amd_at == 10
+        assert int.from_bytes(SHM.joinpath(ring.name).read_bytes()[272:280], "little") == 11  # 1 + the cursor
+        ring.write(b"y" * 6, recv_ns=2)
+        assert ring.request_amd() == 10 and reader.amd_at == 10  # answered once: the first request stands
     finally:
         reader.close()
 

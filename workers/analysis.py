@@ -104,6 +104,7 @@ class Options:
     amd: AmdConfig | None = None
     tones: bool = True
     intents: IntentRules | None = None
+    amd_on_request: AmdConfig = AmdConfig()  # the node's settings, for the amd command
 
 
 def _value(raw: Any) -> Any:
@@ -180,7 +181,7 @@ def options_for(
     except ValueError as exc:  # IntentsError included
         errors.append(f"intents: {exc}")
         intents = None  # not the node's default either: its campaign's intents are others
-    return Options(amd, tones or amd is not None, intents), errors
+    return Options(amd, tones or amd is not None, intents, node_amd), errors
 
 
 class CallAnalysis:
@@ -191,6 +192,15 @@ class CallAnalysis:
         self.amd = AmdDecider(options.amd) if options.amd is not None and not resumed else None
         self.intents = IntentMatcher(options.intents) if options.intents is not None else None
         self.offset_ms = start_ms  # end of the audio seen
+        self.amd_from_ms = 0  # where AMD's "answer" is: 0, or where the amd command put it
+
+    def start_amd(self, at_ms: int, config: AmdConfig) -> bool:
+        """The amd command: the call was answered at ``at_ms``; decide from there (offsets
+        seen by the decider count from it). False if the call runs or ran AMD already."""
+        if self.amd is not None:
+            return False
+        self.amd, self.amd_from_ms = AmdDecider(config), at_ms
+        return True
 
     @property
     def deciding(self) -> bool:
@@ -206,15 +216,15 @@ class CallAnalysis:
     def on_frame(self, offset_ms: int, voiced: bool) -> list[Found]:
         """One 20 ms VAD frame; ``voiced`` is webrtcvad's flag (False while it settles)."""
         self.offset_ms = offset_ms + 20
-        if self.amd is None or self.amd.decision is not None:
+        if self.amd is None or self.amd.decision is not None or offset_ms < self.amd_from_ms:
             return []
         tonal = self.tones is not None and self.tones.is_tonal(offset_ms)  # not a word (amd.py rule 10)
-        return self._amd(self.amd.on_frame(offset_ms, voiced, tonal))
+        return self._amd(self.amd.on_frame(offset_ms - self.amd_from_ms, voiced, tonal))
 
     def on_transcript(self, offset_ms: int, text: str, final: bool) -> list[Found]:
         found: list[Found] = []
         if self.amd is not None and self.amd.decision is None and text:
-            found += self._amd(self.amd.on_transcript(offset_ms, text, final))
+            found += self._amd(self.amd.on_transcript(max(0, offset_ms - self.amd_from_ms), text, final))
         if self.intents is not None:
             match = self.intents.on_final(text) if final else self.intents.on_partial(text)
             if match is not None:
@@ -225,17 +235,23 @@ class CallAnalysis:
         """The call's audio is over."""
         found = self._tones(self.tones.flush()) if self.tones is not None else []
         if self.amd is not None:
-            found += self._amd(self.amd.on_end(self.offset_ms))
+            found += self._amd(self.amd.on_end(self.offset_ms - self.amd_from_ms))
         return found
 
     def _amd(self, decision: AmdDecision | None) -> list[Found]:
-        return [] if decision is None else [("amd", decision.decision_ms, decision.to_dict())]
+        if decision is None:
+            return []
+        data = decision.to_dict()  # decision_ms: from the answer
+        if self.amd_from_ms:
+            data["from_ms"] = self.amd_from_ms  # the answer, by the amd command
+        return [("amd", self.amd_from_ms + decision.decision_ms, data)]
 
     def _tones(self, events: list[ToneEvent]) -> list[Found]:
         found: list[Found] = []
         for tone in events:
             data = tone.to_dict()
             found.append(("beep" if tone.kind == "beep" else "tone", tone.end_ms, data))
-            if self.amd is not None:
-                found += self._amd(self.amd.on_tone(tone.kind, tone.start_ms, tone.end_ms))
+            if self.amd is not None and tone.end_ms > self.amd_from_ms:
+                start, end = max(0, tone.start_ms - self.amd_from_ms), tone.end_ms - self.amd_from_ms
+                found += self._amd(self.amd.on_tone(tone.kind, start, end))
         return found

@@ -332,6 +332,10 @@ class CallSession:
         self.by_index = {ch.index: ch for ch in self.channels}
         # AMD, tones and intents of the caller's channel (workers/analysis.py).
         self.analysis = CallAnalysis(ring.rate, options, self.offset_ms_of_cursor(self.base), self.resumed)
+        self.amd_on_request = options.amd_on_request
+        # The amd command (Ring.request_amd) is taken once, where it was asked; one asked before
+        # this worker took the call over was its predecessor's to run.
+        self.amd_pending = ring.amd_at is None or ring.amd_at >= self.base
         self.stats = CallStats(from_ms=self.offset_ms_of_cursor(self.base))  # for call_end
         self.finishing = False
         self.writer_lost = False  # the ingress that writes the ring died: what came is all there is
@@ -372,6 +376,13 @@ class CallSession:
         most = self.in_frame_bytes * (PUMP_MAX_S * 1000 // FRAME_MS)
         if finalize_at is not None:
             most = min(most, finalize_at - self.ring.read_cursor)
+        amd_at = self.ring.amd_at if self.amd_pending else None
+        if amd_at is not None:
+            if self.ring.read_cursor >= amd_at:  # the answer: AMD decides from here
+                self.amd_pending = False
+                self.analysis.start_amd(self.offset_ms_of_cursor(self.ring.read_cursor), self.amd_on_request)
+            else:
+                most = min(most, amd_at - self.ring.read_cursor)  # frames before it are not AMD's
         start, data = self.ring.read(most)
         read_ns = time.monotonic_ns()
         drafts: list[Draft] = []

@@ -29,6 +29,7 @@ from farm.broker import wire
 from farm.config import Config
 from farm.ingress.broker_link import HEARTBEAT_S, BrokerLink
 from farm.ingress.event_relay import EventRelay
+from farm.ingress.event_sink import RedisSink
 from farm.ingress.metrics import Metrics
 from farm.logs import quote
 from farm.protocol.call_stats import CallStats
@@ -98,7 +99,8 @@ class CallRegistry:
         self.calls: dict[str, Call] = {}
         self.ctx = zmq.asyncio.Context()
         self.link = BrokerLink(self.ctx, config, metrics, self._flush, self._gave_up, self._live)
-        self.relay = EventRelay(self.ctx, config, metrics, self.calls.get, self._seen)
+        self.sink = RedisSink(config, metrics) if config.redis_url else None
+        self.relay = EventRelay(self.ctx, config, metrics, self.calls.get, self._seen, self.sink)
         self._seq = 0
         # call id -> (next event seq, legs, credential) of a finished call, so a reconnected
         # call continues its numbering (and only its own credential continues it).
@@ -112,6 +114,8 @@ class CallRegistry:
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self.relay.watch_relay(), name="relay-link"),
         ]
+        if self.sink is not None:
+            self.tasks.append(asyncio.create_task(self.sink.run(), name="redis-sink"))
 
     # -- calls -------------------------------------------------------------------
 

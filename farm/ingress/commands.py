@@ -104,6 +104,9 @@ class CommandServer:
             raise PlaybackError(f"no live call {call_id!r}")
         if op == "finalize":
             return {"ok": True, "at_ms": call.offset_ms(call.ring.request_finalize())}
+        if op == "amd":
+            # "Answered now": the worker runs AMD from here (once per call; node settings).
+            return {"ok": True, "at_ms": call.offset_ms(call.ring.request_amd())}
         if op == "stats":
             at_ms = call.offset_ms(call.ring.write_cursor)
             return {"ok": True, "at_ms": at_ms, "stats": call.stats.summary(at_ms)}
@@ -130,7 +133,7 @@ class CommandServer:
             return {"ok": True, **call.player.flush()}
         if op == "state":
             return {"ok": True, **call.player.state()}
-        raise PlaybackError(f"unknown op {op!r}: expected play, flush, state, finalize, stats or calls")
+        raise PlaybackError(f"unknown op {op!r}: expected play, flush, state, finalize, stats, amd or calls")
 
     def _calls(self) -> list[dict[str, Any]]:
         return [

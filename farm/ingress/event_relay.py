@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from farm.config import Config
 from farm.curve import client_socket, node_keys, start_async_authenticator
+from farm.ingress.event_sink import RedisSink
 from farm.ingress.metrics import DROP_MALFORMED, Metrics
 from farm.protocol.events import SUBSCRIBED, Event, EventError
 
@@ -41,8 +42,10 @@ class EventRelay:
         metrics: Metrics,
         find: Callable[[str], Call | None],
         seen: Callable[[Event], None],
+        sink: RedisSink | None = None,
     ) -> None:
         self.metrics = metrics
+        self.sink = sink  # --redis-url: every event into a stream too, in the order they came
         self.find = find
         self.seen = seen  # every event from the relay once delivered, the ingress's own included (their echo)
         self.pub = ctx.socket(zmq.XPUB)
@@ -83,6 +86,8 @@ class EventRelay:
                 self.metrics.drop(DROP_MALFORMED)
                 continue
             self.metrics.observe(event, received)
+            if self.sink is not None:
+                self.sink.put(event, raw)
             call = self.find(event.call_id)
             if call is not None:
                 call.stats.observe(event.type, event.channel, event.offset_ms, event.data)

@@ -143,6 +143,7 @@ class NodeCollector(Collector):
             (([t], n) for t, n in sorted(m.events.items())),
         )
         yield _counter("farm_events_relayed", "Events sent back on the calls' own connections", m.events_relayed)
+        yield _counter("farm_events_stored", "Events written to the Redis stream (--redis-url)", m.events_stored)
         dropped = {**m.dropped, DROP_RECOGNITION_BEHIND: m.partials_dropped}
         yield _labelled(
             CounterMetricFamily,

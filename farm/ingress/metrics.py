@@ -51,6 +51,7 @@ __all__ = [
     "DROP_WS_BACKLOG",
     "DROP_MALFORMED",
     "DROP_RECOGNITION_BEHIND",
+    "DROP_REDIS",
     "END_UNKNOWN",
 ]
 
@@ -104,6 +105,7 @@ REFUSALS = (
 DROP_WS_BACKLOG = "websocket backlog"  # the call's WebSocket stopped taking them
 DROP_MALFORMED = "malformed"  # not an event of this schema
 DROP_RECOGNITION_BEHIND = "recognition behind"  # a worker's partial, its call's recognition late
+DROP_REDIS = "redis unreachable"  # --redis-url: more were waiting for Redis than --redis-buffer
 
 # farm_calls_ended_total's reason for a call_end whose reason is not one of END_REASONS
 # (an older worker's, which says none): the label stays bounded whatever an event says.
@@ -128,6 +130,7 @@ class Metrics:
         self.audio_bytes = 0
         self.frames = 0  # audio messages
         self.events_relayed = 0  # events sent back on the calls' own connections
+        self.events_stored = 0  # events written to the Redis stream (--redis-url)
         self.overrun_bytes = 0  # of calls already finished (live calls' are in their rings)
         self.overruns = 0  # likewise, writes that overwrote unread audio
         self.barge_ins = 0

@@ -105,6 +105,8 @@ async def serve(config: Config) -> None:
     await registry.wait_all_done(timeout=10.0 if drain_s else 0.0)
     if http_site is not None:
         http_site.close()
+    if registry.sink is not None:
+        await registry.sink.close()  # the last calls' call_end into the stream
     registry.close_all()
     log.info("ingress stopped (pid %d)", os.getpid())
 
