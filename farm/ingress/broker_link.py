@@ -74,30 +74,22 @@ class BrokerLink:
             frames = await self.dealer.recv_multipart()
             try:
                 command, body = wire.parse(frames)
+                if command == wire.I_FLUSH:
+                    self.on_flush(body[0], wire.FlushRequest.decode(body[1]))
+                elif command == wire.I_GAVE_UP:
+                    self.on_gave_up(body[0], body[1])
+                elif command == wire.I_STATUS:
+                    await self._on_status(wire.Status.decode(body[0]))
             except wire.WireError as exc:
                 log.warning("dropped a broker message: %s", exc)
-                continue
-            if command == wire.I_FLUSH:
-                try:
-                    request = wire.FlushRequest.decode(body[1])
-                except wire.WireError as exc:
-                    log.warning("dropped a flush request: %s", exc)
-                    continue
-                self.on_flush(body[0], request)
-            elif command == wire.I_GAVE_UP:
-                self.on_gave_up(body[0], body[1])
-            elif command == wire.I_STATUS:
-                try:
-                    status = wire.Status.decode(body[0])
-                except wire.WireError as exc:
-                    log.warning("dropped a broker status: %s", exc)
-                    continue
-                if self.status.broker_pid and status.broker_pid != self.status.broker_pid:
-                    await self._announce_again(self.status.broker_pid, status.broker_pid)
-                self.status = status
-                self.seen = time.monotonic()
-                self._note_lag(status.lag_ms)
-                self.metrics.note_status(status)
+
+    async def _on_status(self, status: wire.Status) -> None:
+        if self.status.broker_pid and status.broker_pid != self.status.broker_pid:
+            await self._announce_again(self.status.broker_pid, status.broker_pid)
+        self.status = status
+        self.seen = time.monotonic()
+        self._note_lag(status.lag_ms)
+        self.metrics.note_status(status)
 
     async def _announce_again(self, old: int, new: int) -> None:
         """A new broker knows no call: tell it ours (their workers claim them too)."""
