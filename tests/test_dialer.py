@@ -190,7 +190,10 @@ def test_amd_by_command_counts_from_the_answer_the_dialer_names(
     "answered now" with the amd command, and AMD decides from there, once."""
     wav, case = answers["human"]
     pcm, rate, _ = read_wav(str(wav))
-    ringing = bytes(2 * rate * 2)  # 2 s before the answer
+    # 2 s before the answer: the line's own noise (the answer's lead-in before its first word,
+    # repeated), not digital silence, after which webrtcvad would hear the noise as voice.
+    lead = pcm[: case.speech[0].start_ms * rate // 1000 * 2]
+    ringing = (lead * (2 * rate * 2 // len(lead) + 1))[: 2 * rate * 2]
     call_id = f"amd-cmd-{uuid.uuid4()}"
 
     async def scenario() -> tuple[dict, dict, list[Event]]:
