@@ -51,6 +51,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: each socket stays bound until all are chosen (one at a
+    time, the kernel may hand the same port out twice: a node's two listeners then collide)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample of a ``/metrics`` body (read with prometheus_client's
     parser), or None when it has no such sample."""
@@ -125,7 +135,7 @@ def _alive(pid: int) -> bool:
 
 
 def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True) -> Node:
-    port, events_port, esl_port, commands_port = free_port(), free_port(), free_port(), free_port()
+    port, events_port, esl_port, commands_port = free_ports(4)
     log_path = tmp_path / f"farm-{port}.log"
     args = [
         sys.executable,
