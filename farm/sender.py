@@ -88,7 +88,9 @@ async def send_pcm(
                 if metadata is not None and i + 1 == metadata_after_frames:
                     await ws.send(metadata)
             if linger_s:
-                await asyncio.sleep(linger_s)
+                # Stay open after the audio, as a call does, until the farm closes the
+                # stream (the reader ends then) or the time is up.
+                await asyncio.wait([reader], timeout=linger_s)
             await ws.close(1000, "Normal closure")
         except ConnectionClosed:
             pass  # the farm closed the stream: its code and reason say why
