@@ -53,8 +53,8 @@ def parse_audio(data: bytes, rate: int | None = None, channels: int = 1) -> tupl
             with wave.open(io.BytesIO(data), "rb") as w:
                 width, rate, channels = w.getsampwidth(), w.getframerate(), w.getnchannels()
                 pcm = w.readframes(w.getnframes())
-        except (wave.Error, EOFError) as exc:
-            raise ValueError(f"not a WAV file farm reads ({exc})") from None
+        except (wave.Error, EOFError, RuntimeError) as exc:  # RuntimeError: a chunk's size past the end
+            raise ValueError(f"not a WAV file farm reads ({exc or type(exc).__name__})") from None
         if width != 2:
             raise ValueError(f"{8 * width}-bit samples: farm takes 16-bit PCM")
     elif rate is None:
