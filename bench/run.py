@@ -137,7 +137,10 @@ def start_farm(
     cmd += ["--esl-host", "127.0.0.1", "--esl-port", str(esl_port), "--commands", f"tcp://127.0.0.1:{commands}"]
     # farm's vosk-server-compatible endpoint (``farm up --vosk-port``); off unless measured.
     vosk_port = _free_port() if vosk else 0
-    cmd += ["--vosk-port", str(vosk_port), *extra]
+    cmd += ["--vosk-port", str(vosk_port)]
+    # The canary is load of the node's own: the bench measures its calls alone unless asked.
+    cmd += [] if "--canary-interval-s" in extra else ["--canary-interval-s", "0"]
+    cmd += [*extra]
     vosk_url = f"ws://127.0.0.1:{vosk_port}" if vosk else ""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:

@@ -28,6 +28,7 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from farm.ingress.canary import canary_utterance
     from farm.logs import setup_logging
     from farm.supervisor import run
     from farm.tls import server_context
@@ -41,6 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         node_amd_config(config)
         IntentLibrary(config.intents)
         server_context(config.tls_cert, config.tls_key)
+        canary_utterance(config)
     except (OSError, ValueError) as exc:
         # Refused here, not by every worker on every call.
         print(f"farm up: {exc}", file=sys.stderr)

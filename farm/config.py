@@ -529,6 +529,33 @@ class Config:
         default=10.0,
         metadata=knob("a worker whose loop is silent this long is aborted, s", group="node", check=_at_least(1)),
     )
+    # -- canary (farm/ingress/canary.py)
+    canary_interval_s: float = field(
+        default=30.0,
+        metadata=knob(
+            "every this many seconds a committed utterance goes through a worker like a call; "
+            "/readyz fails while its transcript is wrong or late (0: off)",
+            group="node",
+            check=_at_least(0),
+        ),
+    )
+    canary_wav: str = field(
+        default="", metadata=knob("the canary's utterance, a 16-bit WAV (empty: the one farm ships)", group="node")
+    )
+    canary_text: str = field(
+        default="",
+        metadata=knob(
+            "what the canary's utterance says (empty: the shipped one's, on the default model)", group="node"
+        ),
+    )
+    canary_max_ms: int = field(
+        default=2000,
+        metadata=knob(
+            "the canary fails if its final comes later than this after its speech ends, ms",
+            group="node",
+            check=_at_least(1),
+        ),
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the first knob a node cannot run with (before it starts)."""

@@ -163,6 +163,9 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
         # (tests/test_capacity.py).
         *([] if "--admission-lag-ms" in extra else ["--admission-lag-ms", "0"]),
         *([] if "--admission-cpu" in extra else ["--admission-cpu", "0"]),
+        # The canary is a call of the node's own every 30 s: off unless a test is about it
+        # (tests/test_canary.py), so a test's node serves only the test's calls.
+        *([] if "--canary-interval-s" in extra else ["--canary-interval-s", "0"]),
         *extra,
     ]
     with open(log_path, "wb") as log:

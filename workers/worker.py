@@ -23,7 +23,7 @@ from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned
 from farm.limits import raise_open_files_limit
 from farm.logs import call_logger
 from farm.proctitle import name_process
-from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of
+from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of, is_canary
 from farm.ring import Ring, RingError
 from workers.analysis import IntentLibrary, node_amd_config, options_for
 from workers.asr import ResultQueue
@@ -220,7 +220,7 @@ class Worker:
         """The heartbeat's body: for the broker's balance and admission, and for the node's
         metrics (the broker passes it on to the ingress, which exports it)."""
         return wire.Load(
-            calls=len(self.sessions),
+            calls=sum(not is_canary(call_id) for call_id in self.sessions),  # the canary's probe is nobody's call
             # Files wait behind live calls on purpose: their backlog is no sign of overload.
             lag_ms=max((s.backlog_ms for s in self.sessions.values() if not s.background), default=0),
             utterances=sum(s.in_speech for s in self.sessions.values()),

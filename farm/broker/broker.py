@@ -22,7 +22,7 @@ from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
 from farm.curve import Keys, node_keys, server_socket, start_authenticator
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.proctitle import name_process
-from farm.protocol.events import SUBSCRIBED
+from farm.protocol.events import SUBSCRIBED, is_canary, is_canary_topic
 
 
 __all__ = ["Broker", "node_capacity", "main"]
@@ -68,7 +68,12 @@ class _Call:
 
 
 def _relay(
-    ctx: zmq.Context[zmq.Socket[bytes]], events_in: str, events_out: str, delay_s: float = 0.0, keys: Keys | None = None
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    events_in: str,
+    events_out: str,
+    canary_out: str,
+    delay_s: float = 0.0,
+    keys: Keys | None = None,
 ) -> None:
     """XSUB -> XPUB relay, on its own thread: events never wait for control traffic.
 
@@ -78,21 +83,27 @@ def _relay(
     knows nothing published afterwards can miss it (``farm.client.Subscription``).
     After a restart it reads upstream ``delay_s`` late: the producers' events of the gap
     arrive at once, and the subscribers must have reconnected before they go out.
+    The canary's events (farm/ingress/canary.py) go out on ``canary_out``, an internal
+    endpoint only the ingress reads: the node's self-test is nobody's call.
     """
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
-    for s in (xsub, xpub):
+    canary = ctx.socket(zmq.XPUB)
+    for s in (xsub, xpub, canary):
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
-    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, repeated ones too, gets its answer
+    for s in (xpub, canary):
+        s.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, repeated ones too, gets its answer
     if keys is not None:
         server_socket(xpub, keys)  # subscribers need an admitted key (farm/curve.py)
     xsub.bind(events_in)
     xpub.bind(events_out)
+    canary.bind(canary_out)
     xsub.send(b"\x01")  # subscribe upstream to every topic
     poller = zmq.Poller()
     poller.register(xpub, zmq.POLLIN)
+    poller.register(canary, zmq.POLLIN)
     # The producers' queued events (see the contract's Restarts) wait in xsub until then.
     read_from = time.monotonic() + delay_s
     reading = False
@@ -104,16 +115,19 @@ def _relay(
             wait_ms = None if reading else max(1, int((read_from - time.monotonic()) * 1000))
             for sock, _ in poller.poll(wait_ms):
                 if sock is xsub:
-                    xpub.send_multipart(xsub.recv_multipart(copy=False), copy=False)
+                    frames = xsub.recv_multipart(copy=False)
+                    out = canary if is_canary_topic(frames[0].bytes) else xpub
+                    out.send_multipart(frames, copy=False)
                     continue
-                message = xpub.recv()
+                message = sock.recv()
                 if message[:1] == b"\x01":  # a subscription (0 is an unsubscription)
-                    xpub.send_multipart([message[1:], SUBSCRIBED])
+                    sock.send_multipart([message[1:], SUBSCRIBED])
     except zmq.ContextTerminated:
         pass
     finally:
         xsub.close()
         xpub.close()
+        canary.close()
 
 
 class Broker:
@@ -140,6 +154,7 @@ class Broker:
                 self.ctx,
                 config.endpoint("events_in"),
                 config.events,
+                config.endpoint("canary_events"),
                 wire.RESTART_GRACE_S / 2 if restarted else 0.0,
                 keys,
             ),
@@ -181,7 +196,7 @@ class Broker:
         status = wire.Status(
             len(self.workers),
             lag,
-            sum(len(w.calls) for w in self.workers.values()),
+            sum(not is_canary(c) for w in self.workers.values() for c in w.calls),  # the canary is nobody's call
             node_capacity(self.cpus, self.config.admission_cpu, cost),
             cost,
             self.workers_lost,

@@ -11,7 +11,7 @@ is ignored, so garbage there changes nothing). The line is HAProxy's agent proto
   ``ready up 100%``.
 - ``ready up 0%``: full (a call more would be refused: its CPUs or recognition lag),
   so no new calls, none cut.
-- ``ready down``: the node cannot transcribe (no worker, the broker silent).
+- ``ready down``: the node cannot transcribe (no worker, the broker silent, the canary failing).
 - ``drain``: SIGTERM, the node is draining: its calls finish, new ones go elsewhere.
 
 ``ready`` comes first in every line but the draining one, so a node back from a

@@ -33,7 +33,7 @@ from farm.ingress.event_sink import RedisSink
 from farm.ingress.metrics import Metrics
 from farm.logs import quote
 from farm.protocol.call_stats import CallStats
-from farm.protocol.events import Event, end_reason_code
+from farm.protocol.events import CANARY_PREFIX, Event, end_reason_code, is_canary
 from farm.ring import Ring, segment_name
 
 
@@ -57,7 +57,8 @@ MAX_UNECHOED = 1000
 
 
 class CallIdTaken(Exception):
-    """With tokens on, a call id belongs to the credential that opened it: another is refused."""
+    """With tokens on, a call id belongs to the credential that opened it: another is refused.
+    The canary's ids (CANARY_PREFIX) are the node's own: refused to every peer."""
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Call:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     player: Player | None = None  # set by sites that can play audio to the caller
     background: bool = False  # a recorded file (source: file): it holds no live call's capacity
+    canary: bool = False  # the node's self-test (farm/ingress/canary.py): nobody's call, nowhere counted
     # Events of this leg have seq >= first_seq (a reconnect continues the numbering); the
     # ingress's own call_end (of a call no worker ended) has seq 0.
     first_seq: int = 0
@@ -106,6 +108,8 @@ class CallRegistry:
         # call continues its numbering (and only its own credential continues it).
         self._finished: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         self.tasks: list[asyncio.Task[None]] = []
+        # Why the canary's last probe failed ("" while it passes or is off): farm/ingress/canary.py.
+        self.canary_failing = ""
 
     def start(self) -> None:
         self.tasks = [
@@ -113,6 +117,7 @@ class CallRegistry:
             asyncio.create_task(self.relay.run(), name="event-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self.relay.watch_relay(), name="relay-link"),
+            asyncio.create_task(self.relay.run_canary(), name="canary-events"),
         ]
         if self.sink is not None:
             self.tasks.append(asyncio.create_task(self.sink.run(), name="redis-sink"))
@@ -130,11 +135,14 @@ class CallRegistry:
         on_event: Callable[[Event], None] | None,
         background: bool = False,
         credential: str = "",
+        canary: bool = False,
     ) -> Call:
         """Create the call's ring, announce it (call_start) and ask for a worker.
 
         With tokens on (``credential`` is the fingerprint of the one shown), a call id
         that another credential opened, live or ended, is refused: CallIdTaken."""
+        if is_canary(call_id) and not canary:
+            raise CallIdTaken(f"call ids beginning {CANARY_PREFIX!r} are the node's own canary's")
         self._check_owner(call_id, credential)
         old = self.calls.get(call_id)
         if old is not None and old.closed_at:
@@ -165,11 +173,12 @@ class CallRegistry:
             channels=channels,
             event_seq=next_seq + 1,
         )
-        call = Call(call_id, ring, protocol, leg + 1, on_event, background=background, info=wire.encode_info(info))
+        call = Call(call_id, ring, protocol, leg + 1, on_event, background=background, canary=canary)
+        call.info = wire.encode_info(info)
         call.first_seq = next_seq + 1
         call.credential = credential
         self.calls[call_id] = call
-        self.metrics.calls_total += 1
+        self.metrics.calls_total += not canary
         start = Event(
             "call_start",
             call_id,
@@ -260,8 +269,9 @@ class CallRegistry:
         if call is None:
             return
         del self.calls[call_id]
-        self.metrics.overrun_bytes += call.ring.overrun_bytes
-        self.metrics.overruns += call.ring.overrun_count
+        if not call.canary:
+            self.metrics.overrun_bytes += call.ring.overrun_bytes
+            self.metrics.overruns += call.ring.overrun_count
         self._finished[call_id] = (call.ring.event_seq, call.leg, call.credential)
         while len(self._finished) > 10_000:
             self._finished.popitem(last=False)
@@ -343,7 +353,12 @@ class CallRegistry:
     def active(self) -> int:
         """Live calls still streaming (a call whose stream closed is finishing, not holding a
         slot; a recorded file waits behind live calls, it holds none either)."""
-        return sum(not call.closed_at and not call.background for call in self.calls.values())
+        return sum(not call.closed_at and not call.background for call in self.served)
+
+    @property
+    def served(self) -> list[Call]:
+        """The peers' calls: every call but the canary's (which metrics and admission never see)."""
+        return [call for call in self.calls.values() if not call.canary]
 
     @property
     def full(self) -> str:
@@ -362,7 +377,7 @@ class CallRegistry:
             return "event relay not connected"
         if not self.link.status.workers:
             return "no recognition worker"
-        return ""
+        return self.canary_failing
 
     async def wait_all_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -100,7 +100,7 @@ class CommandServer:
         while call is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             call = self.registry.calls.get(call_id)
-        if call is None or call.closed_at:
+        if call is None or call.closed_at or call.canary:
             raise PlaybackError(f"no live call {call_id!r}")
         if op == "finalize":
             return {"ok": True, "at_ms": call.offset_ms(call.ring.request_finalize())}
@@ -142,7 +142,7 @@ class CommandServer:
                 "protocol": c.protocol,
                 "playing": c.player.state()["playing"] if c.player else False,
             }
-            for c in self.registry.calls.values()
+            for c in self.registry.served
             if not c.closed_at
         ]
 

@@ -5,7 +5,9 @@ no worker had), on an XPUB that hears the relay's subscription, so readiness can
 for it. In: every call's events from the relay, handed to the connection that relays
 them to FreeSWITCH (``on_event``) and to the metrics, then to the call table (``seen``),
 which ends a call on its worker's ``call_end``: the call's last event, on the same path
-as all the others, so none comes after it.
+as all the others, so none comes after it. The canary's events come on a socket of their
+own (the relay keeps them off the public stream): to the canary and the call table only,
+never to the metrics or the Redis stream.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class EventRelay:
             self.authenticator = start_async_authenticator(ctx, config.curve_dir)
         self.sub.connect(config.events.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"))
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.canary_sub = ctx.socket(zmq.SUB)
+        self.canary_sub.setsockopt(zmq.LINGER, 0)
+        self.canary_sub.connect(config.endpoint("canary_events"))
+        self.canary_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.canary_subscribed = False  # the relay answered: no canary event can miss us
 
     def publish(self, event: Event) -> None:
         """Send an event (stamped ``publish`` by the caller) to the relay."""
@@ -93,6 +100,22 @@ class EventRelay:
                 call.stats.observe(event.type, event.channel, event.offset_ms, event.data)
             if call is not None and call.on_event is not None:
                 self.metrics.events_relayed += 1
+                call.on_event(event)
+            self.seen(event)
+
+    async def run_canary(self) -> None:
+        while True:
+            _topic, raw = await self.canary_sub.recv_multipart()
+            if raw == SUBSCRIBED:
+                self.canary_subscribed = True
+                continue
+            try:
+                event = Event.from_json(raw)
+            except EventError as exc:
+                log.warning("dropped a malformed canary event: %s", exc)
+                continue
+            call = self.find(event.call_id)
+            if call is not None and call.on_event is not None:
                 call.on_event(event)
             self.seen(event)
 

@@ -75,11 +75,12 @@ class NodeCollector(Collector):
         yield from self._traffic()
         yield from self._capacity()
         yield from self._broker()
+        yield from self._canary()
         yield from self._workers(self.registry.link.status.reports)
         yield from self.metrics.latency.collect()
 
     def _calls(self) -> Iterator[Metric]:
-        m, calls = self.metrics, list(self.registry.calls.values())
+        m, calls = self.metrics, self.registry.served
         active = [c for c in calls if not c.closed_at]
         states = {(p, s): 0 for p in PROTOCOLS for s in CALL_STATES}
         for c in calls:
@@ -122,7 +123,7 @@ class NodeCollector(Collector):
         )
 
     def _traffic(self) -> Iterator[Metric]:
-        m, calls = self.metrics, list(self.registry.calls.values())
+        m, calls = self.metrics, self.registry.served
         yield _counter("farm_audio_bytes", "Audio bytes received from FreeSWITCH", m.audio_bytes)
         yield _counter("farm_audio_messages", "Audio messages received from FreeSWITCH", m.frames)
         yield _counter(
@@ -169,6 +170,21 @@ class NodeCollector(Collector):
         yield _gauge(
             "farm_call_cpu_ms", "CPU ms a call costs per second, as admission counts it", r.link.status.call_cpu_ms
         )
+
+    def _canary(self) -> Iterator[Metric]:
+        m, failing = self.metrics, self.registry.canary_failing
+        yield _gauge(
+            "farm_canary_passing", "1 while the canary's last probe passed (or the canary is off)", int(not failing)
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "farm_canary_probes",
+            "Canary probes, by result (ok, wrong words, late final, lost)",
+            ["result"],
+            (([r], n) for r, n in m.canary_probes.items()),
+        )
+        doc = "End of speech -> final of the canary's last probe that passed, seconds"
+        yield _gauge("farm_canary_end_of_speech_to_final_seconds", doc, m.canary_latency_s)
 
     def _broker(self) -> Iterator[Metric]:
         r = self.registry

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from farm.auth import UNAUTHORIZED, Tokens, once_per_peer
 from farm.config import Config
-from farm.ingress.calls import CallRegistry
+from farm.ingress.calls import CallIdTaken, CallRegistry
 from farm.ingress.site import start_optional
 from farm.protocol.events import Event
 from farm.transcribe import AMD_SHOWN, CHUNK_MS, SHOWN, parse_audio
@@ -145,15 +145,18 @@ class TranscribeSite:
         meta |= {k: query[k] for k in ("amd", "intents", "tones") if k in query}
         shown = SHOWN | AMD_SHOWN if query.get("amd", "").lower() in _TRUE else SHOWN
         events: asyncio.Queue[Event] = asyncio.Queue()
-        call = await self.registry.open(
-            call_id,
-            rate=rate,
-            channels=channels,
-            protocol="http",
-            info={"protocol": "http", "metadata": meta},
-            on_event=events.put_nowait,
-            background=True,
-        )
+        try:
+            call = await self.registry.open(
+                call_id,
+                rate=rate,
+                channels=channels,
+                protocol="http",
+                info={"protocol": "http", "metadata": meta},
+                on_event=events.put_nowait,
+                background=True,
+            )
+        except CallIdTaken as exc:
+            raise HttpError(400, str(exc)) from None
         ring = call.ring
         try:
             size = rate * CHUNK_MS // 1000 * 2 * channels

@@ -52,6 +52,7 @@ __all__ = [
     "DROP_MALFORMED",
     "DROP_RECOGNITION_BEHIND",
     "DROP_REDIS",
+    "CANARY_RESULTS",
     "END_UNKNOWN",
 ]
 
@@ -106,6 +107,8 @@ DROP_WS_BACKLOG = "websocket backlog"  # the call's WebSocket stopped taking the
 DROP_MALFORMED = "malformed"  # not an event of this schema
 DROP_RECOGNITION_BEHIND = "recognition behind"  # a worker's partial, its call's recognition late
 DROP_REDIS = "redis unreachable"  # --redis-url: more were waiting for Redis than --redis-buffer
+# How a canary probe ended (farm/ingress/canary.py): passed, wrong words, final too late, no end.
+CANARY_RESULTS = ("ok", "wrong", "late", "lost")
 
 # farm_calls_ended_total's reason for a call_end whose reason is not one of END_REASONS
 # (an older worker's, which says none): the label stays bounded whatever an event says.
@@ -134,6 +137,8 @@ class Metrics:
         self.overrun_bytes = 0  # of calls already finished (live calls' are in their rings)
         self.overruns = 0  # likewise, writes that overwrote unread audio
         self.barge_ins = 0
+        self.canary_probes = dict.fromkeys(CANARY_RESULTS, 0)  # by result (farm/ingress/canary.py)
+        self.canary_latency_s = 0.0  # end of speech -> final of the last probe that passed
         self.events: dict[str, int] = dict.fromkeys(sorted(EVENT_TYPES), 0)  # seen on the event stream
         self.ended: dict[str, int] = dict.fromkeys(END_REASONS, 0)  # call_end events, by their reason
         self.dropped: dict[str, int] = dict.fromkeys((DROP_WS_BACKLOG, DROP_MALFORMED), 0)

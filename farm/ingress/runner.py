@@ -10,6 +10,7 @@ from farm.config import Config
 from farm.ingress.agent import AgentSite
 from farm.ingress.audio_stream import AudioStreamSite
 from farm.ingress.calls import CallRegistry
+from farm.ingress.canary import start_canary
 from farm.ingress.commands import CommandServer
 from farm.ingress.esl_inbound import InboundEsl
 from farm.ingress.http_transcribe import start_site as start_http_site
@@ -51,6 +52,7 @@ async def serve(config: Config) -> None:
     await site.start()
     vosk_site = await start_vosk_site(config, registry, metrics, tls)
     http_site = await start_http_site(config, registry, tls)
+    canary = start_canary(config, registry, metrics)
     renewals = None
     if tls is not None:  # a renewed certificate is taken without a restart
         renewals = asyncio.create_task(CertificateFiles(tls, config.tls_cert, config.tls_key).watch(), name="tls")
@@ -80,6 +82,8 @@ async def serve(config: Config) -> None:
     watch.cancel()
     if renewals is not None:
         renewals.cancel()
+    if canary is not None:
+        canary.cancel()  # a probe in flight ends with the others; none starts
     # Without a supervisor the workers are going too: nobody would finish an utterance.
     drain_s = 0.0 if orphaned(parent) else config.drain_timeout
     if drain_s:

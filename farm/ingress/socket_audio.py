@@ -31,7 +31,7 @@ from typing import Any
 
 from farm.auth import AllowList, once_per_peer
 from farm.config import Config
-from farm.ingress.calls import Call, CallRegistry
+from farm.ingress.calls import Call, CallIdTaken, CallRegistry
 from farm.ingress.esl_link import EslClosed, EslLink
 from farm.ingress.metrics import Metrics
 from farm.ingress.playback import Clip, Player
@@ -139,6 +139,8 @@ class _Session:
             if audio is None:
                 return
             await self._serve(*audio)
+        except CallIdTaken as exc:  # a channel uuid no FreeSWITCH makes: the canary's
+            self._fail(str(exc), end="refused")
         except EslClosed as exc:
             self._fail(f"Event Socket closed before the call started: {exc}", end="hangup")
         except TimeoutError:

@@ -44,6 +44,9 @@ __all__ = [
     "topic_for",
     "call_id_from_topic",
     "SUBSCRIBED",
+    "CANARY_PREFIX",
+    "is_canary_topic",
+    "is_canary",
 ]
 
 SCHEMA_VERSION = 1
@@ -230,6 +233,21 @@ class Event:
 def topic_for(call_id: str) -> bytes:
     """The ZeroMQ topic of a call's events; subscribe to it to get only that call."""
     return call_id.encode() + b"\0"
+
+
+# The call ids of the node's own canary (farm/ingress/canary.py). The broker's relay sends
+# their events to the ingress alone, never to the public stream; no peer may use them.
+CANARY_PREFIX = "farm-canary-"
+_CANARY_TOPIC = CANARY_PREFIX.encode()
+
+
+def is_canary_topic(topic: bytes) -> bool:
+    return topic.startswith(_CANARY_TOPIC)
+
+
+def is_canary(call_id: str) -> bool:
+    """The node's own probe: counted as nobody's call in the node's figures."""
+    return call_id.startswith(CANARY_PREFIX)
 
 
 def call_id_from_topic(topic: bytes) -> str:
