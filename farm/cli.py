@@ -88,7 +88,7 @@ async def _call(args: argparse.Namespace) -> int:
 async def _events(args: argparse.Namespace) -> int:
     from farm.client import Subscription, describe
 
-    async with Subscription(args.events, args.call_id, keys=_client_keys(args)) as sub:
+    async with Subscription(args.events.split(","), args.call_id, keys=_client_keys(args)) as sub:
         async for event in sub:
             print(event.to_json().decode() if args.json else f"{event.call_id[:12]:<12} {describe(event)}", flush=True)
     return 0
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_transcribe_parser(sub)
     e = sub.add_parser("events", help="print the farm's events (all calls, or one)")
-    e.add_argument("--events", default="tcp://127.0.0.1:5556")
+    e.add_argument("--events", default="tcp://127.0.0.1:5556", help="event endpoint, or several nodes' comma-separated")
     e.add_argument("--call-id", default=None)
     e.add_argument("--json", action="store_true")
     k = sub.add_parser("keys", help="make CURVE keys for --curve-dir: the node's, and one pair per client NAME")

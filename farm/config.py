@@ -159,6 +159,14 @@ class Config:
         metadata=knob("where the node keeps its sockets and model view (default: a new temp dir)", group="node"),
     )
     log_level: str = field(default="INFO", metadata=knob("log level (DEBUG, INFO, WARNING, ERROR)", group="node"))
+    node_id: str = field(
+        default="",
+        metadata=knob(
+            "this node's name in every call_start (node), so a dialer sends a call's commands to the node "
+            "that holds it (default: the host name)",
+            group="node",
+        ),
+    )
     # -- mod_audio_stream WebSocket ingress (and HTTP health/metrics on the same port)
     ws_host: str = field(default="0.0.0.0", metadata=knob("address for mod_audio_stream", group="ws", flag="--host"))
     ws_port: int = field(

@@ -137,9 +137,10 @@ class Supervisor:
         self._wait_listening(ingress)
         host = self.config.ws_host if self.config.ws_host not in ("0.0.0.0", "::") else socket.gethostname()
         log.info(
-            "farm up (pid %d): mod_audio_stream on ws://%s:%d/<call-id>, events on %s, model %s, %d workers. "
+            "farm up (pid %d): node %s, mod_audio_stream on ws://%s:%d/<call-id>, events on %s, model %s, %d workers. "
             "Point FreeSWITCH at it with: uuid_audio_stream <uuid> start ws://%s:%d/<uuid>?rate=16000 mono 16k%s",
             os.getpid(),
+            self.config.node_id,
             self.config.ws_host,
             self.config.ws_port,
             self.config.events,
@@ -407,6 +408,8 @@ def run(config: Config) -> int:
     """Run a node until it is stopped; returns the process exit code."""
     if not config.run_dir:
         config = config.replace(run_dir=tempfile.mkdtemp(prefix=f"farm-{os.getpid()}-"))
+    if not config.node_id:
+        config = config.replace(node_id=socket.gethostname())
     os.makedirs(config.run_dir, exist_ok=True)
     name_process("supervisor")
     return Supervisor(config).run()

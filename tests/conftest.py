@@ -33,7 +33,7 @@ from farm.config import default_model_dir
 from farm.protocol.events import Event
 from farm.sender import SendResult, metadata_for, read_wav, send_pcm
 
-from . import leftovers
+from . import leftovers, netns
 
 
 MS = 0.001 * float(os.environ.get("FARM_TESTS_TIMEOUT_FACTOR", "1"))
@@ -96,10 +96,12 @@ class Node:
     args: list[str] = field(default_factory=list)
     esl_port: int = 0  # outbound Event Socket server (mod_socket_audio)
     commands: str = ""  # play/flush command socket
+    host: str = "127.0.0.1"
+    netns: str = ""  # the network namespace it runs in (tests/netns.py), "" for this one
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -134,10 +136,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True) -> Node:
-    port, events_port, esl_port, commands_port = free_ports(4)
+def start_node(
+    tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True, netns: str = "", host: str = "127.0.0.1"
+) -> Node:
+    """A ``farm up`` on ``host``; in the network namespace ``netns`` (a host of its own,
+    tests/netns.py) it listens on the default ports, as a node on its own machine does."""
+    port, events_port, esl_port, commands_port = [8080, 5556, 8084, 5557] if netns else free_ports(4)
     log_path = tmp_path / f"farm-{port}.log"
     args = [
+        *(["ip", "netns", "exec", netns] if netns else []),
         sys.executable,
         "-m",
         "farm.cli",
@@ -145,17 +152,17 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
         "--workers",
         str(workers),
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--events",
-        f"tcp://127.0.0.1:{events_port}",
+        f"tcp://{host}:{events_port}",
         "--esl-host",
-        "127.0.0.1",
+        host,
         "--esl-port",
         str(esl_port),
         "--commands",
-        f"tcp://127.0.0.1:{commands_port}",
+        f"tcp://{host}:{commands_port}",
         # The vosk-server port has a fixed default (2700): off unless a test asks for it.
         *([] if "--vosk-port" in extra else ["--vosk-port", "0"]),
         # Admission refuses calls while recognition is behind or the CPUs are full at what a
@@ -171,26 +178,47 @@ def start_node(tmp_path: Path, *extra: str, workers: int = 2, wait: bool = True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     node = Node(
-        proc, port, f"tcp://127.0.0.1:{events_port}", log_path, args, esl_port, f"tcp://127.0.0.1:{commands_port}"
+        proc,
+        port,
+        f"tcp://{host}:{events_port}",
+        log_path,
+        args,
+        esl_port,
+        f"tcp://{host}:{commands_port}",
+        host,
+        netns,
     )
     NODES.append(node)
     if wait:
-        deadline = time.monotonic() + 60_000 * MS
-        while "farm up (pid" not in node.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                node.stop(signal.SIGKILL)
-                raise RuntimeError(f"farm did not start:\n{node.log()[-3000:]}")
-            time.sleep(0.1)
-        # Workers register with the broker after warming up; then /readyz says so.
-        while node.log().count(") ready") < workers or not _ready(node):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                node.stop(signal.SIGKILL)
-                raise RuntimeError(f"farm did not become ready:\n{node.log()[-3000:]}")
-            time.sleep(0.05)
+        wait_ready(node, workers)
     return node
 
 
+def wait_ready(node: Node, workers: int) -> None:
+    """Wait until the node is up and its ``workers`` take calls (/readyz); a node that
+    does not get there is killed and its log raised."""
+    deadline = time.monotonic() + 60_000 * MS
+    while "farm up (pid" not in node.log():
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            node.stop(signal.SIGKILL)
+            raise RuntimeError(f"farm did not start:\n{node.log()[-3000:]}")
+        time.sleep(0.1)
+    # Workers register with the broker after warming up; then /readyz says so.
+    while node.log().count(") ready") < workers or not _ready(node):
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            node.stop(signal.SIGKILL)
+            raise RuntimeError(f"farm did not become ready:\n{node.log()[-3000:]}")
+        time.sleep(0.05)
+
+
 def _ready(node: Node) -> bool:
+    if node.netns:
+        with netns.inside(node.netns):
+            return _ready_here(node)
+    return _ready_here(node)
+
+
+def _ready_here(node: Node) -> bool:
     import ssl
     import urllib.request
 
@@ -198,7 +226,7 @@ def _ready(node: Node) -> bool:
     if "--tls-cert" in node.args:  # the test's own certificate, for 127.0.0.1
         scheme, context = "https", ssl.create_default_context(cafile=node.args[node.args.index("--tls-cert") + 1])
     try:
-        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{node.port}/readyz", timeout=5, context=context) as r:
+        with urllib.request.urlopen(f"{scheme}://{node.host}:{node.port}/readyz", timeout=5, context=context) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -217,7 +245,7 @@ def node_pids() -> set[int]:
 
 
 def _check_leftovers(before: leftovers.Snapshot, what: str) -> None:
-    """Fail if ``what`` left processes, rings or listening sockets; then clear them away."""
+    """Fail if ``what`` left processes, rings, listening sockets or network namespaces; then clear them away."""
     left = leftovers.leftovers_since(before, SESSION_MARKER, node_pids(), wait=20_000 * MS)
     if not left:
         return
@@ -228,6 +256,8 @@ def _check_leftovers(before: leftovers.Snapshot, what: str) -> None:
         if line.startswith("ring "):
             with contextlib.suppress(OSError):
                 os.unlink(line.split()[1])
+        if line.startswith("network namespace "):
+            subprocess.run(["ip", "netns", "del", line.split()[2]], capture_output=True, timeout=30)
     pytest.fail(f"{what} left behind:\n" + "\n".join(left), pytrace=False)
 
 

@@ -1,4 +1,4 @@
-"""What the tests leave behind: processes, shared-memory rings, listening sockets.
+"""What the tests leave behind: processes, shared-memory rings, listening sockets, network namespaces.
 
 tests/conftest.py takes a snapshot when a test module starts and checks it when the
 module has stopped what it started (and once more at the end of the run), so a node,
@@ -8,7 +8,8 @@ Only what this test run made counts, so other work on the machine never fails it
 processes carry the run's ``FARM_TEST_SESSION`` marker in their environment (every
 process the tests start inherits it); rings are those that appeared since the
 snapshot and belong to this run (named after this process, ``farm-test-…``, or after
-a pid that is one of this run's processes or is gone); sockets are this process's own.
+a pid that is one of this run's processes or is gone); sockets are this process's own;
+network namespaces are those named after this process (tests/netns.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def _marked_processes(marker: bytes) -> list[tuple[int, str]]:
         except OSError:
             continue  # gone meanwhile
     return found
+
+
+def _own_namespaces() -> list[str]:
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(f"farm-test-{os.getpid()}-"))
 
 
 def _farm_rings() -> set[str]:
@@ -113,7 +122,10 @@ def leftovers_since(before: Snapshot, marker: str, pids: set[int], wait: float) 
     while True:
         found = [f"process {pid} still running: {cmd}" for pid, cmd in _marked_processes(marker.encode())]
         found += [f"ring /dev/shm/{r} left behind" for r in sorted(_farm_rings() - before.rings) if _ours(r, pids)]
-        found += [f"a listening socket (inode {i}) left open" for i in sorted(_own_listening_sockets() - before.sockets)]
+        found += [
+            f"a listening socket (inode {i}) left open" for i in sorted(_own_listening_sockets() - before.sockets)
+        ]
+        found += [f"network namespace {n} left behind" for n in _own_namespaces()]
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)

@@ -5,15 +5,11 @@ by their free capacity and stops sending calls to the one that drains."""
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import shutil
 import signal
 import socket
-import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +22,7 @@ from farm.protocol.events import Event
 from farm.sender import metadata_for, send_pcm
 
 from .conftest import MS, Node, free_port, start_node
+from .haproxy import HAProxy, wait_for
 
 
 class TestReply:
@@ -50,13 +47,6 @@ def ask_agent(port: int) -> str:
         return s.makefile().readline()
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60_000 * MS) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.1)
-
-
 def buzz(seconds: float, rate: int = 16000) -> bytes:
     """A loud harmonic buzz: the VAD hears speech for as long as it lasts (the call is mid-utterance)."""
     t = np.arange(int(seconds * rate)) / rate
@@ -64,21 +54,15 @@ def buzz(seconds: float, rate: int = 16000) -> bytes:
     return (6000 * wave * (1 + 0.3 * np.sin(2 * np.pi * 4 * t))).astype("<i2").tobytes()
 
 
-class HAProxy:
-    """A real HAProxy in front of the nodes, as deploy/haproxy/haproxy.cfg has it, on loopback."""
-
-    def __init__(self, tmp: Path, nodes: dict[str, tuple[Node, int]]) -> None:
-        self.port = free_port()
-        self.sock = tmp / "haproxy.sock"
-        servers = "\n".join(
-            f"    server {name} 127.0.0.1:{node.port} weight 100 check inter 500ms "
-            f"agent-check agent-port {agent} agent-inter 300ms"
-            for name, (node, agent) in nodes.items()
-        )
-        cfg = tmp / "haproxy.cfg"
-        cfg.write_text(
-            f"""global
-    stats socket {self.sock} level admin
+def loopback_haproxy(tmp: Path, nodes: dict[str, tuple[Node, int]]) -> tuple[HAProxy, int]:
+    """HAProxy in front of the nodes, as deploy/haproxy/haproxy.cfg has it, on loopback; and its port."""
+    port = free_port()
+    servers = "\n".join(
+        f"    server {name} 127.0.0.1:{node.port} weight 100 check inter 500ms "
+        f"agent-check agent-port {agent} agent-inter 300ms"
+        for name, (node, agent) in nodes.items()
+    )
+    config = f"""global
 defaults
     mode http
     timeout connect 2s
@@ -86,47 +70,18 @@ defaults
     timeout server 60s
     timeout tunnel 1h
 frontend calls
-    bind 127.0.0.1:{self.port}
+    bind 127.0.0.1:{port}
     default_backend farm_nodes
 backend farm_nodes
     balance leastconn
     option httpchk GET /readyz
 {servers}
 """
-        )
-        self.proc = subprocess.Popen(
-            ["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        wait_for(self.sock.exists, "HAProxy's stats socket")
-
-    def ask(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(self.sock))
-            s.sendall(command.encode() + b"\n")
-            return b"".join(iter(lambda: s.recv(65536), b"")).decode()
-
-    def stat(self, server: str) -> dict[str, str]:
-        rows = csv.DictReader(io.StringIO(self.ask("show stat").lstrip("# ")))
-        return next(r for r in rows if r["pxname"] == "farm_nodes" and r["svname"] == server)
-
-    def drained(self, server: str) -> bool:
-        """The server's admin state has HAProxy's drain flag (SRV_ADMF_FDRAIN, 0x08), which
-        stays while its health check also fails (/readyz says draining)."""
-        lines = self.ask("show servers state farm_nodes").splitlines()
-        header = lines[1].lstrip("# ").split()
-        for line in lines[2:]:
-            row = dict(zip(header, line.split(), strict=False))
-            if row.get("srv_name") == server:
-                return bool(int(row["srv_admin_state"]) & 0x08)
-        raise AssertionError(f"no server {server} in {lines}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
+    return HAProxy(tmp, config), port
 
 
 @pytest.fixture
-def two_nodes(tmp_path: Path) -> Iterator[tuple[dict[str, tuple[Node, int]], HAProxy]]:
+def two_nodes(tmp_path: Path) -> Iterator[tuple[dict[str, tuple[Node, int]], HAProxy, int]]:
     if not shutil.which("haproxy"):
         pytest.fail("haproxy is not installed (.ci/run installs Debian's package)")
     nodes: dict[str, tuple[Node, int]] = {}
@@ -143,8 +98,8 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[dict[str, tuple[Node, int]], HAP
             (tmp_path / name).mkdir()
             node = start_node(tmp_path / name, "--agent-port", str(agent), *capacity, workers=1)
             nodes[name] = (node, agent)
-        haproxy = HAProxy(tmp_path, nodes)
-        yield nodes, haproxy
+        haproxy, port = loopback_haproxy(tmp_path, nodes)
+        yield nodes, haproxy, port
     finally:
         if haproxy is not None:
             haproxy.stop()
@@ -153,9 +108,9 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[dict[str, tuple[Node, int]], HAP
 
 
 def test_haproxy_weights_nodes_by_free_capacity_and_drains_a_stopping_one(
-    two_nodes: tuple[dict[str, tuple[Node, int]], HAProxy],
+    two_nodes: tuple[dict[str, tuple[Node, int]], HAProxy, int],
 ) -> None:
-    nodes, haproxy = two_nodes
+    nodes, haproxy, port = two_nodes
     (a, a_agent), (b, b_agent) = nodes["a"], nodes["b"]
     wait_for(lambda: ask_agent(a_agent).startswith("ready up 100% maxconn:"), "node a ready with a capacity")
     capacity = int(ask_agent(a_agent).split("maxconn:")[1])
@@ -188,7 +143,7 @@ def test_haproxy_weights_nodes_by_free_capacity_and_drains_a_stopping_one(
         async with Subscription(b.events, new_id) as sub:
             assert await sub.ready(timeout=30_000 * MS)
             await send_pcm(
-                f"ws://127.0.0.1:{haproxy.port}/{new_id}",
+                f"ws://127.0.0.1:{port}/{new_id}",
                 bytes(16000),
                 rate=16000,
                 realtime=False,

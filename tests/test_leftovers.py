@@ -44,7 +44,7 @@ def test_a_module_that_leaves_things_behind_fails_the_run_and_they_are_cleared(t
     here = Path(__file__).parent
     copy = tmp_path / "tests"
     copy.mkdir()
-    for name in ("__init__.py", "conftest.py", "leftovers.py"):
+    for name in ("__init__.py", "conftest.py", "leftovers.py", "netns.py"):
         shutil.copy(here / name, copy / name)
     (copy / "data").symlink_to(here / "data")
     (copy / "test_leaky.py").write_text(LEAKY)

@@ -184,7 +184,9 @@ class CallRegistry:
             call_id,
             next_seq,
             0,
-            {"protocol": protocol, "rate": rate, "channels": channels, "leg": call.leg, **info}
+            # node: where the call's commands go (farm.client.Commands with several nodes)
+            {"protocol": protocol, "rate": rate, "channels": channels, "leg": call.leg, "node": self.config.node_id}
+            | info
             | ({"credential": credential} if credential else {}),
             {"recv": time.monotonic_ns()},
         )
