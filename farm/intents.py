@@ -6,7 +6,7 @@ the file's suffix), or the same structure as a JSON object from the dialer::
     language = "ko"
     [intents.yes]
     phrases = ["네", "예", "맞아요"]
-    examples = ["네 맞아요"]          # for a language model fallback's prompt (not wired yet)
+    examples = ["네 맞아요"]          # for the LLM fallback's prompt (farm/llm.py)
     [intents.callback]
     phrases = ["나중에 전화"]
     patterns = ["바쁘(다|니까|거든)"]
@@ -45,7 +45,7 @@ Matching rules (the decisions this module implements):
 :class:`IntentMatcher` turns the stream of partials and the final of an utterance
 into at most one report (see its docstring for the stability rule).
 :class:`IntentLibrary` holds the node's ``--intents`` and says which rules a call gets
-(the worker matches with them).
+(the worker matches with them; the ingress prompts the LLM fallback with them).
 """
 
 from __future__ import annotations
@@ -460,6 +460,9 @@ class IntentMatcher:
         self._previous: list[_Hit] = []  # every hit of the previous partial's best intent
         self._best = -1  # the previous partial's best intent
         self._fired: IntentMatch | None = None
+        # The last final's utterance got no report at all: no rule matched it, none fired
+        # early. What the LLM fallback is for.
+        self.unmatched = False
 
     def reset(self) -> None:
         """Forget the utterance; call between utterances that had no final."""
@@ -489,6 +492,7 @@ class IntentMatcher:
         fired = self._fired
         self.reset()
         hits = self.rules._hits(normalize(text))
+        self.unmatched = fired is None and not hits
         if not hits:
             return None
         if fired is None:
@@ -501,7 +505,9 @@ class IntentMatcher:
 class IntentLibrary:
     """The intent sets of ``--intents``: one file (every call's), or a directory of
     ``NAME.toml``/``NAME.json`` files that calls pick by name (``default`` for calls
-    that name none). Loaded once per worker; ``farm up`` loads it first to refuse a bad file."""
+    that name none). Loaded once per process that matches or prompts with them (each
+    worker; the ingress with the LLM fallback on); ``farm up`` loads it first to refuse
+    a bad file."""
 
     def __init__(self, path: str) -> None:
         self.sets: dict[str, IntentRules] = {}

@@ -23,6 +23,10 @@ Events (offsets are audio time from the start of the stream, i.e. from answer):
 - ``tone``: kind sit|busy|reorder|fax_cng|fax_ced, with the same members.
 - ``intent``: intent, matched, source "rules", early (fired on a stable partial), also,
   revised (a final that overrides an early intent).
+- with ``--llm-url``, a final no rule reported (:meth:`CallAnalysis.ask_llm`) carries
+  ``llm_intent: true``: the ingress asks the LLM and publishes its ``intent`` (source
+  "llm") after the final (farm/ingress/llm_intents.py). Never here: a worker's loop is
+  the calls' media path.
 
 A worker that takes a call over from another (a move, a crash) starts no AMD for it:
 the answer's cadence is behind it. It still detects tones and matches intents.
@@ -72,6 +76,7 @@ class Options:
     tones: bool = True
     intents: IntentRules | None = None
     amd_on_request: AmdConfig = AmdConfig()  # the node's settings, for the amd command
+    llm: bool = False  # --llm-url: finals no rule matched go to the ingress's LLM fallback
 
 
 def options_for(
@@ -111,7 +116,7 @@ def options_for(
     except ValueError as exc:  # IntentsError included
         errors.append(f"intents: {exc}")
         intents = None  # not the node's default either: its campaign's intents are others
-    return Options(amd, tones or amd is not None, intents, node_amd), errors
+    return Options(amd, tones or amd is not None, intents, node_amd, bool(config.llm_url)), errors
 
 
 class CallAnalysis:
@@ -121,6 +126,7 @@ class CallAnalysis:
         self.tones = ToneDetector(rate, start_ms=start_ms) if options.tones else None
         self.amd = AmdDecider(options.amd) if options.amd is not None and not resumed else None
         self.intents = IntentMatcher(options.intents) if options.intents is not None else None
+        self.llm = options.llm
         self.offset_ms = start_ms  # end of the audio seen
         self.amd_from_ms = 0  # where AMD's "answer" is: 0, or where the amd command put it
 
@@ -150,6 +156,12 @@ class CallAnalysis:
             return []
         tonal = self.tones is not None and self.tones.is_tonal(offset_ms)  # not a word (amd.py rule 10)
         return self._amd(self.amd.on_frame(offset_ms - self.amd_from_ms, voiced, tonal))
+
+    def ask_llm(self, text: str) -> bool:
+        """Call right after :meth:`on_transcript` of a final: does the LLM fallback classify
+        it? Only when the call has intents, no rule reported its utterance (neither early
+        nor now) and it has words."""
+        return self.llm and self.intents is not None and self.intents.unmatched and bool(text.strip())
 
     def on_transcript(self, offset_ms: int, text: str, final: bool) -> list[Found]:
         found: list[Found] = []
