@@ -29,10 +29,11 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def cmd_up(args: argparse.Namespace) -> int:
     from farm.ingress.canary import canary_utterance
+    from farm.intents import IntentLibrary
     from farm.logs import setup_logging
     from farm.supervisor import run
     from farm.tls import server_context
-    from workers.analysis import IntentLibrary, node_amd_config
+    from workers.analysis import node_amd_config
     from workers.call import vad_config_for
 
     config = from_args(args)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.auth import AllowList, Tokens
+from farm.llm import parse_url
 from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
 
@@ -105,6 +106,11 @@ def _curve_keys(directory: str) -> None:
         from farm.curve import node_keys
 
         node_keys(directory)
+
+
+def _llm_url(url: str) -> None:
+    if url:
+        parse_url(url)
 
 
 def knob(
@@ -355,6 +361,31 @@ class Config:
         metadata=knob(
             "intent rules: a TOML/JSON file for every call, or a directory of named sets (default.*: every call)",
             group="dialer",
+        ),
+    )
+    # -- the LLM fallback for finals no intent rule matched (farm/llm.py, farm/ingress/llm_intents.py)
+    llm_url: str = field(
+        default="",
+        metadata=knob(
+            "Ollama for finals no intent rule matched, e.g. http://127.0.0.1:11434 (the ingress asks it, "
+            "never a worker; empty: off)",
+            group="dialer",
+            check=_parses(_llm_url),
+        ),
+    )
+    llm_model: str = field(default="qwen2.5:3b", metadata=knob("the Ollama model that classifies", group="dialer"))
+    llm_budget_ms: int = field(
+        default=1500,
+        metadata=knob(
+            "an LLM answer not in within this is intent unknown, reason timeout, ms", group="dialer", check=_at_least(1)
+        ),
+    )
+    llm_max_concurrent: int = field(
+        default=4,
+        metadata=knob(
+            "LLM requests in flight at most; past them a final is intent unknown, reason busy, at once",
+            group="dialer",
+            check=_at_least(1),
         ),
     )
     # -- vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py)

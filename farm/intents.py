@@ -6,7 +6,7 @@ the file's suffix), or the same structure as a JSON object from the dialer::
     language = "ko"
     [intents.yes]
     phrases = ["네", "예", "맞아요"]
-    examples = ["네 맞아요"]          # for a language model fallback's prompt (not wired yet)
+    examples = ["네 맞아요"]          # for the LLM fallback's prompt (farm/llm.py)
     [intents.callback]
     phrases = ["나중에 전화"]
     patterns = ["바쁘(다|니까|거든)"]
@@ -44,6 +44,8 @@ Matching rules (the decisions this module implements):
 
 :class:`IntentMatcher` turns the stream of partials and the final of an utterance
 into at most one report (see its docstring for the stability rule).
+:class:`IntentLibrary` holds the node's ``--intents`` and says which rules a call gets
+(the worker matches with them; the ingress prompts the LLM fallback with them).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ __all__ = [
     "IntentRules",
     "IntentMatch",
     "IntentMatcher",
+    "IntentLibrary",
     "normalize",
     "check_pattern",
 ]
@@ -89,6 +92,7 @@ MAX_PATTERN_CHARS = 200
 MAX_REPEAT_PRODUCT = 256
 MAX_TEXT_CHARS = 300  # ~20 s of Korean speech; longer texts are matched on this prefix
 MAX_FILE_BYTES = 1 << 20
+INTENT_SUFFIXES = (".toml", ".json")
 UNKNOWN = "unknown"  # reserved: what the LLM fallback answers when it cannot tell
 
 _UNBOUNDED = 64  # the size an unbounded quantifier counts for in the repeat product
@@ -456,6 +460,9 @@ class IntentMatcher:
         self._previous: list[_Hit] = []  # every hit of the previous partial's best intent
         self._best = -1  # the previous partial's best intent
         self._fired: IntentMatch | None = None
+        # The last final's utterance got no report at all: no rule matched it, none fired
+        # early. What the LLM fallback is for.
+        self.unmatched = False
 
     def reset(self) -> None:
         """Forget the utterance; call between utterances that had no final."""
@@ -485,6 +492,7 @@ class IntentMatcher:
         fired = self._fired
         self.reset()
         hits = self.rules._hits(normalize(text))
+        self.unmatched = fired is None and not hits
         if not hits:
             return None
         if fired is None:
@@ -492,3 +500,49 @@ class IntentMatcher:
         if self.rules.intents[hits[0].intent].name == fired.name:
             return None
         return self.rules._report(hits, revised=True)
+
+
+class IntentLibrary:
+    """The intent sets of ``--intents``: one file (every call's), or a directory of
+    ``NAME.toml``/``NAME.json`` files that calls pick by name (``default`` for calls
+    that name none). Loaded once per process that matches or prompts with them (each
+    worker; the ingress with the LLM fallback on); ``farm up`` loads it first to refuse
+    a bad file."""
+
+    def __init__(self, path: str) -> None:
+        self.sets: dict[str, IntentRules] = {}
+        self.default: IntentRules | None = None
+        if not path:
+            return
+        where = Path(path)
+        if where.is_dir():
+            for file in sorted(where.iterdir()):
+                if file.suffix in INTENT_SUFFIXES:
+                    if file.stem in self.sets:
+                        raise IntentsError(f"{file}: a second intent set named {file.stem!r}")
+                    self.sets[file.stem] = IntentRules.load(file)
+            self.default = self.sets.get("default")
+        else:
+            self.default = IntentRules.load(where)
+
+    def rules(self, name: str) -> IntentRules:
+        try:
+            return self.sets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sets)) or "none: --intents is not a directory"
+            raise IntentsError(f"no intent set named {name[:64]!r} (known: {known})") from None
+
+    def for_call(self, asked: Any) -> IntentRules | None:
+        """The rules of a call whose ``intents`` option is ``asked`` (as
+        :func:`farm.call_options.call_option` reads it: None when the call said nothing,
+        False, a set's name, or inline rules); raises IntentsError or ValueError."""
+        if asked is None:
+            return self.default
+        if isinstance(asked, Mapping):
+            # A whole intents file's structure, or just its intents table.
+            return IntentRules.from_mapping(asked if "intents" in asked else {"intents": asked})
+        if isinstance(asked, str):
+            return self.rules(asked)
+        if asked is False:
+            return None
+        raise ValueError(f"must be a set's name, an object or false, got {str(asked)[:40]!r}")

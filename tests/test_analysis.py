@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from farm.config import Config
-from farm.intents import IntentsError
+from farm.intents import IntentLibrary, IntentsError
 from farm.protocol.call_stats import CallStats
 from workers.amd import AmdConfig
-from workers.analysis import CallAnalysis, IntentLibrary, Options, node_amd_config, options_for
+from workers.analysis import CallAnalysis, Options, node_amd_config, options_for
 
 
 ROOT = Path(__file__).resolve().parent.parent

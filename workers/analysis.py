@@ -23,6 +23,10 @@ Events (offsets are audio time from the start of the stream, i.e. from answer):
 - ``tone``: kind sit|busy|reorder|fax_cng|fax_ced, with the same members.
 - ``intent``: intent, matched, source "rules", early (fired on a stable partial), also,
   revised (a final that overrides an early intent).
+- with ``--llm-url``, a final no rule reported (:meth:`CallAnalysis.ask_llm`) carries
+  ``llm_intent: true``: the ingress asks the LLM and publishes its ``intent`` (source
+  "llm") after the final (farm/ingress/llm_intents.py). Never here: a worker's loop is
+  the calls' media path.
 
 A worker that takes a call over from another (a move, a crash) starts no AMD for it:
 the answer's cadence is behind it. It still detects tones and matches intents.
@@ -33,54 +37,21 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from farm.call_options import call_metadata, call_option
 from farm.config import Config
-from farm.intents import IntentMatcher, IntentRules, IntentsError
+from farm.intents import IntentLibrary, IntentMatcher, IntentRules
 from workers.amd import AmdConfig, AmdDecider, AmdDecision
 from workers.tones import ToneDetector, ToneEvent
 
 
-__all__ = ["Found", "IntentLibrary", "Options", "node_amd_config", "options_for", "CallAnalysis"]
-
-INTENT_SUFFIXES = (".toml", ".json")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
+__all__ = ["Found", "Options", "node_amd_config", "options_for", "CallAnalysis"]
 
 # (event type, offset_ms, data): what the session turns into an event.
 Found = tuple[str, int, dict[str, Any]]
-
-
-class IntentLibrary:
-    """The intent sets of ``--intents``: one file (every call's), or a directory of
-    ``NAME.toml``/``NAME.json`` files that calls pick by name (``default`` for calls
-    that name none). Loaded once per worker; ``farm up`` loads it first to refuse a bad file."""
-
-    def __init__(self, path: str) -> None:
-        self.sets: dict[str, IntentRules] = {}
-        self.default: IntentRules | None = None
-        if not path:
-            return
-        where = Path(path)
-        if where.is_dir():
-            for file in sorted(where.iterdir()):
-                if file.suffix in INTENT_SUFFIXES:
-                    if file.stem in self.sets:
-                        raise IntentsError(f"{file}: a second intent set named {file.stem!r}")
-                    self.sets[file.stem] = IntentRules.load(file)
-            self.default = self.sets.get("default")
-        else:
-            self.default = IntentRules.load(where)
-
-    def rules(self, name: str) -> IntentRules:
-        try:
-            return self.sets[name]
-        except KeyError:
-            known = ", ".join(sorted(self.sets)) or "none: --intents is not a directory"
-            raise IntentsError(f"no intent set named {name[:64]!r} (known: {known})") from None
 
 
 def node_amd_config(config: Config) -> AmdConfig:
@@ -105,45 +76,19 @@ class Options:
     tones: bool = True
     intents: IntentRules | None = None
     amd_on_request: AmdConfig = AmdConfig()  # the node's settings, for the amd command
-
-
-def _value(raw: Any) -> Any:
-    """A per-call option as sent: JSON metadata gives it typed; a URL query or a channel
-    variable gives text ("true", "0", a JSON object)."""
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip()
-    if text.lower() in _TRUE:
-        return True
-    if text.lower() in _FALSE:
-        return False
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise ValueError(f"not a JSON object ({exc})") from None
-    return text
-
-
-def _option(metadata: Mapping[str, Any], key: str) -> Any:
-    for name in (key, "farm_" + key):
-        if name in metadata:
-            return _value(metadata[name])
-    return None
+    llm: bool = False  # --llm-url: finals no rule matched go to the ingress's LLM fallback
 
 
 def options_for(
     info: Mapping[str, Any], config: Config, library: IntentLibrary, node_amd: AmdConfig
 ) -> tuple[Options, list[str]]:
     """The call's options, and what was wrong with the ones it sent (each an error message)."""
-    metadata = info.get("metadata")
-    if not isinstance(metadata, Mapping):
-        metadata = {}
+    metadata = call_metadata(info)
     errors: list[str] = []
 
     amd: AmdConfig | None = node_amd if config.amd == "all" else None
     try:
-        asked = _option(metadata, "amd")
+        asked = call_option(metadata, "amd")
         if isinstance(asked, Mapping):
             amd = AmdConfig.from_mapping(asked, over=node_amd)
         elif asked is True:
@@ -158,7 +103,7 @@ def options_for(
 
     tones = config.tones
     try:
-        asked = _option(metadata, "tones")
+        asked = call_option(metadata, "tones")
         if isinstance(asked, bool):
             tones = asked
         elif asked is not None:
@@ -166,22 +111,12 @@ def options_for(
     except ValueError as exc:
         errors.append(f"tones: {exc}")
 
-    intents = library.default
     try:
-        asked = _option(metadata, "intents")
-        if isinstance(asked, Mapping):
-            # A whole intents file's structure, or just its intents table.
-            intents = IntentRules.from_mapping(asked if "intents" in asked else {"intents": asked})
-        elif isinstance(asked, str):
-            intents = library.rules(asked)
-        elif asked is False:
-            intents = None
-        elif asked is not None:
-            raise ValueError(f"must be a set's name, an object or false, got {str(asked)[:40]!r}")
+        intents = library.for_call(call_option(metadata, "intents"))
     except ValueError as exc:  # IntentsError included
         errors.append(f"intents: {exc}")
         intents = None  # not the node's default either: its campaign's intents are others
-    return Options(amd, tones or amd is not None, intents, node_amd), errors
+    return Options(amd, tones or amd is not None, intents, node_amd, bool(config.llm_url)), errors
 
 
 class CallAnalysis:
@@ -191,6 +126,7 @@ class CallAnalysis:
         self.tones = ToneDetector(rate, start_ms=start_ms) if options.tones else None
         self.amd = AmdDecider(options.amd) if options.amd is not None and not resumed else None
         self.intents = IntentMatcher(options.intents) if options.intents is not None else None
+        self.llm = options.llm
         self.offset_ms = start_ms  # end of the audio seen
         self.amd_from_ms = 0  # where AMD's "answer" is: 0, or where the amd command put it
 
@@ -220,6 +156,12 @@ class CallAnalysis:
             return []
         tonal = self.tones is not None and self.tones.is_tonal(offset_ms)  # not a word (amd.py rule 10)
         return self._amd(self.amd.on_frame(offset_ms - self.amd_from_ms, voiced, tonal))
+
+    def ask_llm(self, text: str) -> bool:
+        """Call right after :meth:`on_transcript` of a final: does the LLM fallback classify
+        it? Only when the call has intents, no rule reported its utterance (neither early
+        nor now) and it has words."""
+        return self.llm and self.intents is not None and self.intents.unmatched and bool(text.strip())
 
     def on_transcript(self, offset_ms: int, text: str, final: bool) -> list[Found]:
         found: list[Found] = []

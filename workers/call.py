@@ -466,11 +466,15 @@ class CallSession:
                 # No VAD gating: one recognizer hears the whole call, so the last
                 # endpoint is the only place a replay can start from.
                 channel.open_utterances = [out.fed_until]
-        drafts = [Draft(out.kind, out.offset_ms, data, stamps, ch)]
+        found: list[Found] = []
         if ch == 0:
             heard_ms = self.offset_ms_of_cursor(out.fed_until)
-            drafts += self.found(self.analysis.on_transcript(heard_ms, out.text, out.kind == "final"), stamps)
-        return drafts
+            found = self.analysis.on_transcript(heard_ms, out.text, out.kind == "final")
+            # Not a final the call's end made: its call_end follows at once, and nothing
+            # of a call comes after that.
+            if out.kind == "final" and out.reason != "end" and self.analysis.ask_llm(out.text):
+                data["llm_intent"] = True
+        return [Draft(out.kind, out.offset_ms, data, stamps, ch), *self.found(found, stamps)]
 
     def committed_cursor(self) -> int:
         """Where a worker taking over this call would have to start."""

@@ -19,13 +19,14 @@ import zmq
 from farm.broker import wire
 from farm.config import CALL_CPU_MS_PRIOR, Config
 from farm.heartbeats import HeartbeatTable
+from farm.intents import IntentLibrary
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned
 from farm.limits import raise_open_files_limit
 from farm.logs import call_logger
 from farm.proctitle import name_process
 from farm.protocol.events import ERROR_ENDS, Event, end_reason_code, end_reason_of, is_canary
 from farm.ring import Ring, RingError
-from workers.analysis import IntentLibrary, node_amd_config, options_for
+from workers.analysis import node_amd_config, options_for
 from workers.asr import ResultQueue
 from workers.call import FLUSH, CallSession, Draft
 from workers.cost import CallCost

@@ -30,6 +30,7 @@ from farm.config import Config
 from farm.ingress.broker_link import HEARTBEAT_S, BrokerLink
 from farm.ingress.event_relay import EventRelay
 from farm.ingress.event_sink import RedisSink
+from farm.ingress.llm_intents import LlmIntents
 from farm.ingress.metrics import Metrics
 from farm.logs import quote
 from farm.protocol.call_stats import CallStats
@@ -103,6 +104,8 @@ class CallRegistry:
         self.link = BrokerLink(self.ctx, config, metrics, self._flush, self._gave_up, self._live)
         self.sink = RedisSink(config, metrics) if config.redis_url else None
         self.relay = EventRelay(self.ctx, config, metrics, self.calls.get, self._seen, self.sink)
+        # --llm-url: finals no intent rule matched, classified here (farm/ingress/llm_intents.py).
+        self.llm = LlmIntents(config, metrics, self.calls.get, self.publish) if config.llm_url else None
         self._seq = 0
         # call id -> (next event seq, legs, credential) of a finished call, so a reconnected
         # call continues its numbering (and only its own credential continues it).
@@ -293,6 +296,8 @@ class CallRegistry:
     def _seen(self, event: Event) -> None:
         """An event came back from the relay (and was delivered): a worker's call_end ends the
         call; if it is one of ours, a closing call may close."""
+        if self.llm is not None:
+            self.llm.seen(event)
         call = self.calls.get(event.call_id)
         if call is None:
             return
@@ -391,6 +396,8 @@ class CallRegistry:
     def close_all(self) -> None:
         for task in self.tasks:
             task.cancel()
+        if self.llm is not None:
+            self.llm.close()
         self.relay.close()
         for call_id in list(self.calls):
             self._finish(call_id, "shutdown")

@@ -78,6 +78,14 @@ class NodeCollector(Collector):
         yield from self._canary()
         yield from self._workers(self.registry.link.status.reports)
         yield from self.metrics.latency.collect()
+        yield _labelled(
+            CounterMetricFamily,
+            "farm_llm_requests",
+            "Finals sent to the LLM fallback, by outcome (intent, or why unknown)",
+            ["outcome"],
+            (([o], n) for o, n in self.metrics.llm_outcomes.items()),
+        )
+        yield from self.metrics.llm_latency.collect()
 
     def _calls(self) -> Iterator[Metric]:
         m, calls = self.metrics, self.registry.served

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Histogram
 
 from farm.broker import wire
+from farm.llm import REASONS as LLM_REASONS
 from farm.protocol.events import END_REASONS, EVENT_TYPES, Event
 from farm.protocol.latency import LATENCY_STAGES, stage_latencies
 
@@ -54,6 +55,7 @@ __all__ = [
     "DROP_REDIS",
     "CANARY_RESULTS",
     "END_UNKNOWN",
+    "LLM_OUTCOMES",
 ]
 
 # Seconds. Fine around the SLOs (onset -> speech_start 150 ms, end of speech -> final
@@ -114,6 +116,10 @@ CANARY_RESULTS = ("ok", "wrong", "late", "lost")
 # (an older worker's, which says none): the label stays bounded whatever an event says.
 END_UNKNOWN = "unknown"
 
+# What became of a final sent to the LLM fallback (farm_llm_requests_total's outcome): an
+# intent, one of farm.llm's reasons for unknown, or the wiring's own (farm/ingress/llm_intents.py).
+LLM_OUTCOMES = ("intent", *LLM_REASONS, "no_rules", "call_ended")
+
 
 @dataclass
 class WorkerTotals:
@@ -153,6 +159,13 @@ class Metrics:
         )
         for stage in LATENCY_STAGES:
             self.latency.labels(stage)  # every stage exported from the start, at 0
+        self.llm_outcomes: dict[str, int] = dict.fromkeys(LLM_OUTCOMES, 0)
+        self.llm_latency = Histogram(
+            "farm_llm_latency_seconds",
+            "From a final marked llm_intent to the LLM's answer or the budget's end (requests sent)",
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
 
     def reject(self, reason: str) -> None:
         """Count a refused connection or call, by a bounded reason (no client text, no numbers)."""

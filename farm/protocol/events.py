@@ -60,12 +60,12 @@ EVENT_TYPES = frozenset(
         "call_end",  # the call's audio is fully processed: reason (END_REASONS), detail, duration_ms
         "speech_start",  # VAD hysteresis says speech began
         "partial",  # recognizer has a new partial hypothesis: text
-        "final",  # utterance finished: text, words, reason (vad|endpoint|end)
+        "final",  # utterance finished: text, words, reason (vad|endpoint|end|reset); llm_intent: an LLM intent follows
         "speech_end",  # VAD says speech ended: duration_ms
         "barge_in",  # the caller spoke over playback and it was cut: what was flushed
         "playback_start",  # the farm began playing audio to the call: play id, duration
         "playback_stop",  # that audio ended: reason complete|flush|barge_in|hangup, played_ms
-        "intent",  # a transcript matched an intent: intent, matched, source, early, also, revised
+        "intent",  # a transcript's intent: intent, matched, source rules|llm, early, also, revised (llm: final_seq)
         "amd",  # answering-machine detection decided: result human|machine|unknown, reason, features
         "beep",  # a voicemail beep ended: start_ms, end_ms, freq_hz, level_dbfs
         "tone",  # a call-progress tone: kind sit|busy|reorder|fax_cng|fax_ced, start_ms, end_ms, freq_hz
