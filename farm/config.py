@@ -18,12 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from farm.auth import AllowList, Tokens
-from farm.llm import parse_url
+from farm.knob_spec import at_least, curve_keys, knob, llm_url, ms_step, parses, port, port_range, within
 from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
 
@@ -62,83 +60,6 @@ def default_workers() -> int:
     return cpus
 
 
-# -- checks: each returns what is wrong with a value, or None ---------------------------
-
-
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be >= {low:g}, got {v}"
-
-
-def _within(low: float, high: float) -> Callable[[Any], str | None]:
-    return lambda v: None if low <= v <= high else f"must be within {low:g}-{high:g}, got {v}"
-
-
-def _ms_step(v: int) -> str | None:
-    return None if v >= 0 and v % 20 == 0 else f"must be a non-negative multiple of 20 ms, got {v}"
-
-
-def _port_range(v: str) -> str | None:
-    if not v:
-        return None
-    low, _, high = v.partition("-")
-    if low.isdigit() and (high or low).isdigit() and 0 < int(low) <= int(high or low) <= 65535:
-        return None
-    return f"must be FIRST-LAST within 1-65535, got {v!r}"
-
-
-def _port(v: int) -> str | None:
-    return None if 0 <= v <= 65535 else f"must be a port number (0-65535), got {v}"
-
-
-def _parses(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
-    def check(v: str) -> str | None:
-        try:
-            parse(v)
-        except ValueError as exc:
-            return str(exc)
-        return None
-
-    return check
-
-
-def _curve_keys(directory: str) -> None:
-    if directory:
-        from farm.curve import node_keys
-
-        node_keys(directory)
-
-
-def _llm_url(url: str) -> None:
-    if url:
-        parse_url(url)
-
-
-def knob(
-    help: str,
-    *,
-    group: str,
-    flag: str = "",
-    short: str = "",
-    env: str = "",
-    choices: tuple[Any, ...] = (),
-    check: Callable[[Any], str | None] | None = None,
-    cli_default: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
-    """Field metadata that makes a Config field a knob (see the module docstring)."""
-    return {
-        "knob": {
-            "help": help,
-            "group": group,
-            "flag": flag,
-            "short": short,
-            "env": env,
-            "choices": choices,
-            "check": check,
-            "cli_default": cli_default,
-        }
-    }
-
-
 @dataclass(frozen=True)
 class Config:
     # -- node
@@ -148,7 +69,7 @@ class Config:
             "recognition worker processes (farm up: one per usable CPU, within a cgroup CPU quota)",
             group="node",
             short="-w",
-            check=_at_least(1),
+            check=at_least(1),
             cli_default=default_workers,
         ),
     )
@@ -177,7 +98,7 @@ class Config:
     ws_host: str = field(default="0.0.0.0", metadata=knob("address for mod_audio_stream", group="ws", flag="--host"))
     ws_port: int = field(
         default=8080,
-        metadata=knob("port for mod_audio_stream, /healthz, /readyz, /metrics", group="ws", flag="--port", check=_port),
+        metadata=knob("port for mod_audio_stream, /healthz, /readyz, /metrics", group="ws", flag="--port", check=port),
     )
     ws_events: bool = field(default=True, metadata=knob("send every event back on the call's WebSocket", group="ws"))
     default_rate: int = field(
@@ -199,18 +120,18 @@ class Config:
         metadata=knob(
             "close a call that sends no audio this long, s (any kind of call; a shorter pause is legal)",
             group="ws",
-            check=_at_least(0.1),
+            check=at_least(0.1),
         ),
     )
     first_message_timeout: float = field(
         default=10.0,
-        metadata=knob("close a connection that sends nothing this long, s", group="ws", check=_at_least(0.1)),
+        metadata=knob("close a connection that sends nothing this long, s", group="ws", check=at_least(0.1)),
     )
     max_message_bytes: int = field(
-        default=1 << 20, metadata=knob("larger WebSocket messages close 1009", group="ws", check=_at_least(1024))
+        default=1 << 20, metadata=knob("larger WebSocket messages close 1009", group="ws", check=at_least(1024))
     )
     max_connections: int = field(
-        default=4096, metadata=knob("calls per site beyond which 503", group="ws", check=_at_least(1))
+        default=4096, metadata=knob("calls per site beyond which 503", group="ws", check=at_least(1))
     )
     # -- mod_socket_audio: FreeSWITCH runs `socket <esl_host>:<esl_port> async full` (outbound
     # Event Socket); farm opens one audio listener per call and runs socket_audio on it.
@@ -220,7 +141,7 @@ class Config:
     esl_port: int = field(
         default=8084,
         metadata=knob(
-            "port of 'socket host:port async full' for mod_socket_audio (0: off)", group="socket_audio", check=_port
+            "port of 'socket host:port async full' for mod_socket_audio (0: off)", group="socket_audio", check=port
         ),
     )
     socket_audio_host: str = field(
@@ -232,7 +153,7 @@ class Config:
     socket_audio_ports: str = field(
         default="",
         metadata=knob(
-            "FIRST-LAST port range for audio listeners (default: ephemeral)", group="socket_audio", check=_port_range
+            "FIRST-LAST port range for audio listeners (default: ephemeral)", group="socket_audio", check=port_range
         ),
     )
     socket_audio_timeout: float = field(
@@ -254,7 +175,7 @@ class Config:
         metadata=knob(
             "larger Event Socket bodies close that connection (FreeSWITCH's events are a few KiB)",
             group="socket_audio",
-            check=_within(MAX_HEADER_BYTES, MAX_CONTENT_LENGTH),
+            check=within(MAX_HEADER_BYTES, MAX_CONTENT_LENGTH),
         ),
     )
     # -- who may stream (farm/auth.py)
@@ -264,7 +185,7 @@ class Config:
             "tokens a stream must show, as ?token= or 'Authorization: Bearer' on the WebSocket, vosk and "
             "HTTP ports (comma-separated, or @FILE: one per line; empty: no check)",
             group="security",
-            check=_parses(Tokens.from_spec),
+            check=parses(Tokens.from_spec),
         ),
     )
     esl_allow: str = field(
@@ -272,7 +193,7 @@ class Config:
         metadata=knob(
             "networks that may connect to the Event Socket port, e.g. 10.0.0.0/8,192.0.2.7 (empty: any)",
             group="security",
-            check=_parses(AllowList.from_spec),
+            check=parses(AllowList.from_spec),
         ),
     )
     curve_dir: str = field(
@@ -281,7 +202,7 @@ class Config:
             "CURVE keys for the event and command endpoints (made by 'farm keys DIR'): only clients whose "
             "public key is in DIR/clients subscribe or command (empty: open to local processes)",
             group="security",
-            check=_parses(_curve_keys),
+            check=parses(curve_keys),
         ),
     )
     tls_cert: str = field(
@@ -299,21 +220,21 @@ class Config:
         metadata=knob("ZeroMQ endpoint for play/flush/state/finalize/stats/amd", group="playback"),
     )
     playback_lead_ms: int = field(
-        default=200, metadata=knob("write playback this far ahead of real time", group="playback", check=_at_least(0))
+        default=200, metadata=knob("write playback this far ahead of real time", group="playback", check=at_least(0))
     )
     playback_max_queued_s: float = field(
         default=600.0,
         metadata=knob(
             "a play that would queue more audio than this for one call is refused, s",
             group="playback",
-            check=_at_least(1),
+            check=at_least(1),
         ),
     )
     barge_in: bool = field(default=True, metadata=knob("caller speech over playback cuts it", group="playback"))
     barge_in_min_speech_ms: int = field(
         default=0,
         metadata=knob(
-            "voiced speech before a barge-in cuts (0: at speech_start)", group="playback", check=_at_least(0)
+            "voiced speech before a barge-in cuts (0: at speech_start)", group="playback", check=at_least(0)
         ),
     )
     esl_inbound: str = field(
@@ -331,7 +252,7 @@ class Config:
         metadata=knob(
             "HAProxy agent-check port: weight from free capacity, drain on SIGTERM (0: off; deploy/haproxy)",
             group="node",
-            check=_port,
+            check=port,
         ),
     )
     # -- what a dialer wants besides words (workers/analysis.py)
@@ -370,14 +291,14 @@ class Config:
             "Ollama for finals no intent rule matched, e.g. http://127.0.0.1:11434 (the ingress asks it, "
             "never a worker; empty: off)",
             group="dialer",
-            check=_parses(_llm_url),
+            check=parses(llm_url),
         ),
     )
     llm_model: str = field(default="qwen2.5:3b", metadata=knob("the Ollama model that classifies", group="dialer"))
     llm_budget_ms: int = field(
         default=1500,
         metadata=knob(
-            "an LLM answer not in within this is intent unknown, reason timeout, ms", group="dialer", check=_at_least(1)
+            "an LLM answer not in within this is intent unknown, reason timeout, ms", group="dialer", check=at_least(1)
         ),
     )
     llm_max_concurrent: int = field(
@@ -385,18 +306,18 @@ class Config:
         metadata=knob(
             "LLM requests in flight at most; past them a final is intent unknown, reason busy, at once",
             group="dialer",
-            check=_at_least(1),
+            check=at_least(1),
         ),
     )
     # -- vosk-server-compatible WebSocket ingress (farm/ingress/vosk_server.py)
     vosk_port: int = field(
-        default=2700, metadata=knob("port for vosk-server clients (0: off)", group="vosk", check=_port)
+        default=2700, metadata=knob("port for vosk-server clients (0: off)", group="vosk", check=port)
     )
     vosk_host: str = field(default="", metadata=knob("address for vosk-server clients (default: --host)", group="vosk"))
     # -- POST /transcribe: recorded files over plain HTTP (farm/ingress/http_transcribe.py)
     http_port: int = field(
         default=0,
-        metadata=knob("port for POST /transcribe of recorded files, on --host (0: off)", group="vosk", check=_port),
+        metadata=knob("port for POST /transcribe of recorded files, on --host (0: off)", group="vosk", check=port),
     )
     transcribe_max_bytes: int = field(
         default=50_000_000,
@@ -417,18 +338,18 @@ class Config:
     redis_stream: str = field(default="farm:events", metadata=knob("the stream's key (--redis-url)", group="node"))
     redis_maxlen: int = field(
         default=1_000_000,
-        metadata=knob("the stream is trimmed to about this many events (MAXLEN ~)", group="node", check=_at_least(1)),
+        metadata=knob("the stream is trimmed to about this many events (MAXLEN ~)", group="node", check=at_least(1)),
     )
     redis_buffer: int = field(
         default=100_000,
         metadata=knob(
             "events kept while Redis cannot be reached; past them, events are dropped and counted",
             group="node",
-            check=_at_least(1),
+            check=at_least(1),
         ),
     )
     ring_seconds: float = field(
-        default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=_at_least(1))
+        default=30.0, metadata=knob("audio each call's ring holds, s", group="node", check=at_least(1))
     )
     admission_cpu: float = field(
         default=0.85,
@@ -436,7 +357,7 @@ class Config:
             "refuse new calls once the calls held would use more than this share of the node's CPUs, "
             "at what a call measurably costs (0: no limit)",
             group="node",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     admission_call_cpu_ms: int = field(
@@ -445,7 +366,7 @@ class Config:
             "CPU ms per call-second that admission counts (0: measured by the workers, starting from "
             f"{CALL_CPU_MS_PRIOR})",
             group="node",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     admission_lag_ms: int = field(
@@ -454,12 +375,12 @@ class Config:
             "refuse new calls while even the least loaded worker has this much audio waiting for recognition "
             "(0: never)",
             group="node",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     # -- workers
     asr_threads: int = field(
-        default=3, metadata=knob("recognition threads per worker", group="recognition", check=_at_least(1))
+        default=3, metadata=knob("recognition threads per worker", group="recognition", check=at_least(1))
     )
     pin_workers: bool = field(
         default=False,
@@ -473,48 +394,48 @@ class Config:
         default=2, metadata=knob("webrtcvad mode", group="recognition", choices=(0, 1, 2, 3))
     )
     vad_onset_ms: int = field(
-        default=60, metadata=knob("voiced audio within 100 ms that starts speech", group="recognition", check=_ms_step)
+        default=60, metadata=knob("voiced audio within 100 ms that starts speech", group="recognition", check=ms_step)
     )
     vad_hangover_ms: int = field(
         default=320,
         metadata=knob(
             "quiet after the last loud frame that ends an utterance (longer than the pauses inside a sentence)",
             group="recognition",
-            check=_ms_step,
+            check=ms_step,
         ),
     )
     vad_preroll_ms: int = field(
-        default=300, metadata=knob("audio before the onset the recognizer hears", group="recognition", check=_ms_step)
+        default=300, metadata=knob("audio before the onset the recognizer hears", group="recognition", check=ms_step)
     )
     vad_tail_margin_db: float = field(
         default=9.0,
         metadata=knob(
             "a voiced frame holds an utterance open only this far above the noise floor (0: webrtcvad alone)",
             group="recognition",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     vad_tail_range_db: float = field(
         default=35.0,
-        metadata=knob("... and within this of the utterance's loudest frame", group="recognition", check=_at_least(1)),
+        metadata=knob("... and within this of the utterance's loudest frame", group="recognition", check=at_least(1)),
     )
     vad_tentative_ms: int = field(
         default=160,
         metadata=knob(
             "quiet after which the final is prepared, before the hangover confirms it (0: at the end)",
             group="recognition",
-            check=_ms_step,
+            check=ms_step,
         ),
     )
     partial_interval_ms: int = field(
-        default=200, metadata=knob("partials every this much audio (0: none)", group="recognition", check=_ms_step)
+        default=200, metadata=knob("partials every this much audio (0: none)", group="recognition", check=ms_step)
     )
     decoder_beam: float = field(
         default=0.0,
         metadata=knob(
             "Vosk decoding beam (0: the model's own; smaller is cheaper and may cost words)",
             group="recognition",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     decoder_max_active: int = field(
@@ -522,7 +443,7 @@ class Config:
         metadata=knob(
             "Vosk decoder's most active states (0: the model's own; fewer is cheaper)",
             group="recognition",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     recognizer_max_audio_s: float = field(
@@ -533,7 +454,7 @@ class Config:
     )
     recognizer_warm_s: float = field(
         default=6.0,
-        metadata=knob("seconds of the warm-up speech each of those hears", group="recognition", check=_at_least(0)),
+        metadata=knob("seconds of the warm-up speech each of those hears", group="recognition", check=at_least(0)),
     )
     recognizer_warm_later: int = field(
         default=3,
@@ -547,7 +468,7 @@ class Config:
         metadata=knob(
             "a worker holding more than this (resident MB) retires recognizers as they come back (0: no budget)",
             group="recognition",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     dither: float = field(
@@ -566,7 +487,7 @@ class Config:
     )
     worker_timeout: float = field(
         default=10.0,
-        metadata=knob("a worker whose loop is silent this long is aborted, s", group="node", check=_at_least(1)),
+        metadata=knob("a worker whose loop is silent this long is aborted, s", group="node", check=at_least(1)),
     )
     # -- canary (farm/ingress/canary.py)
     canary_interval_s: float = field(
@@ -575,7 +496,7 @@ class Config:
             "every this many seconds a committed utterance goes through a worker like a call; "
             "/readyz fails while its transcript is wrong or late (0: off)",
             group="node",
-            check=_at_least(0),
+            check=at_least(0),
         ),
     )
     canary_wav: str = field(
@@ -592,7 +513,7 @@ class Config:
         metadata=knob(
             "the canary fails if its final comes later than this after its speech ends, ms",
             group="node",
-            check=_at_least(1),
+            check=at_least(1),
         ),
     )
 

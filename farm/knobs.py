@@ -1,6 +1,6 @@
 """Knobs as flags, environment variables and README's table, generated from :class:`Config`'s fields.
 
-Each field's ``knob`` metadata (:func:`farm.config.knob`) names its group, help and check;
+Each field's ``knob`` metadata (:func:`farm.knob_spec.knob`) names its group, help and check;
 nothing else lists them.
 """
 
