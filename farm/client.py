@@ -150,6 +150,10 @@ class Subscription:
 
     async def _receive(self, timeout: float | None) -> tuple[zmq.asyncio.Socket, bytes, bytes]:
         """The next message from any node: its socket, topic and body."""
+        if len(self.socks) == 1:  # one node (most subscribers): its socket, no poller in between
+            sock = self.socks[0]
+            topic, raw = await asyncio.wait_for(sock.recv_multipart(), timeout)
+            return sock, topic, raw
         while not self._received:
             ready = await self.poller.poll(None if timeout is None else int(timeout * 1000))
             if not ready:
@@ -185,10 +189,16 @@ class Subscription:
         while True:
             yield await self.next()
 
+    @property
+    def closed(self) -> bool:
+        return all(sock.closed for sock in self.socks)
+
     def close(self) -> None:
+        """Close every node's socket (again: nothing)."""
         for sock in self.socks:
-            self.poller.unregister(sock)
-            sock.close(0)
+            if not sock.closed:
+                self.poller.unregister(sock)
+                sock.close(0)
 
 
 async def events(endpoint: str | Sequence[str] = DEFAULT_EVENTS, call_id: str | None = None) -> AsyncIterator[Event]:

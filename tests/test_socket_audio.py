@@ -164,8 +164,7 @@ class Leg:
         return self
 
     def close_subscription(self) -> None:
-        if not self.sub.sock.closed:
-            self.sub.close()
+        self.sub.close()
 
     async def until(self, type: str, timeout: float = 60_000 * MS, **match: Any) -> Event:
         for e in self.events:
