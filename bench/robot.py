@@ -51,6 +51,8 @@ INTENT_AFTER_FINAL_S = 1.0
 # A final's offset is where the audio it heard begins, up to the VAD's preroll (300 ms)
 # before the speech: one that begins this long before the prompt did is an older utterance.
 STALE_MARGIN_MS = 500
+# How long past a listen's timeout to wait for the words of an answer under way.
+FINAL_WAIT_S = 30.0
 # After the beep, how long to wait for the line to be quiet (farm's speech_end) at most.
 BEEP_QUIET_S = 2.0
 MAX_STEPS = 50  # a scenario that loops for ever still ends
@@ -299,6 +301,7 @@ class Robot:
         loop = asyncio.get_running_loop()
         start = loop.time()
         spoke = False
+        awaiting_final = False  # an utterance ended and its final is not in yet
         final_at: float | None = None
         backlog, run.heard = run.heard, []
         pending = list(backlog)
@@ -309,6 +312,10 @@ class Robot:
                 deadline = start + (step.timeout_s if spoke else step.no_speech_s)
                 if final_at is not None:
                     deadline = min(deadline, final_at + INTENT_AFTER_FINAL_S)
+                elif run.in_speech or awaiting_final:
+                    # Never cut a caller off mid-answer, nor give up on words still being
+                    # recognized (a loaded node is late): wait for them, within a bound.
+                    deadline = max(deadline, start + step.timeout_s + FINAL_WAIT_S)
                 event = await run.next(deadline)
             if event is None:
                 if run.ended is not None:
@@ -323,7 +330,11 @@ class Robot:
                 return str(event["intent"])
             if event.type == "speech_start":
                 spoke = True
-            elif event.type == "final" and event.get("text"):
+            elif event.type == "speech_end" and event.offset_ms >= run.since_ms:
+                awaiting_final = True
+            elif event.type == "final":
+                awaiting_final = False
+            if event.type == "final" and event.get("text"):
                 spoke = True
                 # The LLM fallback answers later (farm.ingress.llm_intents): wait for it.
                 final_at = None if event.get("llm_intent") else loop.time()
