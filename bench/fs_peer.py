@@ -20,7 +20,11 @@ It is made of one part per concern, each in its own module:
   with ``playback_start``/``playback_stop``, flush and its discard window.
 
 bench/fs_peer_inbound.py is FreeSWITCH's inbound Event Socket (port 8021 style, §3.3,
-TV-ESL-1) on an ephemeral port; calls attached to it are reachable by uuid there.
+TV-ESL-1) on an ephemeral port; calls attached to it are reachable by uuid there: a
+controller hangs them up (``uuid_kill``), transfers them (``uuid_transfer``), plays files to
+them (``uuid_broadcast``, cut by ``uuid_break``) and starts mod_audio_stream on them
+(``uuid_audio_stream``, bench/fs_peer_audio_stream.py). A channel the dialplan answered and
+parked (:meth:`SocketAudioCall.park`, no ``socket`` application) is driven that way only.
 
 Everything observable is recorded with ``time.monotonic_ns()`` so tests can assert on
 timing (commands received, mic bytes sent, playback received and played, events fired).
@@ -31,9 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import uuid as uuidlib
+import wave
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
+from bench.fs_peer_audio_stream import RAW_EXT, AudioStreamBug
 from bench.fs_peer_channel import Channel
 from bench.fs_peer_inbound import InboundEslServer
 from bench.fs_peer_outbound import OutboundListener
@@ -113,10 +121,16 @@ class SocketAudioCall:
             rcvbuf=rcvbuf,
             read_ahead=read_ahead,
         )
+        self.audio_stream = AudioStreamBug(self.channel, self.fire_channel, self.esl.errors)
         self._apps: asyncio.Queue[Command] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._hangup_task: asyncio.Task[None] | None = None
         self.linger_ran_out = False
+        # What controllers did to the channel (uuid_broadcast's files as the playback
+        # application ran them, uuid_transfer's destinations), with time.monotonic_ns().
+        self.playbacks: list[tuple[int, str, str]] = []  # (t_ns, file, "FILE PLAYED" | "break" | ...)
+        self.transfers: list[tuple[int, str, str, str]] = []  # (t_ns, extension, dialplan, context)
+        self._break = asyncio.Event()
 
     # -- the Event Socket -------------------------------------------------------------
 
@@ -128,6 +142,15 @@ class SocketAudioCall:
         """
         await self.esl.connect(host, port, timeout)
         self._tasks.append(asyncio.create_task(self.esl.serve()))
+        self._tasks.append(asyncio.create_task(self._park_loop()))
+        return self
+
+    def park(self) -> SocketAudioCall:
+        """The dialplan answered the channel and parked it, with no ``socket`` application: a
+        controller on the inbound Event Socket drives it (``sendmsg <uuid>``, ``uuid_*`` APIs)."""
+        if self.channel.answer():
+            self.fire_channel("CHANNEL_ANSWER")
+        self.channel.set_variable("current_application", "park")
         self._tasks.append(asyncio.create_task(self._park_loop()))
         return self
 
@@ -143,9 +166,12 @@ class SocketAudioCall:
         subclass: str | None = None,
         calling: str | None = None,
         pre: Iterable[tuple[str, str]] = (),
+        body: str | None = None,
     ) -> FiredEvent:
         """Fire an event with this channel's data, where subscribed (events are switch-wide)."""
-        return self.esl.fire(name, extra, channel=self.channel.data(), subclass=subclass, calling=calling, pre=pre)
+        return self.esl.fire(
+            name, extra, channel=self.channel.data(), subclass=subclass, calling=calling, pre=pre, body=body
+        )
 
     def client_gone(self) -> None:
         """The Event Socket client is gone: the listener ends -> CF_CONTROLLED cleared -> park
@@ -204,8 +230,69 @@ class SocketAudioCall:
             return
         elif app == "sleep":
             await asyncio.sleep(int(arg or "0") / 1000)
-        done = [("Application", app), ("Application-Data", arg), ("Application-Response", "_none_"), *tail]
+        response = await self._playback(arg) if app == "playback" else "_none_"
+        done = [("Application", app), ("Application-Data", arg), ("Application-Response", response), *tail]
         self.fire_channel("CHANNEL_EXECUTE_COMPLETE", done)
+
+    async def _playback(self, path: str) -> str:
+        """mod_dptools' playback: PLAYBACK_START, the file at real time (``uuid_break`` cuts it),
+        PLAYBACK_STOP with ``Playback-Status`` done or break; the application's response."""
+        duration = _duration_s(Path(path))
+        if duration is None:
+            self.playbacks.append((time.monotonic_ns(), path, "FILE NOT FOUND"))
+            return "FILE NOT FOUND"  # no PLAYBACK_* events: the file never opened
+        self._break.clear()
+        self.fire_channel("PLAYBACK_START", [("Playback-File-Path", path)])
+        try:
+            await asyncio.wait_for(self._break.wait(), duration)
+            status = "break"
+        except TimeoutError:
+            status = "done"
+        self.playbacks.append((time.monotonic_ns(), path, status))
+        self.fire_channel("PLAYBACK_STOP", [("Playback-File-Path", path), ("Playback-Status", status)])
+        return "FILE PLAYED"  # a break is FILE PLAYED too (mod_dptools playback_function)
+
+    # -- what the inbound Event Socket's APIs do to the channel (mod_commands) ------------
+
+    def kill(self, cause: str) -> None:
+        """uuid_kill: switch_channel_hangup with the cause, from the API's thread."""
+        if not self.hung_up:
+            self._hangup_task = asyncio.create_task(self._hangup(cause or "NORMAL_CLEARING"))
+
+    def transfer(self, extension: str, dialplan: str, context: str) -> None:
+        """uuid_transfer: switch_ivr_session_transfer marks the transfer and routes the channel
+        again, which ends the application running (``socket`` or ``park``). Where the dialplan
+        then takes it (an agent queue) is not modelled: the channel stays up until hung up."""
+        dialplan, context = dialplan or "XML", context or "default"
+        self.transfers.append((time.monotonic_ns(), extension, dialplan, context))
+        source = f"{int(time.time())}:{self.uuid}:bl_xfer:{extension}/{context}/{dialplan}"
+        self.channel.set_variable("transfer_history", source)
+        self.channel.set_variable("transfer_source", source)
+        app = self.channel.variables.get("current_application", "")
+        arg = self.channel.variables.get("current_application_data", "")
+        done = [("Application", app), ("Application-Data", arg), ("Application-Response", "_none_")]
+        self.fire_channel("CHANNEL_EXECUTE_COMPLETE", done)
+
+    def break_media(self) -> None:
+        """uuid_break: the file playing stops."""
+        self._break.set()
+
+    def audio_stream_api(self, arg: str) -> str:
+        """uuid_audio_stream on this channel (bench/fs_peer_audio_stream.py)."""
+        return self.audio_stream.api(arg)
+
+    async def say(self, pcm16k: bytes, timeout: float = 10.0) -> None:
+        """The caller speaks (16 kHz int16 mono), into whichever module streams the channel."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.audio_stream.connected, self.audio.connected)]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.audio_stream.connected.is_set():
+            await self.audio_stream.speak(pcm16k, timeout)
+        else:
+            await self.stream(pcm16k, timeout=timeout)
 
     # -- mod_socket_audio (§2) ----------------------------------------------------------
 
@@ -262,6 +349,9 @@ class SocketAudioCall:
             self.fire_channel("CHANNEL_EXECUTE_COMPLETE", done)
         self.channel.state = "CS_HANGUP"
         self.stop_audio_now()  # media bug CLOSE: shutdown + close, no event
+        if self.audio_stream.active:
+            self.audio_stream.stop()  # Close 1000, no event (§7)
+        self._break.set()  # a file playing stops with the channel
         self.channel.state = "CS_REPORTING"
         linger = self.esl.linger
         if linger is not None and not self.closed.is_set():
@@ -294,6 +384,7 @@ class SocketAudioCall:
     async def aclose(self) -> None:
         """Tear everything down without protocol (test cleanup); idempotent."""
         self.abort()
+        await self.audio_stream.aclose()
         tasks = [t for t in self._tasks + [self._hangup_task] if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -409,3 +500,16 @@ class SocketAudioCall:
     @property
     def violations(self) -> list[str]:
         return self.audio.playback.violations
+
+
+def _duration_s(path: Path) -> float | None:
+    """How long a file plays: a WAV by its header, mod_audio_stream's raw ``.r<k>`` files
+    (int16 mono at k kHz) by their size; None when it does not open."""
+    try:
+        if path.suffix == ".wav":
+            with wave.open(str(path)) as w:
+                return float(w.getnframes() / w.getframerate())
+        rates = {ext: rate for rate, ext in RAW_EXT.items()}
+        return path.stat().st_size / 2 / rates[path.suffix.lstrip(".")]
+    except (OSError, EOFError, KeyError, wave.Error):
+        return None

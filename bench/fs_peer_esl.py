@@ -23,6 +23,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
+from bench.fs_peer_audio_stream import USAGE as AUDIO_STREAM_USAGE
 from bench.fs_peer_subscription import Subscription
 from bench.fs_peer_wire import (
     BadCommand,
@@ -56,6 +57,14 @@ class Controlled(Protocol):
     def request_flush(self) -> None: ...
 
     def stop_audio_now(self) -> None: ...
+
+    def kill(self, cause: str) -> None: ...
+
+    def transfer(self, extension: str, dialplan: str, context: str) -> None: ...
+
+    def break_media(self) -> None: ...
+
+    def audio_stream_api(self, arg: str) -> str: ...
 
 
 class EslListener:
@@ -289,9 +298,56 @@ class EslListener:
             if not arg:
                 return "-USAGE: <uuid> [all]\n"
             uuid = arg.split(" ", 1)[0]
-            if self._locate(uuid) is None and not self._lenient(uuid):
+            call = self._locate(uuid)
+            if call is None and not self._lenient(uuid):
                 return "-ERR No such channel!\n"
+            if call is not None:
+                call.break_media()
             return "+OK\n"
         if cmd == "uuid_audio_stream":
-            return "+OK Success\n" if arg else "-USAGE: <uuid> [start | stop | send_text | pause | resume]\n"
+            call = self._locate((arg or "").split(" ", 1)[0])
+            if call is not None:
+                return call.audio_stream_api(arg or "")
+            return "+OK Success\n" if arg else f"-USAGE: {AUDIO_STREAM_USAGE}\n"
+        if cmd in ("uuid_kill", "uuid_transfer", "uuid_broadcast"):
+            return self._channel_api(cmd, arg or "")
         return f"-ERR {cmd} Command not found!\n"
+
+    def _channel_api(self, cmd: str, arg: str) -> str:
+        """mod_commands' uuid_kill, uuid_transfer and uuid_broadcast, with their reply texts."""
+        argv = [a for a in arg.split(" ") if a]  # switch_separate_string drops empty tokens
+        if cmd == "uuid_kill":
+            if not argv:
+                return "-USAGE: <uuid> [cause]\n"
+            call = self._locate(argv[0])
+            if call is None:
+                return "-ERR No such channel!\n"
+            call.kill(argv[1] if len(argv) > 1 else "NORMAL_CLEARING")
+            return "+OK\n"
+        if cmd == "uuid_transfer":
+            if not 2 <= len(argv) <= 5:
+                return "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
+            call = self._locate(argv[0])
+            if call is None:
+                return "-ERR No such channel!\n"
+            rest = argv[2:] if argv[1].startswith("-") else argv[1:]  # -bleg/-both: no bridge here
+            if not rest:
+                return "-ERR\n"
+            call.transfer(rest[0], *(rest[1:3] + ["", ""])[:2])
+            return "+OK\n"
+        # uuid_broadcast <uuid> <path> [aleg|bleg|holdb|both]: switch_ivr_broadcast queues
+        # "execute playback" with event-lock and 5 lead frames to the channel.
+        if len(argv) < 2:
+            return "-USAGE: <uuid> <path> [aleg|bleg|holdb|both]\n"
+        call = self._locate(argv[0])
+        if call is None:
+            return "-ERR invalid uuid\n"
+        headers = (
+            ("call-command", "execute"),
+            ("execute-app-name", "playback"),
+            ("execute-app-arg", argv[1]),
+            ("event-lock", "true"),
+            ("lead-frames", "5"),
+        )
+        call.queue_message(Command(f"sendmsg {argv[0]}", headers, None, time.monotonic_ns()))
+        return "+OK Message sent\n"
