@@ -301,7 +301,11 @@ class RecognizerPool:
         at the model's rate), fed as a worker feeds calls: 20 ms frames, partials every 200 ms.
         ``progress`` is called every second of audio (a worker proves it is alive)."""
         frame = self.rate // 50 * 2
-        warmed = [self.lease() for _ in range(count)]
+        # New ones: leasing would take the pool's warm ones first and warm them again.
+        with self._lock:
+            self.leased += count
+            self.created += count
+        warmed = [Recognizer(self.model, self.rate) for _ in range(count)]
         for rec in warmed:
             for i, start in enumerate(range(0, len(pcm) - frame + 1, frame)):
                 rec.accept(pcm[start : start + frame])
