@@ -173,6 +173,10 @@ def start_node(
         # The canary is a call of the node's own every 30 s: off unless a test is about it
         # (tests/test_canary.py), so a test's node serves only the test's calls.
         *([] if "--canary-interval-s" in extra else ["--canary-interval-s", "0"]),
+        # Warming recognizers halves a node's start (3 s of 6) and keeps a CPU busy after it;
+        # a test's first utterance on a cold one is only slower. Off unless a test is about
+        # it (tests/test_supervisor.py's readiness test warms as farm up does).
+        *([] if "--recognizer-warm" in extra else ["--recognizer-warm", "0", "--recognizer-warm-later", "0"]),
         *extra,
     ]
     with open(log_path, "wb") as log:

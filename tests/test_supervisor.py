@@ -34,6 +34,7 @@ from .conftest import (
     direct_decode,
     farm_segments,
     free_port,
+    metric_value,
     orphan_segments,
     run_call,
     similarity,
@@ -423,7 +424,9 @@ def test_a_node_stopped_with_recognition_behind_still_ends_every_call_with_its_w
 def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_path: Path) -> None:
     import urllib.request
 
-    n = start_node(tmp_path, workers=2)
+    # Warmed as `farm up` warms (one recognizer before a worker registers, more after), on less speech.
+    warming = ("--recognizer-warm", "1", "--recognizer-warm-later", "2", "--recognizer-warm-s", "2")
+    n = start_node(tmp_path, *warming, workers=2)
     try:
         # 503 until the ingress has heard from the broker; then the count rises as workers
         # register. Wait for the state, then check it.
@@ -440,6 +443,17 @@ def test_readyz_says_ready_only_with_live_workers_and_metrics_count_them(tmp_pat
         with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/metrics", timeout=2) as r:
             metrics = r.read().decode()
         assert "farm_workers_live 2" in metrics
+        # Each worker warmed a recognizer before it registered and warms two more after, kept
+        # idle in its pool; the metrics show them (from the workers' heartbeats: wait for it).
+        deadline = time.monotonic() + 60_000 * MS
+        warm: list[float | None] = []
+        while warm != [3, 3]:
+            assert time.monotonic() < deadline, f"idle recognizers {warm}, not 3 per worker:\n{n.log()[-2000:]}"
+            time.sleep(0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{n.port}/metrics", timeout=2) as r:
+                scrape = r.read().decode()
+            warm = [metric_value(scrape, "farm_recognizers", worker=w, state="idle") for w in ("0", "1")]
+        assert n.log().count("warmed in the background") == 2
         assert r.headers.get_all("Content-Type") == ["text/plain; version=0.0.4"]
         # ps tells the processes apart, and their environment is intact (SPT_NOENV).
         titles = {pid: _cmdline(pid) for role in ("broker", "ingress", "worker") for pid in n.pids(role)}
