@@ -441,6 +441,16 @@ def decode_heard(wav: str | Path, run: CallRun, *, partial_every: int = 10, chan
     return out
 
 
+def decode_heard_each(pairs: list[tuple[Path, CallRun]]) -> list[list[str]]:
+    """:func:`decode_heard` of each ``(wav, run)``, on both CPUs (Vosk lets the GIL go while
+    it decodes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model()  # loaded once, before the threads
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda pair: decode_heard(*pair), pairs))
+
+
 @functools.lru_cache(maxsize=512)
 def _decode_heard_utterance(wav: str, bounds: tuple[tuple[int, int, str], ...], partial_every: int) -> tuple[str, ...]:
     """One utterance of :func:`decode_heard`: repeatable (dither 0), so calls that streamed

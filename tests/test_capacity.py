@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 import wave
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from farm.client import Commands, Subscription
 from farm.config import default_workers
 from farm.sender import metadata_for, send_pcm
 
-from .conftest import DATA, MS, CallRun, Node, decode_heard, metric_value, run_call, start_node
+from .conftest import DATA, MS, CallRun, Node, decode_heard, decode_heard_each, metric_value, run_call, start_node
 
 
 PAUSES = json.loads((DATA / "pauses.json").read_text())
@@ -292,24 +291,19 @@ def test_calls_moved_off_a_killed_worker_spread_back_when_it_returns(tmp_path: P
         for run in runs:
             assert len(run.of("call_end")) == 1
             assert len(run.of("speech_start")) == len(run.of("speech_end")) >= 6
-        # The references on both CPUs (Vosk lets the GIL go while it decodes).
-        decode_heard_long(wav, runs[0], repeat=2, where=tmp_path)  # the file and the model, once
-        with ThreadPoolExecutor(2) as pool:
-            references = list(pool.map(lambda run: decode_heard_long(wav, run, repeat=2, where=tmp_path), runs))
-        for run, reference in zip(runs, references):
+        long_wav = repeated(wav, 2, tmp_path)
+        for run, reference in zip(runs, decode_heard_each([(long_wav, run) for run in runs])):
             assert run.finals == reference
     finally:
         assert n.stop() == 0
 
 
-def decode_heard_long(wav: Path, run: CallRun, repeat: int, where: Path) -> list[str]:
-    """decode_heard on the file repeated ``repeat`` times (what the call streamed), written
-    once into ``where`` so calls cut alike share one reference decode."""
-    long_wav = where / f"{wav.stem}-x{repeat}.wav"
-    if not long_wav.exists():
-        with wave.open(str(wav), "rb") as w:
-            params, pcm = w.getparams(), w.readframes(w.getnframes())
-        with wave.open(str(long_wav), "wb") as out:
-            out.setparams(params)
-            out.writeframes(pcm * repeat)
-    return decode_heard(long_wav, run)
+def repeated(wav: Path, times: int, where: Path) -> Path:
+    """``wav`` played ``times`` times over (what a call streamed), written into ``where``."""
+    out_path = where / f"{wav.stem}-x{times}.wav"
+    with wave.open(str(wav), "rb") as w:
+        params, pcm = w.getparams(), w.readframes(w.getnframes())
+    with wave.open(str(out_path), "wb") as out:
+        out.setparams(params)
+        out.writeframes(pcm * times)
+    return out_path

@@ -28,6 +28,7 @@ from .conftest import (
     CallRun,
     Node,
     decode_heard,
+    decode_heard_each,
     direct_decode,
     run_call,
     start_node,
@@ -103,13 +104,14 @@ def test_eight_simultaneous_calls_each_get_their_own_transcript(node: Node) -> N
         return await asyncio.gather(*(run_call(node, DATA / f, realtime=True) for f in files))
 
     runs = asyncio.run(all_calls())
-    for f, run in zip(files, runs):
-        assert run.finals == decode_heard(DATA / f, run), f
     # No cross-talk: each call's finals are Vosk's words for its own file's audio at the
     # spans it heard, and not for another file's audio at the same spans.
-    for i, (f, run) in enumerate(zip(files, runs)):
-        other = next(g for g in files[i + 1 :] + files[:i] if g != f)
-        assert run.finals and run.finals != decode_heard(DATA / other, run), (f, other, run.finals)
+    others = [next(g for g in files[i + 1 :] + files[:i] if g != f) for i, f in enumerate(files)]
+    own = decode_heard_each([(DATA / f, run) for f, run in zip(files, runs)])
+    crossed = decode_heard_each([(DATA / g, run) for g, run in zip(others, runs)])
+    for f, g, run, reference, other in zip(files, others, runs, own, crossed):
+        assert run.finals == reference, f
+        assert run.finals and run.finals != other, (f, g, run.finals)
 
 
 def test_six_calls_on_one_worker_each_get_their_own_exact_transcript(tmp_path: Path) -> None:
@@ -125,8 +127,8 @@ def test_six_calls_on_one_worker_each_get_their_own_exact_transcript(tmp_path: P
             return await asyncio.gather(*(run_call(n, DATA / f) for f in files))
 
         runs = asyncio.run(all_calls())
-        for f, run in zip(files, runs):
-            assert run.finals == decode_heard(DATA / f, run), f
+        for f, run, reference in zip(files, runs, decode_heard_each([(DATA / f, run) for f, run in zip(files, runs)])):
+            assert run.finals == reference, f
             assert len(run.of("speech_start")) == len(run.of("speech_end")) >= 1, f
             for e in run.of("speech_start"):  # decided on the loop from the stamped audio
                 assert e.stamps["recv"] <= e.stamps["vad"] <= e.stamps["publish"]
