@@ -73,6 +73,21 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def http_get(node: Node, path: str, timeout: float = 10.0) -> tuple[int, str]:
+    """``GET path`` on the node's HTTP port: the status and body, errors included;
+    ``(0, "")`` while nothing listens there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
 def farm_segments(pid: int | None = None) -> list[str]:
     names = [n for n in os.listdir("/dev/shm") if n.startswith("farm-")]
     return [n for n in names if pid is None or n.startswith(f"farm-{pid}-")]

@@ -8,8 +8,6 @@ import asyncio
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from farm.client import Subscription
@@ -17,17 +15,7 @@ from farm.ingress.canary import SHIPPED_TEXT, same_words
 from farm.protocol.events import CANARY_PREFIX, Event
 from farm.sender import send_pcm
 
-from .conftest import MS, Node, free_port, metric_value, start_node
-
-
-def _get(n: Node, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{n.port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""  # not listening yet
+from .conftest import MS, Node, free_port, http_get, metric_value, start_node
 
 
 def _wait_for(n: Node, path: str, condition: object, what: str, timeout: float = 90_000 * MS) -> str:
@@ -35,7 +23,7 @@ def _wait_for(n: Node, path: str, condition: object, what: str, timeout: float =
     deadline = time.monotonic() + timeout
     status, body = 0, ""
     while time.monotonic() < deadline:
-        status, body = _get(n, path)
+        status, body = http_get(n, path)
         if condition(status, body):  # type: ignore[operator]
             return body
         time.sleep(0.2)
@@ -50,7 +38,7 @@ def test_the_shipped_utterance_proves_recognition_and_is_nobodys_call(tmp_path: 
         async def watch_all_events() -> list[Event]:
             seen: list[Event] = []
             async with Subscription(n.events) as everything:
-                before = metric_value(_get(n, "/metrics")[1], "farm_canary_probes_total", result="ok") or 0
+                before = metric_value(http_get(n, "/metrics")[1], "farm_canary_probes_total", result="ok") or 0
                 # Another probe passes while every event of the node is watched.
                 await asyncio.to_thread(
                     _wait_for,
@@ -66,14 +54,14 @@ def test_the_shipped_utterance_proves_recognition_and_is_nobodys_call(tmp_path: 
                         return seen
 
         assert asyncio.run(watch_all_events()) == []
-        metrics = _get(n, "/metrics")[1]
+        metrics = http_get(n, "/metrics")[1]
         assert metric_value(metrics, "farm_canary_passing") == 1
         assert (metric_value(metrics, "farm_canary_end_of_speech_to_final_seconds") or 0) > 0
         assert metric_value(metrics, "farm_canary_probes_total", result="wrong") == 0
         for name in ("farm_calls_total", "farm_calls_active", "farm_calls_assigned"):
             assert metric_value(metrics, name) == 0, name
         assert metric_value(metrics, "farm_events_total", type="final") == 0
-        assert _get(n, "/readyz") == (200, "ready: 1 workers\n")
+        assert http_get(n, "/readyz") == (200, "ready: 1 workers\n")
 
         # The canary's call ids are the node's own.
         url = f"{n.url}/{CANARY_PREFIX}7"
@@ -86,18 +74,20 @@ def test_the_shipped_utterance_proves_recognition_and_is_nobodys_call(tmp_path: 
 
 def test_wrong_words_or_a_late_final_make_the_node_not_ready_and_say_why(tmp_path: Path) -> None:
     # Two nodes at once (each is mostly waiting for its workers and its probe).
-    wrong = start_node(tmp_path, "--canary-interval-s", "0.5", "--canary-text", "전혀 다른 문장입니다", workers=1, wait=False)
+    wrong = start_node(
+        tmp_path, "--canary-interval-s", "0.5", "--canary-text", "전혀 다른 문장입니다", workers=1, wait=False
+    )
     late = start_node(tmp_path, "--canary-interval-s", "0.5", "--canary-max-ms", "1", workers=1, wait=False)
     try:
         body = _wait_for(wrong, "/readyz", lambda s, b: s == 503 and "heard" in b, "a probe of wrong words")
         assert body.startswith("canary: heard '") and "expected '전혀 다른 문장입니다'" in body, body
-        metrics = _get(wrong, "/metrics")[1]
+        metrics = http_get(wrong, "/metrics")[1]
         assert metric_value(metrics, "farm_canary_passing") == 0
         assert (metric_value(metrics, "farm_canary_probes_total", result="wrong") or 0) >= 1
 
         body = _wait_for(late, "/readyz", lambda s, b: s == 503 and "bound" in b, "a late probe")
         assert body.startswith("canary: ") and body.endswith(" ms (bound 1 ms)\n"), body
-        assert (metric_value(_get(late, "/metrics")[1], "farm_canary_probes_total", result="late") or 0) >= 1
+        assert (metric_value(http_get(late, "/metrics")[1], "farm_canary_probes_total", result="late") or 0) >= 1
     finally:
         assert wrong.stop() == 0
         assert late.stop() == 0

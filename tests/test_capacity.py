@@ -18,8 +18,6 @@ import os
 import re
 import signal
 import time
-import urllib.error
-import urllib.request
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +30,18 @@ from farm.client import Commands, Subscription
 from farm.config import default_workers
 from farm.sender import metadata_for, send_pcm
 
-from .conftest import DATA, MS, CallRun, Node, decode_heard, decode_heard_each, metric_value, run_call, start_node
+from .conftest import (
+    DATA,
+    MS,
+    CallRun,
+    Node,
+    decode_heard,
+    decode_heard_each,
+    http_get,
+    metric_value,
+    run_call,
+    start_node,
+)
 
 
 PAUSES = json.loads((DATA / "pauses.json").read_text())
@@ -52,14 +61,6 @@ def padded(name: str, tmp_path: Path, lead_ms: int = 600, tail_ms: int = 900) ->
         w.setframerate(rate)
         w.writeframes(np.clip(x, -32768, 32767).astype("<i2").tobytes())
     return out
-
-
-def http(node: Node, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def wait_until(condition: object, timeout: float = 60_000 * MS, what: str = "state") -> None:
@@ -161,9 +162,9 @@ def test_a_node_behind_refuses_new_calls_with_the_reason_and_finishes_the_ones_i
             for _ in range(3)
         ]
         await asyncio.to_thread(
-            wait_until, lambda: http(small_node, "/readyz")[0] == 503, what="/readyz saying at capacity"
+            wait_until, lambda: http_get(small_node, "/readyz")[0] == 503, what="/readyz saying at capacity"
         )
-        readyz = http(small_node, "/readyz")[1]
+        readyz = http_get(small_node, "/readyz")[1]
         body = ""
         try:
             async with websockets.connect(f"{small_node.url}/refused", open_timeout=30):
@@ -180,12 +181,12 @@ def test_a_node_behind_refuses_new_calls_with_the_reason_and_finishes_the_ones_i
     for run in runs:  # the calls it had were finished, every utterance finalised
         assert run.of("call_end") and len(run.of("speech_start")) == len(run.of("speech_end"))
         assert len([e for e in run.of("final") if e["reason"] != "endpoint"]) == len(run.of("speech_end"))
-    metrics = http(small_node, "/metrics")[1]
+    metrics = http_get(small_node, "/metrics")[1]
     assert (metric_value(metrics, "farm_connections_refused_total", reason="at capacity") or 0) >= 1, metrics
     log = small_node.log()
     assert "at capacity: recognition is" in log and "refusing new calls" in log
     # caught up: ready again, and a new call is taken
-    wait_until(lambda: http(small_node, "/readyz")[0] == 200, what="/readyz ready again")
+    wait_until(lambda: http_get(small_node, "/readyz")[0] == 200, what="/readyz ready again")
     assert "below capacity again" in small_node.log()
     run = asyncio.run(run_call(small_node, DATA / "ko_02.wav", realtime=False))
     assert run.of("call_start") and run.finals
@@ -210,7 +211,7 @@ def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_c
         return 101, "", ws
 
     def active() -> int:
-        found = metric_value(http(n, "/metrics")[1], "farm_calls_active")
+        found = metric_value(http_get(n, "/metrics")[1], "farm_calls_active")
         return -1 if found is None else int(found)
 
     async def scenario() -> tuple[tuple[int, str], str, str, int]:
@@ -221,8 +222,8 @@ def test_a_node_whose_cpus_are_full_refuses_the_next_call_and_takes_one_when_a_c
             held.append(ws)
         await asyncio.to_thread(wait_until, lambda: active() == 2, what="two active calls")
         status, body, _ = await connect("cap-c")
-        readyz = http(n, "/readyz")
-        metrics = http(n, "/metrics")[1]
+        readyz = http_get(n, "/readyz")
+        metrics = http_get(n, "/metrics")[1]
         await held[0].close()  # a call ends: its slot is free again
         await asyncio.to_thread(wait_until, lambda: active() == 1, what="one active call")
         again, _, ws = await connect("cap-d")
