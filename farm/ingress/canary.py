@@ -76,7 +76,10 @@ class Canary:
     async def run(self) -> None:
         while True:
             if self._can_probe():
-                verdict = await self.probe()
+                try:
+                    verdict = await self.probe()
+                except Exception as exc:  # a probe that cannot run (no room for its ring) fails; the canary goes on
+                    verdict = f"canary: the probe could not run ({type(exc).__name__}: {exc})"
                 if verdict != self.registry.canary_failing:
                     log_at = logging.WARNING if verdict else logging.INFO
                     log.log(log_at, "%s", verdict or "canary passes: recognition proven")
