@@ -378,13 +378,18 @@ class CallRegistry:
     @property
     def recognition_ready(self) -> str:
         """Why calls cannot be transcribed now, ``""`` when they can (for /readyz)."""
+        return self.pipeline_ready or self.canary_failing
+
+    @property
+    def pipeline_ready(self) -> str:
+        """What recognition lacks before the canary can even try it, ``""`` when nothing."""
         if not self.link.answering:
             return "broker not answering"
         if not self.relay.subscribed:
             return "event relay not connected"
         if not self.link.status.workers:
             return "no recognition worker"
-        return self.canary_failing
+        return ""
 
     async def wait_all_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -90,8 +90,7 @@ class Canary:
 
     def _can_probe(self) -> bool:
         """Only a node that is otherwise able to transcribe is worth probing."""
-        r = self.registry
-        return r.link.answering and r.relay.subscribed and r.relay.canary_subscribed and bool(r.link.status.workers)
+        return not self.registry.pipeline_ready and self.registry.relay.canary_subscribed
 
     async def probe(self) -> str:
         """One utterance through a worker: ``""`` if it passed, else why not (for /readyz)."""

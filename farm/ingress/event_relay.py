@@ -86,10 +86,8 @@ class EventRelay:
             received = time.monotonic_ns()
             if raw == SUBSCRIBED:
                 continue  # the relay confirming some subscriber's subscription
-            try:
-                event = Event.from_json(raw)
-            except EventError as exc:
-                log.warning("dropped a malformed event: %s", exc)
+            event = self._parse(raw)
+            if event is None:
                 self.metrics.drop(DROP_MALFORMED)
                 continue
             self.metrics.observe(event, received)
@@ -109,15 +107,21 @@ class EventRelay:
             if raw == SUBSCRIBED:
                 self.canary_subscribed = True
                 continue
-            try:
-                event = Event.from_json(raw)
-            except EventError as exc:
-                log.warning("dropped a malformed canary event: %s", exc)
+            event = self._parse(raw)
+            if event is None:
                 continue
             call = self.find(event.call_id)
             if call is not None and call.on_event is not None:
                 call.on_event(event)
             self.seen(event)
+
+    @staticmethod
+    def _parse(raw: bytes) -> Event | None:
+        try:
+            return Event.from_json(raw)
+        except EventError as exc:
+            log.warning("dropped a malformed event: %s", exc)
+            return None
 
     def close(self) -> None:
         if self.authenticator is not None:
