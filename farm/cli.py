@@ -1,7 +1,8 @@
 """The ``farm`` command: ``up`` runs a node, ``call`` streams a WAV file into it the way
 mod_audio_stream would and prints what the farm says, ``transcribe`` runs recorded files
 through it (farm/transcribe.py), ``events`` prints the event stream, ``play`` / ``flush`` /
-``calls`` drive playback on live calls."""
+``calls`` drive playback on live calls, ``graph`` compiles a model's decoding graph
+(farm/graph.py)."""
 
 from __future__ import annotations
 
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     from farm.transcribe import add_parser as add_transcribe_parser
 
     add_transcribe_parser(sub)
+    from farm.graph import add_parser as add_graph_parser
+
+    add_graph_parser(sub)
     e = sub.add_parser("events", help="print the farm's events (all calls, or one)")
     e.add_argument("--events", default="tcp://127.0.0.1:5556", help="event endpoint, or several nodes' comma-separated")
     e.add_argument("--call-id", default=None)
@@ -193,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             from farm.transcribe import run as transcribe
 
             return transcribe(args)
+        if args.command == "graph":
+            from farm.graph import run as compile_graph
+
+            return compile_graph(args)
         if args.command == "keys":
             return _keys(args)
         if args.command in ("play", "flush", "stats", "amd", "calls"):

@@ -464,9 +464,10 @@ class Config:
         ),
     )
     recognizer_memory_mb: float = field(
-        default=1500.0,
+        default=1000.0,
         metadata=knob(
-            "a worker holding more than this (resident MB) retires recognizers as they come back (0: no budget)",
+            "a worker holding more than this above its start (resident MB: the recognizers, not the model) "
+            "retires recognizers as they come back (0: no budget)",
             group="recognition",
             check=at_least(0),
         ),

@@ -30,6 +30,7 @@ from typing import Any
 
 from farm.broker.wire import RESTART_ENV
 from farm.config import Config
+from farm.graph import lazy_graph_dir
 from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
@@ -119,10 +120,13 @@ class Supervisor:
             raise HaltServer(f"cannot load the model: {exc}", MODEL_LOAD_ERROR) from None
         self.model_rate = model_rate(self.config.model)
         log.info(
-            "model %s loaded in %.1f s (%d Hz) (pid %d)",
+            "model %s loaded in %.1f s (%d Hz, %s) (pid %d)",
             self.config.model,
             time.monotonic() - t0,
             self.model_rate,
+            "its graph composed on the fly: farm graph compiles it for a tenth of the CPU"
+            if lazy_graph_dir(self.config.model)
+            else "static decoding graph",
             os.getpid(),
         )
         self.pipe = os.pipe()

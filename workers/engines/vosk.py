@@ -243,7 +243,9 @@ class RecognizerPool:
         max_audio_s: retire a recognizer that has heard this much audio.
         keep: idle recognizers kept at most.
         memory_mb: retire a returned recognizer while the worker holds more than this
-            (resident MB; 0: no budget). Retiring trims the heap so the memory goes back.
+            above what it held when the pool was made (resident MB; 0: no budget): the
+            model's pages, a static graph's gigabyte included, are not the recognizers'.
+            Retiring trims the heap so the memory goes back.
         reuse: False gives each utterance a fresh recognizer (repeatable, slower).
     """
 
@@ -262,6 +264,7 @@ class RecognizerPool:
         self.max_audio_s = max_audio_s
         self.keep = keep
         self.memory_mb = memory_mb
+        self.base_mb = _rss_mb()  # the model, shared with the node's other processes since the fork
         self.reuse = reuse
         self._idle: list[Recognizer] = []  # the warmest (most recently used) last
         self._lock = threading.Lock()
@@ -282,7 +285,7 @@ class RecognizerPool:
         the worker is over its memory budget, or enough are idle."""
         with self._lock:
             self.leased -= 1
-            over_budget = bool(self.memory_mb) and _rss_mb() > self.memory_mb
+            over_budget = bool(self.memory_mb) and _rss_mb() - self.base_mb > self.memory_mb
             if not self.reuse or rec.heard_s >= self.max_audio_s or len(self._idle) >= self.keep or over_budget:
                 self.retired += 1
                 retire = True
