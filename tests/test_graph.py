@@ -190,3 +190,22 @@ def test_admission_counts_a_call_on_a_compiled_graph_at_what_it_costs_there(mode
     assert Config(model=str(lazy)).call_cpu_ms_prior() == CALL_CPU_MS_PRIOR
     assert Config(model=str(static)).call_cpu_ms_prior() == CALL_CPU_MS_PRIOR_STATIC_GRAPH < CALL_CPU_MS_PRIOR
     assert Config(model=str(static), admission_call_cpu_ms=90).call_cpu_ms_prior() == 90
+
+
+def test_farm_bench_rtf_measures_a_compiled_graph_beside_its_model(models: tuple[Path, Path], tmp_path: Path) -> None:
+    lazy, static = models
+    out = tmp_path / "rtf.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--rtf", "--rate", "16000", "--graph", str(static), "--out", str(out)],
+        env={**os.environ, "FARM_MODEL": str(lazy)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{static} (the same transcripts)" in proc.stdout
+    rows = json.loads(out.read_text())["settings"]
+    assert [r["model"] for r in rows] == [str(lazy), str(static)]
+    lazy_rtf, static_rtf = rows[0]["rtf"], rows[1]["rtf"]
+    assert lazy_rtf["texts"] == static_rtf["texts"] and any(lazy_rtf["texts"])
+    assert lazy_rtf["cer"] == static_rtf["cer"] and static_rtf["rtf_speech"] > 0
