@@ -330,10 +330,13 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     details = []
     per_sentence: list[tuple[str, int]] = []
     errors: list[float] = []
+    # vosk-server's replies carry no audio offset: their finals cannot be given to sentences
+    # (its end of speech -> final still is measured, by the reply that follows each sentence).
+    attributable = cfg.protocol != "vosk"
     for r in records:
-        errors += [] if r.refused else utterance_cer(r)
         # a refused call (admission) streamed nothing: nothing to measure but the refusal
-        per_sentence += [] if r.refused else finals_per_utterance(r)
+        errors += utterance_cer(r) if attributable and not r.refused else []
+        per_sentence += finals_per_utterance(r) if attributable and not r.refused else []
         s = {} if r.refused else call_samples(r)
         for k, values in s.items():
             samples[k].extend(values)

@@ -93,7 +93,7 @@ def tool_env() -> dict[str, str]:
 
 
 def _run(cmd: str, env: dict[str, str], cwd: str) -> None:
-    proc = subprocess.run(["sh", "-c", f"set -e; {cmd}"], env=env, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-c", f"set -eo pipefail; {cmd}"], env=env, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0 or "ERROR" in proc.stderr:
         raise GraphError(f"{cmd.split()[0]} failed: {proc.stderr.strip()[-800:] or f'exit {proc.returncode}'}")
 
