@@ -56,6 +56,13 @@ def build_parser(prog: str = "farm bench") -> argparse.ArgumentParser:
         help="--rtf: also measure with these decoder options (repeatable; the model's own always first)",
     )
     what.add_argument(
+        "--graph",
+        action="append",
+        default=[],
+        metavar="MODEL_DIR",
+        help="--rtf: also measure this model directory (a graph compiled by farm graph), same transcripts or not",
+    )
+    what.add_argument(
         "--resampler",
         action="append",
         default=[],

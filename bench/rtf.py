@@ -117,7 +117,7 @@ def measure_rtf(
     )
     speech_s = sum(len(p) for p, _ in speech) / (2 * fed)
     silence_s = len(silence) / (2 * fed)
-    runs_speech, runs_silence, errors = [], [], []
+    runs_speech, runs_silence, errors, texts = [], [], [], []
     for r in range(repeats):
         rec = vosk.KaldiRecognizer(model, fed)
         _decode(rec, warm, fed)
@@ -127,6 +127,7 @@ def measure_rtf(
             cpu += spent
             if r == 0:
                 errors.append(cer(said, reference))
+                texts.append(said)
         runs_speech.append(cpu / speech_s)
         runs_silence.append(_decode(rec, silence, fed)[0] / silence_s)
     return {
@@ -141,6 +142,7 @@ def measure_rtf(
         "rtf_speech_runs": [round(x, 4) for x in runs_speech],
         "rtf_silence_runs": [round(x, 4) for x in runs_silence],
         "cer": round(statistics.mean(errors), 4),
+        "texts": texts,
     }
 
 
@@ -162,17 +164,21 @@ def main(args: argparse.Namespace) -> int:
     model = getattr(args, "model", "") or os.environ.get("FARM_MODEL") or default_model_dir() or ""
     decoders: list[dict[str, float]] = [{}] + [parse_decoder(spec) for spec in getattr(args, "decoder", None) or []]
     others = (getattr(args, "resampler", None) or []) if args.rate != 16000 else []
-    settings = [(d, "QQ") for d in decoders] + [({}, q) for q in others]
+    settings = [(model, d, "QQ") for d in decoders] + [(model, {}, q) for q in others]
+    settings += [(graph, {}, "QQ") for graph in getattr(args, "graph", None) or []]
     cores = len(os.sched_getaffinity(0))
-    rows = []
+    rows: list[dict[str, Any]] = []
     print(f"model {model}, {args.rate} Hz, one stream, 3 runs each (median), same run for every setting")
-    for decoder, resampler in settings:
-        r = measure_rtf(model, args.rate, seed=args.seed, decoder=decoder, resampler=resampler)
+    for model_dir, decoder, resampler in settings:
+        r = measure_rtf(model_dir, args.rate, seed=args.seed, decoder=decoder, resampler=resampler)
         lim = limits(r["rtf_speech"], r["rtf_silence"], cores, args.speech_fraction)
-        rows.append({"rtf": r, "limits": lim})
+        rows.append({"model": model_dir, "rtf": r, "limits": lim})
         name = ",".join(f"{k}={v:g}" for k, v in decoder.items()) or "the model's own"
         if args.rate != 16000:
             name += f", soxr {resampler}" if resampler != "none" else ", Kaldi resamples"
+        if model_dir != model:
+            same = "the same transcripts" if r["texts"] == rows[0]["rtf"]["texts"] else "OTHER transcripts"
+            name = f"{model_dir} ({same})"
         print(
             f"  {name:28s} speech {r['rtf_speech']:.3f} CPU s/audio s, silence {r['rtf_silence']:.3f}, "
             f"CER {r['cer']:.3f}; limit at {args.speech_fraction:.0%} speech on {cores} cores: "

@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return transcribe(args)
         if args.command == "graph":
+            from farm.config import default_model_dir
             from farm.graph import run as compile_graph
 
+            args.model = args.model or default_model_dir()
             return compile_graph(args)
         if args.command == "keys":
             return _keys(args)

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from farm.auth import AllowList, Tokens
+from farm.graph import has_static_graph
 from farm.knob_spec import at_least, curve_keys, knob, llm_url, ms_step, parses, port, port_range, within
 from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
@@ -43,8 +44,10 @@ def default_model_dir() -> str | None:
 
 
 # What a call cost on the project's machine (bench/RESULTS.md: 0.12-0.15 CPU s per call-second
-# at 8 kHz, 40 % speech): admission's figure until the workers have measured their own.
+# at 8 kHz, 40 % speech, 0.055-0.066 on a graph compiled by `farm graph`): admission's figure
+# until the workers have measured their own.
 CALL_CPU_MS_PRIOR = 130
+CALL_CPU_MS_PRIOR_STATIC_GRAPH = 65
 
 
 def default_workers() -> int:
@@ -233,9 +236,7 @@ class Config:
     barge_in: bool = field(default=True, metadata=knob("caller speech over playback cuts it", group="playback"))
     barge_in_min_speech_ms: int = field(
         default=0,
-        metadata=knob(
-            "voiced speech before a barge-in cuts (0: at speech_start)", group="playback", check=at_least(0)
-        ),
+        metadata=knob("voiced speech before a barge-in cuts (0: at speech_start)", group="playback", check=at_least(0)),
     )
     esl_inbound: str = field(
         default="",
@@ -364,7 +365,7 @@ class Config:
         default=0,
         metadata=knob(
             "CPU ms per call-second that admission counts (0: measured by the workers, starting from "
-            f"{CALL_CPU_MS_PRIOR})",
+            f"{CALL_CPU_MS_PRIOR}, {CALL_CPU_MS_PRIOR_STATIC_GRAPH} on a graph compiled by farm graph)",
             group="node",
             check=at_least(0),
         ),
@@ -550,6 +551,13 @@ class Config:
         """The model.conf options the knobs override (farm/engines: model_view)."""
         options = {"beam": self.decoder_beam, "max-active": self.decoder_max_active}
         return {k: v for k, v in options.items() if v}
+
+    def call_cpu_ms_prior(self) -> int:
+        """What admission counts a call at before the workers have measured it: the knob's
+        figure, or the project's for this model's kind of graph (composed on the fly or not)."""
+        if self.admission_call_cpu_ms:
+            return self.admission_call_cpu_ms
+        return CALL_CPU_MS_PRIOR_STATIC_GRAPH if has_static_graph(self.model) else CALL_CPU_MS_PRIOR
 
     def endpoint(self, name: str) -> str:
         """Internal broker endpoint ``name`` (workers, ingress, events_in)."""

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 
-__all__ = ["GraphError", "add_parser", "compile_graph", "lazy_graph_dir", "run", "tool_env"]
+__all__ = ["GraphError", "add_parser", "compile_graph", "has_static_graph", "lazy_graph_dir", "run", "tool_env"]
 
 log = logging.getLogger("farm.graph")
 
@@ -65,6 +65,11 @@ def lazy_graph_dir(model: str) -> str | None:
         if all(os.path.exists(os.path.join(graph, name)) for name in _LAZY):
             return graph
     return None
+
+
+def has_static_graph(model: str) -> bool:
+    """Whether ``model`` decodes with a graph compiled ahead of time (by farm graph, or shipped so)."""
+    return any(os.path.exists(os.path.join(model, sub, "HCLG.fst")) for sub in ("graph", "")) if model else False
 
 
 def tool_env() -> dict[str, str]:
@@ -169,10 +174,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from farm.config import default_model_dir
-
+    """``farm graph``; ``args.model`` is the default model's directory when not given (farm/cli.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = args.model or default_model_dir()
+    model = args.model
     if not model:
         print("farm graph: no model given and no default model installed (--model DIR)", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from typing import Any
 
 from farm.broker.wire import RESTART_ENV
 from farm.config import Config
-from farm.graph import lazy_graph_dir
+from farm.graph import has_static_graph
 from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
@@ -124,9 +124,9 @@ class Supervisor:
             self.config.model,
             time.monotonic() - t0,
             self.model_rate,
-            "its graph composed on the fly: farm graph compiles it for a tenth of the CPU"
-            if lazy_graph_dir(self.config.model)
-            else "static decoding graph",
+            "static decoding graph"
+            if has_static_graph(self.config.model)
+            else "its graph composed on the fly: farm graph compiles it for a tenth of the CPU",
             os.getpid(),
         )
         self.pipe = os.pipe()

@@ -4,7 +4,8 @@ Composing the default model's pair takes minutes and ~3.5 GB (bench/RESULTS.md r
 run and its transcripts), so these tests compile a model of the same acoustic model and
 HCLr.fst with a small language model: a one-state loop over the words of the committed
 sentences, in Gr.fst's own word numbering. The composition, the disambiguation symbols,
-the words table and Vosk's loading of the static graph are the same code path.
+the words table and Vosk's loading of the static graph are the same code path. OpenFst's
+tools come from Debian (.ci/run installs them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,12 +24,10 @@ from typing import Any
 import pytest
 
 from farm.config import default_model_dir
-from farm.graph import GraphError, compile_graph, lazy_graph_dir
+from farm.graph import GraphError, compile_graph, has_static_graph, lazy_graph_dir
 
 from .conftest import DATA, Node, run_call, start_node
 
-
-pytestmark = pytest.mark.skipif(shutil.which("fstcompose") is None, reason="OpenFst's tools: .ci/run installs them")
 
 WAVS = ("ko_02.wav", "pause_06.wav", "ko_dialog_16k.wav")
 PARTIAL_FRAMES = 10  # the default --partial-interval-ms 200, in 20 ms frames
@@ -130,6 +128,7 @@ def test_the_compiled_graph_gives_the_lazy_pairs_transcripts(models: tuple[Path,
     lazy, static = models
     assert (static / "graph" / "HCLG.fst").exists()
     assert lazy_graph_dir(str(static)) is None and lazy_graph_dir(str(lazy)) == str(lazy / "graph")
+    assert has_static_graph(str(static)) and not has_static_graph(str(lazy)) and not has_static_graph("")
     assert not (static / "graph" / "Gr.fst").exists(), "the pair is not carried along"
     said = []
     for wav in WAVS:
@@ -182,3 +181,31 @@ def test_farm_graph_says_why_it_cannot_compile(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "has no HCLr.fst, Gr.fst and disambig_tid.int" in proc.stderr
     assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["empty"]
+
+
+def test_admission_counts_a_call_on_a_compiled_graph_at_what_it_costs_there(models: tuple[Path, Path]) -> None:
+    from farm.config import CALL_CPU_MS_PRIOR, CALL_CPU_MS_PRIOR_STATIC_GRAPH, Config
+
+    lazy, static = models
+    assert Config(model=str(lazy)).call_cpu_ms_prior() == CALL_CPU_MS_PRIOR
+    assert Config(model=str(static)).call_cpu_ms_prior() == CALL_CPU_MS_PRIOR_STATIC_GRAPH < CALL_CPU_MS_PRIOR
+    assert Config(model=str(static), admission_call_cpu_ms=90).call_cpu_ms_prior() == 90
+
+
+def test_farm_bench_rtf_measures_a_compiled_graph_beside_its_model(models: tuple[Path, Path], tmp_path: Path) -> None:
+    lazy, static = models
+    out = tmp_path / "rtf.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--rtf", "--rate", "16000", "--graph", str(static), "--out", str(out)],
+        env={**os.environ, "FARM_MODEL": str(lazy)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{static} (the same transcripts)" in proc.stdout
+    rows = json.loads(out.read_text())["settings"]
+    assert [r["model"] for r in rows] == [str(lazy), str(static)]
+    lazy_rtf, static_rtf = rows[0]["rtf"], rows[1]["rtf"]
+    assert lazy_rtf["texts"] == static_rtf["texts"] and any(lazy_rtf["texts"])
+    assert lazy_rtf["cer"] == static_rtf["cer"] and static_rtf["rtf_speech"] > 0

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from farm.broker import wire
-from farm.config import CALL_CPU_MS_PRIOR, Config
+from farm.config import Config
 from farm.heartbeats import HeartbeatTable
 from farm.intents import IntentLibrary
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned
@@ -73,7 +73,7 @@ class Worker:
         # Checked by `farm up` before any worker starts: these do not raise here.
         self.intents = IntentLibrary(config.intents)
         self.node_amd = node_amd_config(config)
-        self.cost = CallCost(config.admission_call_cpu_ms or CALL_CPU_MS_PRIOR)
+        self.cost = CallCost(config.call_cpu_ms_prior())
         self.published = 0  # events published (the metrics' counter)
         self.partials_dropped = 0  # partials not published, of the calls no longer served
         self.running = True

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from farm.broker import wire
-from farm.config import CALL_CPU_MS_PRIOR, Config, default_workers
+from farm.config import Config, default_workers
 from farm.curve import Keys, node_keys, server_socket, start_authenticator
 from farm.lifeline import die_with_parent, obey_supervisor_only, orphaned, parent_from_env
 from farm.proctitle import name_process
@@ -211,7 +211,7 @@ class Broker:
     def _call_cpu_ms(self) -> int:
         """What a call costs: the operator's figure, else what the workers last measured,
         else the prior."""
-        return self.config.admission_call_cpu_ms or self.call_cpu_ms or CALL_CPU_MS_PRIOR
+        return self.config.admission_call_cpu_ms or self.call_cpu_ms or self.config.call_cpu_ms_prior()
 
     def _note_cost(self) -> None:
         """The workers' figures, weighted by their calls; a worker that has not measured yet
