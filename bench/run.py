@@ -328,15 +328,16 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     call_seconds = calls * cfg.duration_s
     samples: dict[str, list[float]] = {k: [] for k in STAGES}
     details = []
-    per_sentence: list[tuple[str, int]] = []
+    per_sentence: list[tuple[str, int | None]] = []
     errors: list[float] = []
     # vosk-server's replies carry no audio offset: their finals cannot be given to sentences
     # (its end of speech -> final still is measured, by the reply that follows each sentence).
     attributable = cfg.protocol != "vosk"
     for r in records:
         # a refused call (admission) streamed nothing: nothing to measure but the refusal
-        errors += utterance_cer(r) if attributable and not r.refused else []
-        per_sentence += finals_per_utterance(r) if attributable and not r.refused else []
+        if not r.refused:
+            errors += utterance_cer(r) if attributable else []
+            per_sentence += finals_per_utterance(r) if attributable else [(u.source, None) for u in r.script.measured()]
         s = {} if r.refused else call_samples(r)
         for k, values in s.items():
             samples[k].extend(values)
@@ -398,10 +399,11 @@ async def run_step(cfg: BenchConfig, calls: int) -> dict[str, Any]:
     return step
 
 
-def _finals_summary(counts: list[tuple[str, int]]) -> dict[str, Any]:
-    n = [c for _, c in counts]
+def _finals_summary(counts: list[tuple[str, int | None]]) -> dict[str, Any]:
+    """Finals per sentence; a sentence whose finals cannot be told (None) counts, unmeasured."""
+    n = [c for _, c in counts if c is not None]
     return {
-        "sentences": len(n),
+        "sentences": len(counts),
         "mean": round(sum(n) / len(n), 3) if n else None,
         "split": sum(1 for c in n if c > 1),
         "without_final": sum(1 for c in n if c == 0),

@@ -398,17 +398,18 @@ def _samples16k(wav: str | Path) -> Any:
     return samples
 
 
-def decode_pcm(pcm: bytes, *, partial_every: int = 0) -> list[str]:
+def decode_pcm(pcm: bytes, *, partial_every: int = 0, with_model: Any = None) -> list[str]:
     """Vosk on 16 kHz audio in 20 ms frames, whole frames only, as a worker feeds it.
 
     Vosk's output depends on where partials are asked for, so ``partial_every`` asks
     for one after every N frames (counting again after each endpoint), as a worker
     does. Returns the non-empty finals (endpoint results, then the last one).
+    ``with_model``: a loaded model other than the default one.
     """
     import vosk
 
     step = 640
-    rec = vosk.KaldiRecognizer(model(), 16000)
+    rec = vosk.KaldiRecognizer(with_model or model(), 16000)
     out = []
     since = 0
     for i in range(0, len(pcm) - len(pcm) % step, step):

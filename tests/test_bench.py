@@ -139,8 +139,9 @@ class TestCallScripts:
         assert set(CORPORA["mixed"]) == {*CORPORA["espeak"], *CORPORA["pauses"], *CORPORA["recorded"]}
 
     def test_a_script_draws_from_the_corpus_it_is_given(self) -> None:
-        s = build_script("c", rate=8000, duration_s=60, speech_fraction=0.5, rng=random.Random(2),
-                         sentences=CORPORA["pauses"])
+        s = build_script(
+            "c", rate=8000, duration_s=60, speech_fraction=0.5, rng=random.Random(2), sentences=CORPORA["pauses"]
+        )
         assert {u.source for u in s.utterances} <= set(CORPORA["pauses"])
 
     def test_speech_fraction_must_be_a_fraction(self) -> None:
@@ -478,6 +479,9 @@ def test_vosk_sender_follows_vosk_servers_sequence_and_times_finals_client_side(
     assert len([v for v in eos if v >= 280 - late]) >= len(eos) - 2, (eos, late)
     assert step["samples"]["first_partial"] and len(step["samples"]["reply_lag"]) >= step["messages_sent"]
     assert "onset_speech_start" not in step["stages"]  # vosk-server has no such event
+    # its replies carry no audio offset: no final can be given to a sentence, none is called missing
+    assert step["finals_per_sentence"]["mean"] is None and step["finals_per_sentence"]["without_final"] == 0
+    assert step["cer"]["mean"] is None
     _check_the_verdicts_add_up(step, calls=2)
 
 

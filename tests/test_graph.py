@@ -26,7 +26,7 @@ import pytest
 from farm.config import default_model_dir
 from farm.graph import GraphError, compile_graph, has_static_graph, lazy_graph_dir
 
-from .conftest import DATA, Node, run_call, start_node
+from .conftest import DATA, Node, decode_pcm, run_call, start_node
 
 
 WAVS = ("ko_02.wav", "pause_06.wav", "ko_dialog_16k.wav")
@@ -88,26 +88,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _decode(model_dir: Path, wav: str) -> list[str]:
-    """Vosk straight on a file, fresh recognizer, 20 ms frames, partials every 10 frames."""
-    import vosk
-
-    vosk.SetLogLevel(-1)
-    model = _loaded(str(model_dir))
+    """Vosk straight on a 16 kHz file with ``model_dir``: fresh recognizer, 20 ms frames,
+    a partial every 10 frames."""
     with wave.open(str(DATA / wav), "rb") as w:
-        pcm, rate = w.readframes(w.getnframes()), w.getframerate()
-    rec = vosk.KaldiRecognizer(model, rate)
-    out, since, step = [], 0, rate // 50 * 2
-    for i in range(0, len(pcm) - len(pcm) % step, step):
-        if rec.AcceptWaveform(pcm[i : i + step]):
-            out.append(json.loads(rec.Result())["text"])
-            since = 0
-            continue
-        since += 1
-        if since >= PARTIAL_FRAMES:
-            since = 0
-            rec.PartialResult()
-    out.append(json.loads(rec.FinalResult())["text"])
-    return [t for t in out if t]
+        assert w.getframerate() == 16000, wav
+        pcm = w.readframes(w.getnframes())
+    return decode_pcm(pcm, partial_every=PARTIAL_FRAMES, with_model=_loaded(str(model_dir)))
 
 
 _LOADED: dict[str, Any] = {}
@@ -119,6 +105,7 @@ def _loaded(model_dir: str) -> Any:
 
     from workers.engines.vosk import model_view
 
+    vosk.SetLogLevel(-1)
     if model_dir not in _LOADED:
         _LOADED[model_dir] = vosk.Model(model_view(model_dir, tempfile.mkdtemp(prefix="farm-test-graph-")))
     return _LOADED[model_dir]
