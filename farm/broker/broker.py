@@ -172,6 +172,7 @@ class Broker:
         cpus = default_workers()
         self.cpus = min(cpus, config.workers) if config.pin_workers else cpus  # what calls' decoding may use
         self.call_cpu_ms = 0  # last figure the workers measured, kept while no call runs
+        self.prior_ms = config.call_cpu_ms_prior()  # before any: the model's kind of graph decides it
         self.workers_lost = 0  # declared dead: missed heartbeats or replaced (for the metrics)
         self.calls_moved = 0  # released by one worker and assigned to another (for the metrics)
 
@@ -211,7 +212,7 @@ class Broker:
     def _call_cpu_ms(self) -> int:
         """What a call costs: the operator's figure, else what the workers last measured,
         else the prior."""
-        return self.config.admission_call_cpu_ms or self.call_cpu_ms or self.config.call_cpu_ms_prior()
+        return self.config.admission_call_cpu_ms or self.call_cpu_ms or self.prior_ms
 
     def _note_cost(self) -> None:
         """The workers' figures, weighted by their calls; a worker that has not measured yet
