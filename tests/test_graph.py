@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from farm.config import default_model_dir
-from farm.graph import GraphError, compile_graph, has_static_graph, lazy_graph_dir
+from farm.graph import GraphError, compile_graph, has_static_graph, lazy_graph_dir, tool_env
 
 from .conftest import DATA, Node, decode_pcm, run_call, start_node
 
@@ -35,7 +35,7 @@ PARTIAL_FRAMES = 10  # the default --partial-interval-ms 200, in 20 ms frames
 
 def _words_of_the_sentences() -> list[str]:
     texts = json.loads((DATA / "texts.json").read_text())
-    said = " ".join(str(v) for v in texts.values() if isinstance(v, str))
+    said = " ".join(v["orthographic"] for v in texts.values() if isinstance(v.get("orthographic"), str))
     # What the model heard in them (its own spelling), plus the scripted words it knows.
     heard = "네 맞 습니다 잠시 만 기다려 주세요 내 말을 한 염화실 오독 씩 더 입니다 오는 일 전반 은 을 했읍니다 유럽"
     return sorted(set(heard.split()) | set(said.split()))
@@ -43,8 +43,6 @@ def _words_of_the_sentences() -> list[str]:
 
 def _small_lazy_model(into: Path) -> Path:
     """The default model with a one-state word loop as its Gr.fst (labels from Gr.fst's table)."""
-    from farm.graph import tool_env
-
     src = Path(default_model_dir() or "")
     env = tool_env()
     graph = into / "graph"
