@@ -7,7 +7,7 @@ payload offset ``c % capacity`` and every gap is exact. Each header field has on
 Segment layout (little-endian; every header field is 8-byte aligned)::
 
     off  field             type     owner    meaning
-    0    magic             8s       creator  b"FARMRNG1", stored last by create()
+    0    magic             8s       creator  b"FARMRNG3", stored last by create()
     8    capacity          u64      creator  payload bytes, a multiple of 8
     16   write_cursor      u64      writer   bytes ever written; published last
     24   read_cursor       u64      reader   bytes consumed (or skipped)
@@ -32,9 +32,11 @@ Segment layout (little-endian; every header field is 8-byte aligned)::
     152  end_detail        120 B    writer   UTF-8 text saying more (an error's message); both set before CLOSED
     272  amd               u64      writer   1 + the cursor from which the writer asked the reader to run
                                              answering-machine detection (a command: "answered now"); 0: never
-    280  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
+    280  owed              u64      reader   utterances whose speech_end went out and whose final has not
+    288  owed_end          u64      reader   1 + the cursor where the newest of them ended; 0: none owed
+    296  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
                            frame k lives in slot k % slots
-    280 + 24*slots         payload, capacity bytes
+    296 + 24*slots         payload, capacity bytes
 
 ``write_horizon`` exposes a write that is overwriting bytes a reader is copying, which
 ``write_cursor``, published after the copy, cannot. Relies on in-order store visibility (x86-64).
@@ -54,7 +56,7 @@ from typing import overload
 
 __all__ = ["MAGIC", "Ring", "RingError", "segment_name", "sweep_stale"]
 
-MAGIC = b"FARMRNG2"
+MAGIC = b"FARMRNG3"
 
 _OFFSET_MAGIC = 0
 _OFFSET_CAPACITY = 8
@@ -79,7 +81,9 @@ _OFFSET_END_DETAIL_LEN = 144
 _OFFSET_END_DETAIL = 152
 _END_DETAIL_BYTES = 120
 _OFFSET_AMD = 272
-_OFFSET_TABLE = 280
+_OFFSET_OWED = 280
+_OFFSET_OWED_END = 288
+_OFFSET_TABLE = 296
 _SLOT_SIZE = 24
 
 _WRITER_CLOSED = 1
@@ -160,6 +164,8 @@ class Ring:
     overrun_count = _Field(_OFFSET_OVERRUN_COUNT, "Writes that overwrote unread bytes.")
     frames = _Field(_OFFSET_FRAMES, "write() calls so far.")
     event_seq = _SettableField(_OFFSET_EVENT_SEQ, "Next per-call event sequence number.")
+    owed = _SettableField(_OFFSET_OWED, "Utterances ended (speech_end out) whose final is not (reader-owned).")
+    owed_end = _SettableField(_OFFSET_OWED_END, "1 + where the newest owed utterance ended; 0: none (reader-owned).")
     created_ns = _Field(_OFFSET_CREATED, "time.monotonic_ns() when the ring was created.")
     writer_pid = _Field(_OFFSET_WRITER_PID, "Pid of the creating (writing) process.")
 

@@ -87,3 +87,83 @@ def test_a_call_is_not_released_once_its_replay_may_be_overwritten(session: Call
     pump_all(session)
     assert ring.write_cursor - ring.committed > ring.capacity // 2
     assert not session.releasable(patient=False)
+
+
+def pcm(name: str) -> bytes:
+    with wave.open(str(DATA / name), "rb") as w:
+        assert w.getframerate() == RATE
+        return w.readframes(w.getnframes())
+
+
+def write_paced(ring: Ring, audio: bytes) -> None:
+    """As the ingress writes: 20 ms frames."""
+    step = RATE * 2 // 50
+    for i in range(0, len(audio), step):
+        ring.write(audio[i : i + step], time.monotonic_ns())
+
+
+def take_over(ring: Ring) -> tuple[CallSession, ResultQueue]:
+    """Another worker takes the call: a new session on the same ring, as B_ASSIGN makes it."""
+    pool = RecognizerPool(model(), RATE, max_audio_s=600, keep=1)
+    results = ResultQueue()
+    successor = CallSession(
+        "release", ring, {}, Config(), options=Options(), pool=pool, scheduler=AsrScheduler(1), results=results
+    )
+    return successor, results
+
+
+def test_a_final_owed_for_audio_the_ring_overwrote_before_a_takeover_comes_empty_with_reason_lost(
+    session: CallSession,
+) -> None:
+    """A worker starved and declared gone had published an utterance's speech_end with its
+    final still pending; the writer went on a whole ring past it before another worker took
+    the call. That final cannot be recognized any more, but the dialer is owed it: the next
+    worker gives it, empty, reason lost, and goes on with the call."""
+    ring = session.ring
+    write_paced(ring, zeros(0.5) + pcm("ko_01.wav") + zeros(1.0))
+    drafts = pump_all(session)
+    assert [d.type for d in drafts if d.type.startswith("speech_")] == ["speech_start", "speech_end"]
+    session.commit()  # as the worker's loop does after each pump; its results are never taken in
+    assert ring.owed == 1 and ring.owed_end - 1 > ring.committed
+    write_paced(ring, zeros(11.0))  # more than the 10 s ring: the utterance is overwritten
+    assert ring.write_cursor - ring.committed > ring.capacity
+    successor, _ = take_over(ring)
+    try:
+        drafts = pump_all(successor)
+        finals = [d for d in drafts if d.type == "final"]
+        assert [(d.data["text"], d.data["reason"]) for d in finals] == [("", "lost")]
+        assert finals[0].data["lost_ms"] > 1000
+        # Said once: the successor owes nothing, so a later takeover gives no second one.
+        successor.commit()
+        assert (ring.owed, ring.owed_end) == (0, 0)
+    finally:
+        successor.close()
+
+
+def test_a_takeover_that_can_replay_the_owed_utterance_gives_its_words_not_a_lost_final(
+    session: CallSession,
+) -> None:
+    ring = session.ring
+    write_paced(ring, zeros(0.5) + pcm("ko_01.wav") + zeros(1.0))
+    pump_all(session)
+    session.commit()
+    assert ring.owed == 1
+    successor, results = take_over(ring)
+    try:
+        drafts = pump_all(successor)
+        # The replay: its speech_start and speech_end come again, and its final from its audio.
+        assert [d.type for d in drafts if d.type.startswith("speech_")] == ["speech_start", "speech_end"]
+        assert not [d for d in drafts if d.type == "final"]  # nothing lost: it is being recognized
+        successor.commit()
+        assert ring.owed == 1  # now this worker's to give
+        finals: list[Any] = []
+        deadline = time.monotonic() + 120  # generous: a busy machine recognizes late
+        while not finals and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for out in results.drain():
+                finals += [d for d in successor.on_asr(out) if d.type == "final"]
+        assert [d.data["reason"] for d in finals] == ["vad"] and finals[0].data["text"]
+        successor.commit()
+        assert (ring.owed, ring.owed_end) == (0, 0)
+    finally:
+        successor.close()

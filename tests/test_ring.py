@@ -105,7 +105,7 @@ def test_create_rounds_capacity_and_attach_reads_every_header_field(make_ring: C
         assert (reader.write_cursor, reader.read_cursor, reader.committed, reader.frames) == (0, 0, 0, 0)
         assert (reader.overrun_bytes, reader.overrun_count) == (0, 0)
         assert not reader.closed and not reader.in_speech
-        assert SHM.joinpath(writer.name).stat().st_size == 280 + 64 * 24 + 1008
+        assert SHM.joinpath(writer.name).stat().st_size == 296 + 64 * 24 + 1008
         assert isinstance(Ring.write_cursor, ring_mod._Field)  # class access yields the descriptor
     finally:
         reader.close()
@@ -119,14 +119,15 @@ def test_header_fields_sit_at_the_documented_offsets(make_ring: Callable[..., Ri
     def u64(off: int) -> int:
         return int.from_bytes(raw[off : off + 8], "little")
 
-    assert raw[:8] == b"FARMRNG2"
+    assert raw[:8] == b"FARMRNG3"
     assert (u64(8), u64(16), u64(80), u64(88), u64(96), u64(112), u64(120)) == (64, 3, 1, 4, 3, os.getpid(), 3)
     assert int.from_bytes(raw[40:44], "little") == 48000 and int.from_bytes(raw[44:48], "little") == 2
     assert u64(128) == 0  # no finalize asked
     assert (u64(136), u64(144)) == (0, 0)  # no end reason, no detail
     assert u64(272) == 0  # no amd asked
-    assert u64(280) == 3 and u64(288) == 5  # slot 0: end_cursor, recv_ns
-    assert raw[280 + 4 * 24 : 280 + 4 * 24 + 3] == b"abc"
+    assert (u64(280), u64(288)) == (0, 0)  # no final owed
+    assert u64(296) == 3 and u64(304) == 5  # slot 0: end_cursor, recv_ns
+    assert raw[296 + 4 * 24 : 296 + 4 * 24 + 3] == b"abc"
     assert ring.request_finalize() == 3
     assert int.from_bytes(SHM.joinpath(ring.name).read_bytes()[128:136], "little") == 4  # 1 + the cursor
     ring.mark_closed(6, "bad")
@@ -467,11 +468,14 @@ def test_a_second_reader_resumes_from_the_committed_cursor(make_ring: Callable[.
     first.committed = 400
     first.in_speech = True
     first.event_seq = 5
+    first.owed, first.owed_end = 2, 1 + 380
     first.close()
     first.close()  # idempotent
     second = Ring.attach(writer.name)
     try:
         assert (second.committed, second.in_speech, second.event_seq) == (400, True, 5)
+        assert (second.owed, second.owed_end) == (2, 381)
+        assert SHM.joinpath(writer.name).read_bytes()[280:296] == (2).to_bytes(8, "little") + (381).to_bytes(8, "little")
         assert second.read_cursor == 600
         second.seek(second.committed)
         assert second.read() == (400, stream[400:])

@@ -257,7 +257,11 @@ def test_speech_in_gives_the_same_transcript_as_a_websocket_call(node: Node, tmp
     leg, ws = asyncio.run(scenario())
     finals = [e["text"] for e in leg.of("final") if e["text"]]
     assert finals and finals == heard_reference(leg, tmp_path)
-    assert finals == ws.finals  # the same words whichever module carried the audio
+    # The same recognition whichever module carried the audio: each call's words are Vosk's
+    # on what it heard. (Not one call's words against the other's: the silence the peer
+    # streams before the speech, 641 and 639 byte writes at its pace, sets where the speech
+    # falls in 20 ms frames, and Vosk's words can move with that alignment.)
+    assert ws.finals and ws.finals == decode_heard(DATA / "ko_02.wav", ws)
     start = leg.of("call_start")[0]
     assert (start["protocol"], start["rate"], start["channels"]) == ("socket_audio", 16000, 1)
     assert start["metadata"]["farm_campaign"] == "spring"

@@ -99,6 +99,9 @@ class _Channel:
         self.preroll: list[bytes] = []  # recent silent frames, fed when speech starts
         self.utterance = -1  # ring cursor that opened the current utterance, -1 if none
         self.open_utterances: list[int] = []  # opened and not yet finalised
+        # Utterances whose speech_end went out and whose final has not: start -> end cursor
+        # (the ring header carries their count, for a worker taking the call over).
+        self.owed: dict[int, int] = {}
         # After a SpeechPause: the quiet frames since, held back from the recognizer (its
         # piece is finalised); fed if the caller resumes, dropped if the utterance ends.
         self.held: list[tuple[bytes, int, int]] | None = None
@@ -193,6 +196,7 @@ class _Channel:
                 if s.config.gating:
                     # Fed up to the pause (or through the hangover); this frame is silence.
                     self.asr.end("vad", self.utterance, cursor_end)
+                    self.owed[self.utterance] = cursor_end
                     self.utterance = -1
                     self.held = None
             if s.config.gating:
@@ -257,6 +261,8 @@ class _Channel:
             self.vad.reset()
             drafts.append(self._speech_end(SpeechEnd(end, end - 1, end - self.onset_frame, False), read_ns))
         self.asr.end("reset", self.utterance, cursor)
+        if self.utterance >= 0:
+            self.owed[self.utterance] = cursor
         self.utterance = -1  # without gating, the next frame opens the next one
         self.held = None
         return drafts
@@ -270,6 +276,7 @@ class _Channel:
             drafts.append(self._speech_end(end, read_ns))
         if self.utterance >= 0:
             self.asr.end("end", self.utterance, cursor)
+            self.owed[self.utterance] = cursor
             self.utterance = -1
             self.held = None
         if self.index == 0:
@@ -302,7 +309,12 @@ class CallSession:
         # A worker before us read this ring (and died): resume where the last
         # finalised utterance ended. A fresh call starts at 0.
         self.resumed = ring.read_cursor > 0 or ring.in_speech
-        ring.seek(ring.committed)
+        committed = ring.committed
+        ring.seek(committed)
+        # The writer lapped the resume point (a worker starved and declared gone, its finals
+        # long pending): finals owed for utterances whose audio is gone come empty, reason lost.
+        self.lost_finals = self._finals_lost(ring.read_cursor - committed)
+        self.lost_ms = self.offset_ms_of_cursor(ring.read_cursor) - self.offset_ms_of_cursor(committed)
         self.base = ring.read_cursor - ring.read_cursor % self.width
         ring.seek(self.base)
         self.carry = b""  # partial sample frame between reads
@@ -385,7 +397,7 @@ class CallSession:
                 most = min(most, amd_at - self.ring.read_cursor)  # frames before it are not AMD's
         start, data = self.ring.read(most)
         read_ns = time.monotonic_ns()
-        drafts: list[Draft] = []
+        drafts: list[Draft] = self._lost_drafts(start, read_ns) if self.lost_finals else []
         overrun = self.ring.overrun_bytes
         if overrun != self.overrun_seen:
             drafts.append(
@@ -411,6 +423,29 @@ class CallSession:
             for ch in self.channels:
                 drafts.extend(ch.finish(read_ns))
         return drafts
+
+    def _finals_lost(self, lost_bytes: int) -> int:
+        """How many of the finals the worker before us owed cannot be given: the owed
+        utterances that ended before the audio still in the ring. The newest one, if it
+        ended inside what is left, is replayed (its rest gets a final of its own)."""
+        owed, owed_end = self.ring.owed, self.ring.owed_end
+        if lost_bytes <= 0 or not owed:
+            return 0
+        return owed if owed_end - 1 <= self.ring.read_cursor else owed - 1
+
+    def _lost_drafts(self, start: int, read_ns: int) -> list[Draft]:
+        offset = self.offset_ms_of_cursor(start)
+        data = {"text": "", "words": [], "reason": "lost", "audio_ms": [], "lost_ms": self.lost_ms}
+        drafts = [Draft("final", offset, dict(data), {"read": read_ns}, 0) for _ in range(self.lost_finals)]
+        self.lost_finals = 0
+        return drafts
+
+    def commit(self) -> None:
+        """Write, for a worker that may take this call over, where it resumes and the finals owed."""
+        ring = self.ring
+        ring.committed = max(ring.committed, self.committed_cursor())
+        ends = [end for ch in self.channels for end in ch.owed.values()]
+        ring.owed, ring.owed_end = len(ends), max(ends) + 1 if ends else 0
 
     def offset_ms_of_cursor(self, cursor: int) -> int:
         return cursor * 1000 // (self.ring.rate * self.width)
@@ -462,6 +497,7 @@ class CallSession:
             if out.reason != "endpoint":
                 if out.utterance in channel.open_utterances:
                     channel.open_utterances.remove(out.utterance)
+                channel.owed.pop(out.utterance, None)
             elif not self.config.gating:
                 # No VAD gating: one recognizer hears the whole call, so the last
                 # endpoint is the only place a replay can start from.

@@ -208,7 +208,7 @@ class Worker:
             if session.idle:
                 self.end(call_id, session)
                 continue
-            session.ring.committed = max(session.ring.committed, session.committed_cursor())
+            session.commit()
             asked = session.release_asked
             if asked and session.releasable(patient=time.monotonic() - asked < RELEASE_PATIENCE_S):
                 # Rebalancing: another worker resumes from the committed cursor just written.
@@ -269,6 +269,7 @@ class Worker:
             self.publish(session.event_for("error", duration_ms, {"reason": detail or data["reason"]}))
         self.publish(session.event_for("call_end", duration_ms, data))
         ring.committed = ring.write_cursor
+        ring.owed = ring.owed_end = 0
         del self.sessions[call_id]
         self.close_session(session)
         self.send(wire.W_DONE, call_id)
