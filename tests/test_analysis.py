@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from farm.config import Config
 from farm.intents import IntentLibrary, IntentsError
 from farm.protocol.call_stats import CallStats
 from workers.amd import AmdConfig
-from workers.analysis import CallAnalysis, Options, node_amd_config, options_for
+from workers.analysis import TONE_BLOCK_MS, CallAnalysis, Options, node_amd_config, options_for
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,8 @@ class TestNodeRefuses:
 
 
 class TestCallAnalysis:
-    def test_a_tone_is_not_a_word_of_the_greeting(self) -> None:
+    @pytest.mark.parametrize("block_ms", [20, TONE_BLOCK_MS])
+    def test_a_tone_is_not_a_word_of_the_greeting(self, block_ms: int) -> None:
         """A busy signal heard by a VAD that voices it: without the tone detector's view
         the cadence would count its bursts as words (a machine, max_words); with it they
         are neither voice nor silence and the tone decides."""
@@ -129,7 +131,7 @@ class TestCallAnalysis:
         tone = (8000 * np.sin(2 * np.pi * 480 * t) + 8000 * np.sin(2 * np.pi * 620 * t)).astype("<i2")
         gap = np.zeros(rate // 2, dtype="<i2")
         audio = np.concatenate([gap[: rate * 3 // 10], tone, gap, tone, gap, tone, gap, tone, gap])
-        analysis = CallAnalysis(rate, Options(amd=AmdConfig()), 0, resumed=False)
+        analysis = CallAnalysis(rate, Options(amd=AmdConfig()), 0, resumed=False, tone_block_ms=block_ms)
         found = []
         for i in range(0, len(audio), 160):  # 20 ms at a time, audio before its VAD frame
             found += analysis.on_audio(audio[i : i + 160])
@@ -140,6 +142,40 @@ class TestCallAnalysis:
         assert ("tone", "busy") in kinds
         [amd] = [d for t, _, d in found if t == "amd"]
         assert amd["reason"] == "busy" and amd["result"] == "unknown", amd
+
+    def test_tones_fed_in_blocks_give_the_same_beep_and_decision_at_most_a_block_later(self) -> None:
+        """The tone detector is fed TONE_BLOCK_MS at a time (its cost is per feed): a
+        machine's greeting and its beep give the same events as fed 20 ms at a time, the
+        same beep times; each comes at most one block of audio later."""
+        rate = 8000
+        rng = np.random.default_rng(7)
+        greeting = (3000 * rng.standard_normal(rate * 3)).astype("<i2")  # voiced, not tonal
+        t = np.arange(rate * 45 // 100) / rate
+        beep = (9000 * np.sin(2 * np.pi * 1000 * t)).astype("<i2")
+        quiet = np.zeros(rate // 2, dtype="<i2")
+        audio = np.concatenate([quiet, greeting, quiet[: rate // 5], beep, quiet, quiet])
+
+        def run(block_ms: int) -> list[tuple[str, int, dict[str, Any], int]]:
+            analysis = CallAnalysis(rate, Options(amd=AmdConfig(total_analysis_ms=10000)), 0, False, tone_block_ms=block_ms)
+            got = []
+            for i in range(0, len(audio), 160):
+                fed_ms = (i + 160) * 1000 // rate  # audio in when it came
+                chunk = audio[i : i + 160]
+                for kind, offset, data in analysis.on_audio(chunk) + analysis.on_frame(
+                    i * 1000 // rate, bool(np.abs(chunk).max() > 1000)
+                ):
+                    got.append((kind, offset, data, fed_ms))
+            return got
+
+        frame_by_frame, blocks = run(20), run(TONE_BLOCK_MS)
+        [beep_20] = [g for g in frame_by_frame if g[0] == "beep"]
+        [beep_100] = [g for g in blocks if g[0] == "beep"]
+        assert beep_100[2] == beep_20[2]  # the same beep: start, end, frequency, level
+        assert 0 <= beep_100[3] - beep_20[3] <= TONE_BLOCK_MS
+        [amd_20] = [g for g in frame_by_frame if g[0] == "amd"]
+        [amd_100] = [g for g in blocks if g[0] == "amd"]
+        assert (amd_100[2]["result"], amd_100[2]["reason"]) == (amd_20[2]["result"], amd_20[2]["reason"])
+        assert 0 <= amd_100[2]["decision_ms"] - amd_20[2]["decision_ms"] <= TONE_BLOCK_MS
 
     def test_a_resumed_call_gets_no_amd_but_keeps_tones_and_intents(self) -> None:
         options = Options(amd=AmdConfig(), intents=IntentLibrary(str(EXAMPLE)).default)

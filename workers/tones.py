@@ -63,6 +63,7 @@ beeps; a beep gliding faster than the drift tolerance is a chain of short tones.
 Cost: one rfft and ~20 numpy calls per ``feed`` plus a short Python step per frame.
 ``python -m workers.tones`` prints the CPU per 20 ms frame: ~30 us fed 20 ms at a time,
 ~13 us in 60 ms chunks and ~9 us in 100 ms chunks (8 and 16 kHz alike).
+A call's analysis (workers/analysis.py) feeds it 100 ms at a time.
 """
 
 from __future__ import annotations
@@ -265,6 +266,12 @@ class ToneDetector:
             for row in self._analyse(buf[: k * self._n].reshape(k, self._n)):
                 self._step(row, events)
         return events
+
+    @property
+    def analysed_ms(self) -> int:
+        """Where the whole frames analysed so far end (``start_ms`` included): ``is_tonal``
+        answers for the frames before it."""
+        return self._start_ms + self._frame * _FRAME_MS
 
     def is_tonal(self, offset_ms: int) -> bool:
         """Was the 20 ms frame holding ``offset_ms`` (event time, ``start_ms`` included) a
