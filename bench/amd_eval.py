@@ -1,7 +1,10 @@
 """Offline AMD evaluation: the farm's VAD + tone detector + :class:`workers.amd.AmdDecider` over a corpus.
 
 For each case of a corpus made by :mod:`bench.amd_corpus`, the 8 kHz audio goes
-through what a worker does, 20 ms at a time and in this order:
+through what a worker does, 20 ms at a time and in this order (a worker feeds its tone
+detector ``workers.analysis.TONE_BLOCK_MS`` at a time, which moves when its events come,
+by that much at most, not what they say; ``farm bench --amd`` runs the corpus through
+workers):
 
 1. the tone detector (``workers.tones.ToneDetector(8000)``, one per call) is fed the
    20 ms block; each tone it finished goes to ``AmdDecider.on_tone`` (a beep is
