@@ -9,6 +9,7 @@ both written from the loop itself, never from a side thread.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -308,9 +309,11 @@ class Worker:
                 if not self.finishing() or time.monotonic() >= stop_by:
                     break
             # With calls, look at their rings every tick; without, sleep until the next
-            # heartbeat (an idle worker wakes 4 times a second, not 100).
+            # heartbeat (an idle worker wakes 4 times a second, not 100). Rounded up: a
+            # wait cut to whole ms below the due time would spin in 0 ms polls up to it
+            # (measured: 4 of an idle worker's 5.5 ms CPU per second).
             due = min(next_tick, next_beat) if self.sessions else next_beat
-            ready = dict(self.poller.poll(max(0, int((due - time.monotonic()) * 1000))))
+            ready = dict(self.poller.poll(max(0, math.ceil((due - time.monotonic()) * 1000))))
             if self.dealer is not None and self.dealer in ready:
                 while self.dealer is not None:
                     try:
@@ -327,7 +330,8 @@ class Worker:
             if now >= next_beat:
                 if not self.housekeeping(now):
                     return 1
-                next_beat = now + wire.HEARTBEAT_INTERVAL / 2
+                # Never early (the wait is rounded up), so each wake sends the broker its beat.
+                next_beat = now + wire.HEARTBEAT_INTERVAL
         for call_id in self.finishing():
             self.end(call_id, self.sessions[call_id], unfinished=True)  # its subscribers still get a call_end
         if self.dealer is not None:

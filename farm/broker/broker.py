@@ -8,6 +8,7 @@ call table or the worker table lives in this file.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -448,7 +449,7 @@ class Broker:
         next_tick = time.monotonic()
         log.info("broker ready (pid %d), events on %s", os.getpid(), self.config.events)
         while self.running:
-            timeout = max(0, int((next_tick - time.monotonic()) * 1000))
+            timeout = max(0, math.ceil((next_tick - time.monotonic()) * 1000))  # up: no 0 ms polls before the tick
             for sock, _ in poller.poll(min(timeout, interval_ms)):
                 while True:
                     try:
