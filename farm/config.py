@@ -501,6 +501,15 @@ class Config:
             check=at_least(0),
         ),
     )
+    canary_idle_interval_s: float = field(
+        default=300.0,
+        metadata=knob(
+            "while nothing changed since the last passing probe (no call, no worker or broker replaced), "
+            "probe this often instead (0: every --canary-interval-s)",
+            group="node",
+            check=at_least(0),
+        ),
+    )
     canary_wav: str = field(
         default="", metadata=knob("the canary's utterance, a 16-bit WAV (empty: the one farm ships)", group="node")
     )

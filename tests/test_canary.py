@@ -5,6 +5,8 @@ final in time, and the probe is nobody's call: not on the event stream, not in t
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 from farm.client import Subscription
 from farm.ingress.canary import SHIPPED_TEXT, same_words
 from farm.protocol.events import CANARY_PREFIX, Event
-from farm.sender import send_pcm
+from farm.sender import metadata_for, send_pcm
 
 from .conftest import MS, Node, free_port, http_get, metric_value, start_node
 
@@ -32,7 +34,8 @@ def _wait_for(n: Node, path: str, condition: object, what: str, timeout: float =
 
 def test_the_shipped_utterance_proves_recognition_and_is_nobodys_call(tmp_path: Path) -> None:
     # Ready only once a first probe passed: start_node waits for /readyz 200.
-    n = start_node(tmp_path, "--canary-interval-s", "0.5", workers=1)
+    # Probing on while idle (0), so that another probe comes while the events are watched.
+    n = start_node(tmp_path, "--canary-interval-s", "0.5", "--canary-idle-interval-s", "0", workers=1)
     try:
 
         async def watch_all_events() -> list[Event]:
@@ -91,6 +94,38 @@ def test_wrong_words_or_a_late_final_make_the_node_not_ready_and_say_why(tmp_pat
     finally:
         assert wrong.stop() == 0
         assert late.stop() == 0
+
+
+def _passed(n: Node) -> int:
+    return int(metric_value(http_get(n, "/metrics")[1], "farm_canary_probes_total", result="ok") or 0)
+
+
+def test_an_idle_node_probes_again_only_after_a_call_or_a_replaced_worker(tmp_path: Path) -> None:
+    """While no call came and the same broker and workers serve, the last passing probe
+    stands for --canary-idle-interval-s; a call, or a worker replaced, brings the next probe
+    at --canary-interval-s."""
+    n = start_node(tmp_path, "--canary-interval-s", "0.5", "--canary-idle-interval-s", "3600", workers=1)
+    try:
+        _wait_for(n, "/metrics", lambda s, b: _passed(n) >= 1, "the first probe passing")
+        first = _passed(n)
+        time.sleep(3.0)  # six intervals, idle
+        assert _passed(n) == first
+        assert http_get(n, "/readyz")[0] == 200  # the last probe still stands
+
+        pcm, metadata = bytes(3200), metadata_for("idle-1", 16000, 1)
+        asyncio.run(send_pcm(f"{n.url}/idle-1", pcm, rate=16000, realtime=False, metadata=metadata))  # a call came
+        assert metric_value(http_get(n, "/metrics")[1], "farm_calls_total") == 1
+        _wait_for(n, "/metrics", lambda s, b: _passed(n) > first, "a probe after the call")
+        after_call = _passed(n)
+        time.sleep(3.0)
+        assert _passed(n) == after_call  # idle again
+
+        [worker] = n.pids("worker")
+        os.kill(worker, signal.SIGKILL)  # the supervisor starts another one
+        _wait_for(n, "/metrics", lambda s, b: _passed(n) > after_call, "a probe through the new worker")
+        assert n.pids("worker") != [worker]
+    finally:
+        assert n.stop() == 0
 
 
 def test_farm_up_refuses_a_canary_utterance_it_cannot_play(tmp_path: Path) -> None:
