@@ -34,9 +34,11 @@ Segment layout (little-endian; every header field is 8-byte aligned)::
                                              answering-machine detection (a command: "answered now"); 0: never
     280  owed              u64      reader   utterances whose speech_end went out and whose final has not
     288  owed_end          u64      reader   1 + the cursor where the newest of them ended; 0: none owed
-    296  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
+    296  reader_pid        u64      reader   pid of the worker serving the ring now: set as it takes the call,
+                                             and a worker that served it before stops on seeing another
+    304  timestamp table   slots x (end_cursor, recv_ns, commit_ns) u64;
                            frame k lives in slot k % slots
-    296 + 24*slots         payload, capacity bytes
+    304 + 24*slots         payload, capacity bytes
 
 ``write_horizon`` exposes a write that is overwriting bytes a reader is copying, which
 ``write_cursor``, published after the copy, cannot. Relies on in-order store visibility (x86-64).
@@ -83,7 +85,8 @@ _END_DETAIL_BYTES = 120
 _OFFSET_AMD = 272
 _OFFSET_OWED = 280
 _OFFSET_OWED_END = 288
-_OFFSET_TABLE = 296
+_OFFSET_READER_PID = 296
+_OFFSET_TABLE = 304
 _SLOT_SIZE = 24
 
 _WRITER_CLOSED = 1
@@ -166,6 +169,7 @@ class Ring:
     event_seq = _SettableField(_OFFSET_EVENT_SEQ, "Next per-call event sequence number.")
     owed = _SettableField(_OFFSET_OWED, "Utterances ended (speech_end out) whose final is not (reader-owned).")
     owed_end = _SettableField(_OFFSET_OWED_END, "1 + where the newest owed utterance ended; 0: none (reader-owned).")
+    reader_pid = _SettableField(_OFFSET_READER_PID, "Pid of the worker serving the ring now (reader-owned).")
     created_ns = _Field(_OFFSET_CREATED, "time.monotonic_ns() when the ring was created.")
     writer_pid = _Field(_OFFSET_WRITER_PID, "Pid of the creating (writing) process.")
 

@@ -167,3 +167,50 @@ def test_a_takeover_that_can_replay_the_owed_utterance_gives_its_words_not_a_los
         assert (ring.owed, ring.owed_end) == (0, 0)
     finally:
         successor.close()
+
+
+def _take_over_in_another_process(ring_name: str, conn: Any) -> None:
+    """A second worker (a process of its own): take the call, wait for the word, read it all."""
+    ring = Ring.attach(ring_name)
+    successor, _ = take_over(ring)
+    base = successor.base
+    conn.send("taken")
+    conn.recv()  # meanwhile the worker before it looked once more
+    drafts: list[Any] = []
+    while successor.next_cursor < ring.write_cursor:  # not the shared cursor: the other worker moved it
+        drafts += successor.pump()
+    conn.send(([d.type for d in drafts if d.type.startswith("speech_")], successor.base == base))
+    successor.close()
+
+
+def test_a_worker_that_took_a_call_over_reads_on_from_its_own_cursor_and_the_one_before_stops(
+    session: CallSession,
+) -> None:
+    """Declared gone while only starved, a worker reads on until it sees the call taken:
+    the ring says who serves it now (its reader_pid). The worker before stops writing the
+    header, and a look it had before it noticed takes no audio from the one after."""
+    import multiprocessing
+
+    ring = session.ring
+    write_paced(ring, zeros(0.5) + pcm("ko_01.wav") + zeros(1.0))
+    pump_all(session)
+    session.commit()
+    committed, owed = ring.committed, ring.owed
+    assert not session.taken_over
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    child = multiprocessing.get_context("spawn").Process(target=_take_over_in_another_process, args=(ring.name, theirs))
+    child.start()
+    try:
+        assert ours.poll(120) and ours.recv() == "taken"
+        assert session.taken_over and ring.reader_pid == child.pid
+        write_paced(ring, zeros(0.5))
+        session.pump()  # the old worker's last look: it moves the shared read cursor
+        session.commit()
+        assert (ring.committed, ring.owed) == (committed, owed)  # the header is the new worker's
+        ours.send("go on")
+        assert ours.poll(120)
+        speech, contiguous = ours.recv()
+        # The successor replayed the utterance from the committed cursor, with no gap.
+        assert speech == ["speech_start", "speech_end"] and contiguous
+    finally:
+        child.join(60)

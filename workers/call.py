@@ -14,6 +14,7 @@ worker that attaches later and replays from it rebuilds the same utterances.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -309,12 +310,16 @@ class CallSession:
         # A worker before us read this ring (and died): resume where the last
         # finalised utterance ended. A fresh call starts at 0.
         self.resumed = ring.read_cursor > 0 or ring.in_speech
-        committed = ring.committed
+        # Ours from now: a worker that served it before (declared gone while it was only
+        # starved) stops at its next look instead of reading the ring beside us.
+        self.pid = os.getpid()
+        ring.reader_pid = self.pid
+        committed, floor = ring.committed, ring.write_cursor - ring.capacity
         ring.seek(committed)
         # The writer lapped the resume point (a worker starved and declared gone, its finals
         # long pending): finals owed for utterances whose audio is gone come empty, reason lost.
-        self.lost_finals = self._finals_lost(ring.read_cursor - committed)
-        self.lost_ms = self.offset_ms_of_cursor(ring.read_cursor) - self.offset_ms_of_cursor(committed)
+        self.lost_finals = self._finals_lost(committed, floor)
+        self.lost_ms = max(0, self.offset_ms_of_cursor(floor) - self.offset_ms_of_cursor(committed))
         self.base = ring.read_cursor - ring.read_cursor % self.width
         ring.seek(self.base)
         self.carry = b""  # partial sample frame between reads
@@ -378,6 +383,11 @@ class CallSession:
         """Process what the ingress wrote since the last call; return VAD events."""
         if self.finishing or (self.background and self.backlog_ms > BACKGROUND_BACKLOG_MS):
             return []
+        ring = self.ring
+        if ring.read_cursor != self.next_cursor and self.next_cursor >= ring.write_cursor - ring.capacity:
+            # Another reader moved the shared cursor: the worker before us read once more
+            # before it saw the call taken over. Read on from ours.
+            ring.seek(self.next_cursor)
         closed = self.ring.closed or self.writer_lost  # read before the data so no audio is missed
         finalize_at = self.ring.finalize_at
         if finalize_at is not None and finalize_at < self.finalized_until:
@@ -424,14 +434,19 @@ class CallSession:
                 drafts.extend(ch.finish(read_ns))
         return drafts
 
-    def _finals_lost(self, lost_bytes: int) -> int:
+    def _finals_lost(self, committed: int, floor: int) -> int:
         """How many of the finals the worker before us owed cannot be given: the owed
-        utterances that ended before the audio still in the ring. The newest one, if it
-        ended inside what is left, is replayed (its rest gets a final of its own)."""
+        utterances that ended before ``floor``, the oldest audio still in the ring. The
+        newest one, if it ended after it, is replayed (its rest gets a final of its own)."""
         owed, owed_end = self.ring.owed, self.ring.owed_end
-        if lost_bytes <= 0 or not owed:
+        if floor <= committed or not owed:
             return 0
-        return owed if owed_end - 1 <= self.ring.read_cursor else owed - 1
+        return owed if owed_end - 1 <= floor else owed - 1
+
+    @property
+    def taken_over(self) -> bool:
+        """Another worker serves this call now (we were declared gone and it was moved)."""
+        return self.ring.reader_pid != self.pid
 
     def _lost_drafts(self, start: int, read_ns: int) -> list[Draft]:
         offset = self.offset_ms_of_cursor(start)
@@ -443,6 +458,8 @@ class CallSession:
     def commit(self) -> None:
         """Write, for a worker that may take this call over, where it resumes and the finals owed."""
         ring = self.ring
+        if self.taken_over:
+            return  # the header is the new reader's
         ring.committed = max(ring.committed, self.committed_cursor())
         ends = [end for ch in self.channels for end in ch.owed.values()]
         ring.owed, ring.owed_end = len(ends), max(ends) + 1 if ends else 0

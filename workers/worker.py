@@ -189,6 +189,11 @@ class Worker:
 
     def pump(self) -> None:
         for call_id, session in list(self.sessions.items()):
+            if session.taken_over:  # as B_DROP says, which the broker sends when it hears from us again
+                del self.sessions[call_id]
+                call_logger(self.log.logger, call_id).warning("another worker took it over: dropped")
+                self.close_session(session)
+                continue
             try:
                 drafts = session.pump()
             except Exception as exc:  # a bug of ours, or the process out of a resource
