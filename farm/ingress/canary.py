@@ -15,7 +15,8 @@ call table leaves it out of every call metric, of admission and of the command p
 the node counts of it is its own: ``farm_canary_*``.
 
 On an idle node the probe would be most of what the node spends (an utterance decoded every
-30 s: 0.013 of a core on the graph composed on the fly, the rest of an idle node 0.008). What
+30 s: 0.023 of a core on the graph composed on the fly, the rest of an idle node 0.011;
+bench/RESULTS.md). What
 can change recognition on a node that serves no call is a process replaced, and that the
 node sees: while no call came and the broker and the workers are the ones the last passing
 probe went through, the canary probes every ``--canary-idle-interval-s`` only.
