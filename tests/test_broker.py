@@ -30,7 +30,10 @@ from .conftest import MS, free_port
 def _run_broker(tmp_path: Path, **env: str) -> Iterator[Config]:
     config = Config(run_dir=str(tmp_path), events=f"tcp://127.0.0.1:{free_port()}")
     full_env = dict(os.environ, FARM_CONFIG=config.to_json(), **env)
-    proc = subprocess.Popen([sys.executable, "-m", "farm.broker.broker"], env=full_env, start_new_session=True)
+    with open(tmp_path / "broker.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farm.broker.broker"], env=full_env, start_new_session=True, stderr=log
+        )
     deadline = time.monotonic() + 10_000 * MS
     while not (tmp_path / "workers.ipc").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -121,12 +124,19 @@ def test_a_call_waits_for_a_worker_when_none_is_ready(broker: Config, ctx: zmq.C
     assert w.expect(wire.B_ASSIGN) == ["early", "ring-e", '{"protocol": "audio_stream"}']
 
 
+def dead_pid() -> str:
+    """The pid of a process that has exited: a worker the broker cannot watch."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return str(proc.pid)
+
+
 def test_a_silent_worker_loses_its_calls_after_its_liveness_runs_out(
     broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     quiet, alive = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("workers"))
     ingress = Peer(ctx, broker.endpoint("ingress"))
-    quiet.send(wire.W_READY, "0", "100")
+    quiet.send(wire.W_READY, "0", dead_pid())  # not watched: heartbeats alone say it lives
     last_word = time.monotonic()  # `quiet` says nothing from now on
     wait_for_workers(ingress, 1)
     ingress.send(wire.I_OPEN, "c1", "ring-1", "{}")
@@ -148,6 +158,44 @@ def test_a_silent_worker_loses_its_calls_after_its_liveness_runs_out(
     # The silent worker, back from the dead, is told to start over.
     quiet.send(wire.W_HEARTBEAT, wire.Load(1).encode())
     quiet.expect(wire.B_DISCONNECT)
+
+
+def test_a_watched_worker_is_given_time_while_its_process_lives_and_none_once_it_exits(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]], tmp_path: Path
+) -> None:
+    """The broker watches a worker's process (pidfd): silence from a live one is a starved
+    loop, given WATCHED_LIVENESS; an exit moves its calls at once, whatever the heartbeats."""
+    process = subprocess.Popen(["sleep", "120"])  # stands for the worker's process
+    try:
+        quiet, alive = Peer(ctx, broker.endpoint("workers")), Peer(ctx, broker.endpoint("workers"))
+        ingress = Peer(ctx, broker.endpoint("ingress"))
+        quiet.send(wire.W_READY, "0", str(process.pid))
+        last_word = time.monotonic()
+        wait_for_workers(ingress, 1)
+        ingress.send(wire.I_OPEN, "c1", "ring-1", "{}")
+        assert quiet.expect(wire.B_ASSIGN)[0] == "c1"
+        alive.send(wire.W_READY, "1", str(os.getpid()))
+        # Silent for twice the unwatched liveness: the call stays (checked only if this
+        # machine kept the silence shorter than the watched liveness, as it should).
+        silence = 2 * wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
+        end = last_word + silence
+        moved = False
+        while time.monotonic() < end:
+            alive.send(wire.W_HEARTBEAT, wire.Load().encode())
+            if alive.sock.poll(int(wire.HEARTBEAT_INTERVAL * 500)):
+                moved = moved or wire.parse(alive.sock.recv_multipart())[0] == wire.B_ASSIGN
+        if time.monotonic() - last_word < wire.HEARTBEAT_INTERVAL * wire.WATCHED_LIVENESS * 0.8:
+            assert not moved, "a live worker's call moved after the unwatched liveness"
+        process.kill()
+        process.wait()
+        if not moved:  # (it moves on its exit, told by the pidfd, not by a missed heartbeat)
+            alive.send(wire.W_HEARTBEAT, wire.Load().encode())
+            assert alive.expect(wire.B_ASSIGN)[:2] == ["c1", "ring-1"]
+            log = (tmp_path / "broker.log").read_text()
+            assert f"worker 0 (pid {process.pid}) exited; reassigning 1 calls" in log, log
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_a_flush_and_a_given_up_call_reach_the_ingress_and_a_done_call_says_nothing(

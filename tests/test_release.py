@@ -140,6 +140,30 @@ def test_a_final_owed_for_audio_the_ring_overwrote_before_a_takeover_comes_empty
         successor.close()
 
 
+def test_a_takeover_lapped_before_its_first_look_still_gives_the_owed_final_lost(session: CallSession) -> None:
+    """The successor attached while the owed utterance was still in the ring, then starved
+    itself: the writer lapped its replay before it read. The final is still given (lost)."""
+    ring = session.ring
+    write_paced(ring, zeros(0.5) + pcm("ko_01.wav") + zeros(1.0))
+    pump_all(session)
+    session.commit()
+    assert ring.owed == 1 and ring.write_cursor - ring.committed < ring.capacity
+    successor, _ = take_over(ring)
+    try:
+        successor.commit()  # before its first look: it owes what it inherited
+        assert ring.owed == 1
+        write_paced(ring, zeros(11.0))  # the 10 s ring laps the replay
+        drafts = pump_all(successor)
+        finals = [d for d in drafts if d.type == "final"]
+        assert [(d.data["text"], d.data["reason"]) for d in finals] == [("", "lost")]
+        assert finals[0].data["lost_ms"] > 1000
+        assert not [d for d in drafts if d.type.startswith("speech_")]  # its audio is gone
+        successor.commit()
+        assert (ring.owed, ring.owed_end) == (0, 0)
+    finally:
+        successor.close()
+
+
 def test_a_takeover_that_can_replay_the_owed_utterance_gives_its_words_not_a_lost_final(
     session: CallSession,
 ) -> None:

@@ -230,6 +230,8 @@ class _Channel:
         s = self.session
         s.ring.in_speech = True
         self.onset_frame = d.frame
+        if s.replays(s.cursor_of(d.frame)):
+            s.replays_started += 1
         self.barge_in_done = self.index != 0 or not s.config.barge_in
         stamps = s.stamps_at(s.cursor_of(d.frame), read_ns)
         stamps["vad"] = time.monotonic_ns()
@@ -242,6 +244,8 @@ class _Channel:
         stamps = s.stamps_at(s.cursor_of(d.frame) - 1, read_ns)
         stamps["vad"] = time.monotonic_ns()
         s.end_of_speech[self.index] = stamps.get("recv", 0)
+        if s.replays(s.cursor_of(self.onset_frame)):
+            s.replays_ended += 1
         return Draft(
             "speech_end",
             s.offset_ms(d.frame),
@@ -314,12 +318,14 @@ class CallSession:
         # starved) stops at its next look instead of reading the ring beside us.
         self.pid = os.getpid()
         ring.reader_pid = self.pid
-        committed, floor = ring.committed, ring.write_cursor - ring.capacity
+        committed = ring.committed
         ring.seek(committed)
-        # The writer lapped the resume point (a worker starved and declared gone, its finals
-        # long pending): finals owed for utterances whose audio is gone come empty, reason lost.
-        self.lost_finals = self._finals_lost(committed, floor)
-        self.lost_ms = max(0, self.offset_ms_of_cursor(floor) - self.offset_ms_of_cursor(committed))
+        # Finals the worker before us owed (speech_end said, final not): the replay from the
+        # committed cursor gives them again, unless the writer laps it first (see _settle_owed).
+        self.inherited, self.inherited_end = ring.owed, ring.owed_end
+        self.replay_cursor = committed  # where the replay reads next
+        self.lapped_ms = 0  # audio of the replay the writer overwrote before we read it
+        self.replays_started = self.replays_ended = 0  # utterances replayed that began before inherited_end
         self.base = ring.read_cursor - ring.read_cursor % self.width
         ring.seek(self.base)
         self.carry = b""  # partial sample frame between reads
@@ -407,7 +413,9 @@ class CallSession:
                 most = min(most, amd_at - self.ring.read_cursor)  # frames before it are not AMD's
         start, data = self.ring.read(most)
         read_ns = time.monotonic_ns()
-        drafts: list[Draft] = self._lost_drafts(start, read_ns) if self.lost_finals else []
+        drafts: list[Draft] = []
+        if self.inherited and start > self.replay_cursor:  # the writer lapped the replay
+            self.lapped_ms += self.offset_ms_of_cursor(start) - self.offset_ms_of_cursor(self.replay_cursor)
         overrun = self.ring.overrun_bytes
         if overrun != self.overrun_seen:
             drafts.append(
@@ -424,6 +432,8 @@ class CallSession:
             if self.ring.playing:
                 self.stats.played(self.offset_ms_of_cursor(len(data)))
             drafts.extend(self._consume(start, data, read_ns))
+        if self.inherited:
+            drafts.extend(self._settle_owed(start + len(data), read_ns))
         if finalize_at is not None and self.ring.read_cursor >= finalize_at:
             self.finalized_until = finalize_at + 1
             for ch in self.channels:
@@ -434,26 +444,31 @@ class CallSession:
                 drafts.extend(ch.finish(read_ns))
         return drafts
 
-    def _finals_lost(self, committed: int, floor: int) -> int:
-        """How many of the finals the worker before us owed cannot be given: the owed
-        utterances that ended before ``floor``, the oldest audio still in the ring. The
-        newest one, if it ended after it, is replayed (its rest gets a final of its own)."""
-        owed, owed_end = self.ring.owed, self.ring.owed_end
-        if floor <= committed or not owed:
-            return 0
-        return owed if owed_end - 1 <= floor else owed - 1
+    def _settle_owed(self, cursor: int, read_ns: int) -> list[Draft]:
+        """The finals the worker before us owed, once the replay has read up to ``cursor``.
+
+        Each owed utterance the replay reads is recognized again and gets its final from us.
+        If the writer lapped the replay (a worker starved and declared gone, its finals long
+        pending, or this one starved before its first look), the owed utterances whose audio
+        went with it never start again: once the replay is past the last owed end, each of
+        their finals comes empty, reason lost, with ``lost_ms`` (the audio overwritten)."""
+        self.replay_cursor = cursor
+        if cursor < self.inherited_end - 1:
+            return []
+        lost = self.inherited - self.replays_started if self.lapped_ms else 0
+        self.inherited = 0
+        offset = self.offset_ms_of_cursor(cursor)
+        data = {"text": "", "words": [], "reason": "lost", "audio_ms": [], "lost_ms": self.lapped_ms}
+        return [Draft("final", offset, dict(data), {"read": read_ns}, 0) for _ in range(max(0, lost))]
+
+    def replays(self, cursor: int) -> bool:
+        """Is the utterance begun at ``cursor`` one whose final the worker before us owed?"""
+        return self.inherited > 0 and cursor < self.inherited_end - 1
 
     @property
     def taken_over(self) -> bool:
         """Another worker serves this call now (we were declared gone and it was moved)."""
         return self.ring.reader_pid != self.pid
-
-    def _lost_drafts(self, start: int, read_ns: int) -> list[Draft]:
-        offset = self.offset_ms_of_cursor(start)
-        data = {"text": "", "words": [], "reason": "lost", "audio_ms": [], "lost_ms": self.lost_ms}
-        drafts = [Draft("final", offset, dict(data), {"read": read_ns}, 0) for _ in range(self.lost_finals)]
-        self.lost_finals = 0
-        return drafts
 
     def commit(self) -> None:
         """Write, for a worker that may take this call over, where it resumes and the finals owed."""
@@ -462,6 +477,8 @@ class CallSession:
             return  # the header is the new reader's
         ring.committed = max(ring.committed, self.committed_cursor())
         ends = [end for ch in self.channels for end in ch.owed.values()]
+        # Owed before us and not yet said again: a worker after us owes them too.
+        ends += [self.inherited_end - 1] * max(0, self.inherited - self.replays_ended)
         ring.owed, ring.owed_end = len(ends), max(ends) + 1 if ends else 0
 
     def offset_ms_of_cursor(self, cursor: int) -> int:

@@ -42,6 +42,10 @@ RELAY_WAIT_S = 10.0  # at start, for the broker's relay to subscribe to this wor
 # A call asked to move waits this long for a moment with nothing left to recognize; then it
 # moves at the next pause anyway (an overloaded worker is never idle, and the move is the cure).
 RELEASE_PATIENCE_S = 3.0
+# A loop turn longer than this is logged (at most once per STALL_LOG_EVERY_S): the broker
+# moves the calls of a worker silent for long (farm/broker/wire.py, Liveness).
+STALL_S = 1.0
+STALL_LOG_EVERY_S = 10.0
 
 
 class Worker:
@@ -80,6 +84,9 @@ class Worker:
         self.running = True
         self.parent = parent  # the supervisor: exit when it is gone
         self.broker_expiry = 0.0
+        self.last_sent = 0.0
+        self.stalls: list[float] = []  # loop turns over STALL_S since the last warning
+        self.stall_logged = 0.0
 
     # -- broker link -------------------------------------------------------------
 
@@ -189,6 +196,9 @@ class Worker:
 
     def pump(self) -> None:
         for call_id, session in list(self.sessions.items()):
+            now = time.monotonic()
+            if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:  # many calls far behind: beat between them
+                self.beat(now)
             if session.taken_over:  # as B_DROP says, which the broker sends when it hears from us again
                 del self.sessions[call_id]
                 call_logger(self.log.logger, call_id).warning("another worker took it over: dropped")
@@ -319,6 +329,7 @@ class Worker:
             # (measured: 4 of an idle worker's 5.5 ms CPU per second).
             due = min(next_tick, next_beat) if self.sessions else next_beat
             ready = dict(self.poller.poll(max(0, math.ceil((due - time.monotonic()) * 1000))))
+            woke = time.monotonic()
             if self.dealer is not None and self.dealer in ready:
                 while self.dealer is not None:
                     try:
@@ -335,8 +346,8 @@ class Worker:
             if now >= next_beat:
                 if not self.housekeeping(now):
                     return 1
-                # Never early (the wait is rounded up), so each wake sends the broker its beat.
                 next_beat = now + wire.HEARTBEAT_INTERVAL
+            self.note_stall(time.monotonic() - woke)
         for call_id in self.finishing():
             self.end(call_id, self.sessions[call_id], unfinished=True)  # its subscribers still get a call_end
         if self.dealer is not None:
@@ -354,15 +365,37 @@ class Worker:
         """The calls whose audio is over (the ingress closed their ring) and not yet ended."""
         return [call_id for call_id, session in self.sessions.items() if session.ring.closed]
 
-    def housekeeping(self, now: float) -> bool:
-        """Liveness both ways, from the loop itself; False when the worker must exit."""
+    def beat(self, now: float) -> None:
+        """Prove progress to the supervisor and to the broker, from the loop itself."""
         self.heartbeats.beat(self.index)
-        self.cost.sample(len(self.sessions))
-        self.notice_lost_writers()
+        # Never early (the loop's wait is rounded up), so each due beat reaches the broker.
         if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
             self.send(wire.W_HEARTBEAT, self.load().encode())
-            while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
-                self.pub.recv()
+
+    def note_stall(self, took: float) -> None:
+        """Log loop turns long enough to worry the broker, at most once per STALL_LOG_EVERY_S."""
+        if took >= STALL_S:
+            self.stalls.append(took)
+        now = time.monotonic()
+        if self.stalls and now - self.stall_logged >= STALL_LOG_EVERY_S:
+            self.log.warning(
+                "worker %d: %d loop turns over %.0f s (longest %.1f s) with %d calls: this CPU is short",
+                self.index,
+                len(self.stalls),
+                STALL_S,
+                max(self.stalls),
+                len(self.sessions),
+            )
+            self.stalls.clear()
+            self.stall_logged = now
+
+    def housekeeping(self, now: float) -> bool:
+        """Liveness both ways, from the loop itself; False when the worker must exit."""
+        self.beat(now)
+        self.cost.sample(len(self.sessions))
+        self.notice_lost_writers()
+        while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
+            self.pub.recv()
         if now > self.broker_expiry:
             self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
             self.connect()

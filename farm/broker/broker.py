@@ -50,6 +50,7 @@ class _Worker:
     pid: int
     expiry: float
     calls: set[str] = field(default_factory=set)
+    pidfd: int = -1  # readable once the process has exited; -1: not watched
     last_sent: float = 0.0
     load: wire.Load = field(default_factory=wire.Load)
 
@@ -173,6 +174,9 @@ class Broker:
         cpus = default_workers()
         self.cpus = min(cpus, config.workers) if config.pin_workers else cpus  # what calls' decoding may use
         self.call_cpu_ms = 0  # last figure the workers measured, kept while no call runs
+        self.poller = zmq.Poller()
+        self.poller.register(self.workers_sock, zmq.POLLIN)
+        self.poller.register(self.ingress_sock, zmq.POLLIN)
         self.prior_ms = config.call_cpu_ms_prior()  # before any: the model's kind of graph decides it
         self.workers_lost = 0  # declared dead: missed heartbeats or replaced (for the metrics)
         self.calls_moved = 0  # released by one worker and assigned to another (for the metrics)
@@ -304,8 +308,37 @@ class Broker:
         if gave_up:
             self._send_ingress(wire.I_GAVE_UP, call_id, *gave_up)
 
+    def _watch(self, worker: _Worker) -> None:
+        """Watch the worker's process, so its exit is seen at once and its silence is patient."""
+        try:
+            worker.pidfd = os.pidfd_open(worker.pid)
+        except OSError:  # gone already, or not in our pid namespace: heartbeats only
+            pass
+        else:
+            self.poller.register(worker.pidfd, zmq.POLLIN)
+        worker.expiry = time.monotonic() + self._patience(worker)
+
+    def _unwatch(self, worker: _Worker) -> None:
+        if worker.pidfd >= 0:
+            self.poller.unregister(worker.pidfd)
+            os.close(worker.pidfd)
+            worker.pidfd = -1
+
+    @staticmethod
+    def _patience(worker: _Worker) -> float:
+        liveness = wire.WATCHED_LIVENESS if worker.pidfd >= 0 else wire.HEARTBEAT_LIVENESS
+        return wire.HEARTBEAT_INTERVAL * liveness
+
+    def _worker_exited(self, pidfd: int) -> None:
+        for worker in self.workers.values():
+            if worker.pidfd == pidfd:
+                self.workers_lost += 1
+                self._forget_worker(worker, "exited")
+                return
+
     def _forget_worker(self, worker: _Worker, why: str) -> None:
         del self.workers[worker.identity]
+        self._unwatch(worker)
         self._send_status()
         # Its calls, but for those its replacement claimed (W_READY's held).
         calls = [c for c in map(self.calls.get, sorted(worker.calls)) if c and c.worker == worker.identity]
@@ -331,7 +364,6 @@ class Broker:
             return
         command, body = parsed
         now = time.monotonic()
-        expiry = now + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
         worker = self.workers.get(identity)
         if command == wire.W_READY:
             try:
@@ -340,7 +372,10 @@ class Broker:
                 log.warning("dropped a message from a worker: %s", exc)
                 return
             replaced = [w for w in self.workers.values() if w.index == index and w.identity != identity]
-            worker = self.workers[identity] = _Worker(identity, index, pid, expiry)
+            if worker is not None:  # registered again on the same connection
+                self._unwatch(worker)
+            worker = self.workers[identity] = _Worker(identity, index, pid, now)
+            self._watch(worker)
             log.info("worker %d (pid %d) ready%s", index, pid, f", {len(held)} calls held" if held else "")
             for call_id, ring, info in held:
                 self._claim(worker, call_id, ring, info, now, {w.identity for w in replaced})
@@ -358,7 +393,7 @@ class Broker:
             # Declared dead earlier (or the broker restarted): make it register again.
             self.workers_sock.send_multipart([identity, *wire.message(wire.B_DISCONNECT)])
             return
-        worker.expiry = expiry
+        worker.expiry = now + self._patience(worker)
         if command == wire.W_HEARTBEAT:
             try:
                 worker.load = wire.Load.decode(body[0])
@@ -442,15 +477,15 @@ class Broker:
 
     def run(self) -> None:
         self.relay.start()
-        poller = zmq.Poller()
-        poller.register(self.workers_sock, zmq.POLLIN)
-        poller.register(self.ingress_sock, zmq.POLLIN)
         interval_ms = int(wire.HEARTBEAT_INTERVAL * 1000)
         next_tick = time.monotonic()
         log.info("broker ready (pid %d), events on %s", os.getpid(), self.config.events)
         while self.running:
             timeout = max(0, math.ceil((next_tick - time.monotonic()) * 1000))  # up: no 0 ms polls before the tick
-            for sock, _ in poller.poll(min(timeout, interval_ms)):
+            for sock, _ in self.poller.poll(min(timeout, interval_ms)):
+                if isinstance(sock, int):  # a worker's pidfd: its process exited
+                    self._worker_exited(sock)
+                    continue
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -465,6 +500,8 @@ class Broker:
                 next_tick = time.monotonic() + wire.HEARTBEAT_INTERVAL
 
     def close(self) -> None:
+        for worker in self.workers.values():
+            self._unwatch(worker)
         self.workers_sock.close()
         self.ingress_sock.close()
         if self.authenticator is not None:

@@ -99,7 +99,10 @@ them in order.
 
 Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 ``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS`` seconds is dead: the broker forgets
-it and reassigns its calls, one by one to the least loaded live worker (the new
+it and reassigns its calls. The broker also watches each worker's process (a pidfd
+from W_READY's pid): an exit is seen at once, and a worker whose process lives is
+given ``WATCHED_LIVENESS`` intervals (its loop starved on a busy machine, most
+likely). Either way the broker reassigns its calls, one by one to the least loaded live worker (the new
 worker resumes from the ring's committed cursor, so no words are lost). Workers
 treat the broker the same way and reconnect by re-creating their DEALER.
 
@@ -121,6 +124,7 @@ __all__ = [
     "HEADER",
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
+    "WATCHED_LIVENESS",
     "W_READY",
     "W_HEARTBEAT",
     "W_DONE",
@@ -157,6 +161,10 @@ HEADER = b"FARMW03"
 
 HEARTBEAT_INTERVAL = 0.25  # seconds
 HEARTBEAT_LIVENESS = 4  # missed intervals before a peer is dead (about 1 s)
+# A worker whose process the broker watches (a pidfd: same host, the ipc endpoint) is seen
+# to exit at once; its silence then means a starved or stuck loop, and moving its calls to a
+# worker as starved only adds a replay: it is given this many intervals (5 s) instead.
+WATCHED_LIVENESS = 20
 RESTART_GRACE_S = 2.0  # a restarted broker's time for its peers to come back (see Restarts)
 RESTART_ENV = "FARM_BROKER_RESTART"  # set by the supervisor for a broker it starts again
 
