@@ -160,6 +160,29 @@ def test_a_silent_worker_loses_its_calls_after_its_liveness_runs_out(
     quiet.expect(wire.B_DISCONNECT)
 
 
+def test_an_idle_worker_beating_once_a_second_stays_registered(
+    broker: Config, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    """With no call, a worker beats every IDLE_HEARTBEAT_INTERVAL (an idle node's CPU), and
+    the broker, not watching its process here, gives it its liveness in those beats."""
+    idle = Peer(ctx, broker.endpoint("workers"))
+    ingress = Peer(ctx, broker.endpoint("ingress"))
+    idle.send(wire.W_READY, "0", dead_pid())
+    wait_for_workers(ingress, 1)
+    busy_patience = wire.beat_interval(True, broker.worker_timeout) * wire.HEARTBEAT_LIVENESS
+    idle_patience = wire.beat_interval(False, broker.worker_timeout) * wire.HEARTBEAT_LIVENESS
+    gap = 1.5 * busy_patience  # between beats: more than a worker with calls is given
+    assert gap < idle_patience / 2
+    for _ in range(3):
+        time.sleep(gap)
+        idle.send(wire.W_HEARTBEAT, wire.Load().encode())
+    wait_for_workers(ingress, 1, timeout=0)  # still there
+    # Its calls take the busy beat: a call assigned, the silent worker loses it after its liveness.
+    ingress.send(wire.I_OPEN, "c1", "ring-1", "{}")
+    assert idle.expect(wire.B_ASSIGN)[0] == "c1"
+    wait_for_workers(ingress, 0, timeout=30_000 * MS)
+
+
 def test_a_watched_worker_is_given_time_while_its_process_lives_and_none_once_it_exits(
     broker: Config, ctx: zmq.Context[zmq.Socket[bytes]], tmp_path: Path
 ) -> None:

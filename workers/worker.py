@@ -101,7 +101,16 @@ class Worker:
         self.poller.register(self.dealer, zmq.POLLIN)
         held = [(call_id, s.ring.name, wire.encode_info(s.info)) for call_id, s in self.sessions.items()]
         self.send(wire.W_READY, str(self.index), str(os.getpid()), *([wire.encode_held(held)] if held else []))
-        self.broker_expiry = time.monotonic() + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
+        self.broker_expiry = time.monotonic() + self.broker_patience
+
+    @property
+    def beat_interval(self) -> float:
+        return wire.beat_interval(bool(self.sessions), self.config.worker_timeout)
+
+    @property
+    def broker_patience(self) -> float:
+        # The broker beats an idle worker at the idle interval: the longer one, whatever we serve.
+        return wire.beat_interval(False, self.config.worker_timeout) * wire.HEARTBEAT_LIVENESS
 
     def send(self, command: bytes, *body: str) -> None:
         assert self.dealer is not None
@@ -114,7 +123,7 @@ class Worker:
         except wire.WireError as exc:
             self.log.warning("dropped a broker message: %s", exc)
             return
-        self.broker_expiry = time.monotonic() + wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS
+        self.broker_expiry = time.monotonic() + self.broker_patience
         if command == wire.B_ASSIGN:
             self.assign(*body)
         elif command == wire.B_RELEASE:
@@ -197,7 +206,7 @@ class Worker:
     def pump(self) -> None:
         for call_id, session in list(self.sessions.items()):
             now = time.monotonic()
-            if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:  # many calls far behind: beat between them
+            if now - self.last_sent >= self.beat_interval:  # many calls far behind: beat between them
                 self.beat(now)
             if session.taken_over:  # as B_DROP says, which the broker sends when it hears from us again
                 del self.sessions[call_id]
@@ -324,7 +333,7 @@ class Worker:
                 if not self.finishing() or time.monotonic() >= stop_by:
                     break
             # With calls, look at their rings every tick; without, sleep until the next
-            # heartbeat (an idle worker wakes 4 times a second, not 100). Rounded up: a
+            # heartbeat (an idle worker wakes once a second, not 100 times). Rounded up: a
             # wait cut to whole ms below the due time would spin in 0 ms polls up to it
             # (measured: 4 of an idle worker's 5.5 ms CPU per second).
             due = min(next_tick, next_beat) if self.sessions else next_beat
@@ -346,7 +355,7 @@ class Worker:
             if now >= next_beat:
                 if not self.housekeeping(now):
                     return 1
-                next_beat = now + wire.HEARTBEAT_INTERVAL
+                next_beat = now + self.beat_interval
             self.note_stall(time.monotonic() - woke)
         for call_id in self.finishing():
             self.end(call_id, self.sessions[call_id], unfinished=True)  # its subscribers still get a call_end
@@ -369,7 +378,7 @@ class Worker:
         """Prove progress to the supervisor and to the broker, from the loop itself."""
         self.heartbeats.beat(self.index)
         # Never early (the loop's wait is rounded up), so each due beat reaches the broker.
-        if now - self.last_sent >= wire.HEARTBEAT_INTERVAL:
+        if now - self.last_sent >= self.beat_interval:
             self.send(wire.W_HEARTBEAT, self.load().encode())
 
     def note_stall(self, took: float) -> None:

@@ -178,7 +178,7 @@ class Broker:
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.ingress_sock, zmq.POLLIN)
         self.prior_ms = config.call_cpu_ms_prior()  # before any: the model's kind of graph decides it
-        self.workers_lost = 0  # declared dead: missed heartbeats or replaced (for the metrics)
+        self.workers_lost = 0  # declared dead: exited, missed heartbeats or replaced (for the metrics)
         self.calls_moved = 0  # released by one worker and assigned to another (for the metrics)
 
     # -- sending -----------------------------------------------------------
@@ -324,10 +324,13 @@ class Broker:
             os.close(worker.pidfd)
             worker.pidfd = -1
 
-    @staticmethod
-    def _patience(worker: _Worker) -> float:
-        liveness = wire.WATCHED_LIVENESS if worker.pidfd >= 0 else wire.HEARTBEAT_LIVENESS
-        return wire.HEARTBEAT_INTERVAL * liveness
+    def _interval(self, worker: _Worker) -> float:
+        return wire.beat_interval(bool(worker.calls), self.config.worker_timeout)
+
+    def _patience(self, worker: _Worker) -> float:
+        if worker.pidfd >= 0:
+            return max(wire.HEARTBEAT_INTERVAL * wire.WATCHED_LIVENESS, 2 * self._interval(worker))
+        return self._interval(worker) * wire.HEARTBEAT_LIVENESS
 
     def _worker_exited(self, pidfd: int) -> None:
         for worker in self.workers.values():
@@ -393,7 +396,6 @@ class Broker:
             # Declared dead earlier (or the broker restarted): make it register again.
             self.workers_sock.send_multipart([identity, *wire.message(wire.B_DISCONNECT)])
             return
-        worker.expiry = now + self._patience(worker)
         if command == wire.W_HEARTBEAT:
             try:
                 worker.load = wire.Load.decode(body[0])
@@ -425,6 +427,7 @@ class Broker:
             self._forget_worker(worker, "disconnected")
         else:
             log.warning("worker %d sent unexpected %s", worker.index, wire.name(command))
+        worker.expiry = now + self._patience(worker)  # after the message: its calls set the beat
 
     def handle_ingress(self, frames: list[bytes]) -> None:
         identity, parsed = frames[0], self._parse(frames, "the ingress")
@@ -471,18 +474,17 @@ class Broker:
             if worker.expiry < now:
                 self.workers_lost += 1
                 self._forget_worker(worker, "missed its heartbeats")
-            elif now - worker.last_sent >= wire.HEARTBEAT_INTERVAL:
+            elif now - worker.last_sent >= self._interval(worker):
                 self._send_worker(worker, wire.B_HEARTBEAT)
         self._rebalance(now)
 
     def run(self) -> None:
         self.relay.start()
-        interval_ms = int(wire.HEARTBEAT_INTERVAL * 1000)
         next_tick = time.monotonic()
         log.info("broker ready (pid %d), events on %s", os.getpid(), self.config.events)
         while self.running:
             timeout = max(0, math.ceil((next_tick - time.monotonic()) * 1000))  # up: no 0 ms polls before the tick
-            for sock, _ in self.poller.poll(min(timeout, interval_ms)):
+            for sock, _ in self.poller.poll(timeout):
                 if isinstance(sock, int):  # a worker's pidfd: its process exited
                     self._worker_exited(sock)
                     continue
@@ -497,7 +499,9 @@ class Broker:
                         self.handle_ingress(frames)
             if time.monotonic() >= next_tick:
                 self.tick()
-                next_tick = time.monotonic() + wire.HEARTBEAT_INTERVAL
+                # With no call on the node, tick at the idle workers' beat (a call wakes the poll).
+                busy = bool(self.calls or self.pending)
+                next_tick = time.monotonic() + wire.beat_interval(busy, self.config.worker_timeout)
 
     def close(self) -> None:
         for worker in self.workers.values():

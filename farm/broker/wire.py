@@ -102,7 +102,9 @@ Liveness (zguide "Heartbeating", MDP): a worker that sent nothing for
 it and reassigns its calls. The broker also watches each worker's process (a pidfd
 from W_READY's pid): an exit is seen at once, and a worker whose process lives is
 given ``WATCHED_LIVENESS`` intervals (its loop starved on a busy machine, most
-likely). Either way the broker reassigns its calls, one by one to the least loaded live worker (the new
+likely). A worker with no call beats, and is beaten, every ``IDLE_HEARTBEAT_INTERVAL``
+(see :func:`beat_interval`), and an unwatched one is given ``HEARTBEAT_LIVENESS`` of
+those. Either way the broker reassigns its calls, one by one to the least loaded live worker (the new
 worker resumes from the ring's committed cursor, so no words are lost). Workers
 treat the broker the same way and reconnect by re-creating their DEALER.
 
@@ -125,6 +127,8 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
     "WATCHED_LIVENESS",
+    "IDLE_HEARTBEAT_INTERVAL",
+    "beat_interval",
     "W_READY",
     "W_HEARTBEAT",
     "W_DONE",
@@ -165,8 +169,22 @@ HEARTBEAT_LIVENESS = 4  # missed intervals before a peer is dead (about 1 s)
 # to exit at once; its silence then means a starved or stuck loop, and moving its calls to a
 # worker as starved only adds a replay: it is given this many intervals (5 s) instead.
 WATCHED_LIVENESS = 20
+# A worker with no call beats, and is beaten, this often: most of an idle node's CPU was
+# these wakes (bench/RESULTS.md). A call assigned wakes it at once (B_ASSIGN).
+IDLE_HEARTBEAT_INTERVAL = 1.0
 RESTART_GRACE_S = 2.0  # a restarted broker's time for its peers to come back (see Restarts)
 RESTART_ENV = "FARM_BROKER_RESTART"  # set by the supervisor for a broker it starts again
+
+
+
+def beat_interval(busy: bool, worker_timeout: float) -> float:
+    """How often a worker and the broker beat to each other: ``HEARTBEAT_INTERVAL`` while
+    the worker serves calls, ``IDLE_HEARTBEAT_INTERVAL`` while it serves none (but at least
+    4 beats per ``--worker-timeout``: the supervisor must not take an idle loop for a hung one)."""
+    if busy:
+        return HEARTBEAT_INTERVAL
+    return max(HEARTBEAT_INTERVAL, min(IDLE_HEARTBEAT_INTERVAL, worker_timeout / 4))
+
 
 W_READY = b"\x01"
 W_HEARTBEAT = b"\x02"
@@ -377,7 +395,7 @@ class Status:
     calls: int = 0  # calls assigned to workers
     capacity: int = 0  # calls the node's CPUs hold within the SLO (0: no limit)
     call_cpu_ms: int = 0  # the CPU ms per call-second that capacity is computed from
-    workers_lost: int = 0  # workers declared dead (missed heartbeats or replaced) since the broker started (counter)
+    workers_lost: int = 0  # workers declared dead (exited, silent or replaced) since the broker started (counter)
     calls_moved: int = 0  # calls moved between workers to balance them (counter)
     broker_pid: int = 0  # which broker answers: a new one means a restart (see Restarts)
     reports: tuple[WorkerReport, ...] = ()  # one per live worker, by index

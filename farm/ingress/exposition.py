@@ -202,7 +202,9 @@ class NodeCollector(Collector):
         relay = int(r.relay.subscribed)
         yield _gauge("farm_event_relay_connected", "1 once the broker's event relay takes the ingress's events", relay)
         lost = r.link.status.workers_lost
-        yield _counter("farm_workers_lost", "Workers the broker declared dead (missed heartbeats or replaced)", lost)
+        yield _counter(
+            "farm_workers_lost", "Workers the broker declared dead (exited, missed heartbeats or replaced)", lost
+        )
         yield _counter("farm_calls_moved", "Calls moved between workers to balance them", r.link.status.calls_moved)
 
     def _workers(self, reports: tuple[WorkerReport, ...]) -> Iterator[Metric]:

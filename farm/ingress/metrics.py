@@ -9,8 +9,8 @@ hears everything worth counting.
   WebSockets). So it turns each event it receives into histogram observations
   (:func:`farm.protocol.latency.stage_latencies`), in one process and one place,
   whichever worker produced the event and however often workers restart.
-* Workers. Each worker's heartbeat to the broker (``W_HEARTBEAT``, every 250 ms,
-  from its recognition loop) carries a :class:`~farm.broker.wire.Load` with its
+* Workers. Each worker's heartbeat to the broker (``W_HEARTBEAT``, every 250 ms, every
+  second while it has no call, from its loop) carries a :class:`~farm.broker.wire.Load` with its
   figures: calls, lag, recognition queue, CPU, RSS, recognizer pool, events
   published and dropped. The broker passes the live workers' last loads to the
   ingress in ``I_STATUS`` (every second) with its own counters. No new socket, no
