@@ -406,7 +406,7 @@ class Worker:
         while self.pub.poll(0):  # a restarted relay subscribes again: drop its notices
             self.pub.recv()
         if now > self.broker_expiry:
-            self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + 1)
+            self.log.warning("broker silent for %.1f s: reconnecting", now - self.broker_expiry + self.broker_patience)
             self.connect()
         if orphaned(self.parent):
             self.log.warning("supervisor (pid %d) is gone: exiting (pid %d)", self.parent, os.getpid())
