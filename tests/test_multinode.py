@@ -287,7 +287,10 @@ def test_sigterm_drains_a_node_while_its_call_finishes_and_new_calls_go_elsewher
         async with Dialer(farm) as dialer:
             held: list[asyncio.Task[SendResult]] = []
             on_farm1, others = "", []
-            while not on_farm1:  # leastconn gives farm1 (empty) one of the first three
+            # The calls before have ended: once the agent says farm1 has room again (its weight,
+            # 0 while it was full, is read every check interval, later on a busy machine) ...
+            await asyncio.to_thread(wait_for, lambda: farm.haproxy.stat("farm1")["weight"] != "0", "farm1 weight > 0")
+            while not on_farm1:  # ... leastconn gives farm1 (empty) one of the first three
                 call_id = f"drain-{uuid.uuid4()}"
                 held.append(call_through(farm, call_id, mid_utterance))
                 await dialer.until(lambda: dialer.node_of(call_id), f"call_start of {call_id}")  # noqa: B023
