@@ -104,8 +104,8 @@ from W_READY's pid): an exit is seen at once, and a worker whose process lives i
 given ``WATCHED_LIVENESS`` intervals (its loop starved on a busy machine, most
 likely). A worker with no call beats, and is beaten, every ``IDLE_HEARTBEAT_INTERVAL``
 (see :func:`beat_interval`), and an unwatched one is given ``HEARTBEAT_LIVENESS`` of
-those. Either way the broker reassigns its calls, one by one to the least loaded live worker (the new
-worker resumes from the ring's committed cursor, so no words are lost). Workers
+those. Either way the broker reassigns its calls, one by one to the least loaded live
+worker (the new worker resumes from the ring's committed cursor, so no words are lost). Workers
 treat the broker the same way and reconnect by re-creating their DEALER.
 
 Balance: whenever a worker serves two or more calls more than another, the broker
@@ -174,7 +174,6 @@ WATCHED_LIVENESS = 20
 IDLE_HEARTBEAT_INTERVAL = 1.0
 RESTART_GRACE_S = 2.0  # a restarted broker's time for its peers to come back (see Restarts)
 RESTART_ENV = "FARM_BROKER_RESTART"  # set by the supervisor for a broker it starts again
-
 
 
 def beat_interval(busy: bool, worker_timeout: float) -> float:
