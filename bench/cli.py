@@ -21,6 +21,7 @@ from typing import Any
 from bench.audio import CORPORA
 from bench.procs import pids_from_args
 from bench.senders import PROTOCOLS
+from farm.native import choose_blas_core
 
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -218,6 +219,8 @@ def _outputs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "farm bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    # Vosk in this process (--rtf, the AMD corpus) on the kernels a node picks (farm/native.py).
+    choose_blas_core()
     if args.calls is None:
         args.calls = 10 if args.amd else 20
     if args.amd:

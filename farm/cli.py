@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 from typing import Any
@@ -28,10 +29,11 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_arguments(p)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace, argv: list[str]) -> int:
     from farm.ingress.canary import canary_utterance
     from farm.intents import IntentLibrary
     from farm.logs import setup_logging
+    from farm.native import node_environ
     from farm.supervisor import run
     from farm.tls import server_context
     from workers.analysis import node_amd_config
@@ -45,10 +47,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         IntentLibrary(config.intents)
         server_context(config.tls_cert, config.tls_key)
         canary_utterance(config)
+        env = node_environ(config.blas_core, config.malloc, os.environ)
     except (OSError, ValueError) as exc:
         # Refused here, not by every worker on every call.
         print(f"farm up: {exc}", file=sys.stderr)
         return 2
+    if env is not None:
+        # OpenBLAS's kernels and a preloaded malloc are chosen when a process starts: start
+        # again with them (the same pid, so a service manager sees one process).
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "farm.cli", *argv], env)
     setup_logging(args.log_level, "supervisor")
     return run(config)
 
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--keys", nargs=2, metavar=("DIR", "NAME"), help=keys_help)
     args = parser.parse_args(argv)
     if args.command == "up":
-        return cmd_up(args)
+        return cmd_up(args, argv)
     try:
         if args.command == "transcribe":
             from farm.transcribe import run as transcribe

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from farm.auth import AllowList, Tokens
 from farm.graph import has_static_graph
 from farm.knob_spec import at_least, curve_keys, knob, llm_url, ms_step, parses, port, port_range, within
+from farm.native import find_malloc
 from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
 
@@ -482,6 +483,22 @@ class Config:
     )
     recognizer_reuse: bool = field(
         default=True, metadata=knob("reuse recognizers (off: a fresh one per utterance, slower)", group="recognition")
+    )
+    blas_core: str = field(
+        default="auto",
+        metadata=knob(
+            "OpenBLAS kernels for Vosk (farm/native.py): auto (the best the CPU flags allow; an OPENBLAS_CORETYPE "
+            "set stands), openblas (its own pick) or a name (SkylakeX, Haswell, Zen, Sandybridge, Prescott)",
+            group="recognition",
+        ),
+    )
+    malloc: str = field(
+        default="auto",
+        metadata=knob(
+            "the node's allocator, preloaded: auto (jemalloc if installed), jemalloc, tcmalloc, system or a path",
+            group="recognition",
+            check=parses(find_malloc),
+        ),
     )
     # -- supervisor
     drain_timeout: float = field(

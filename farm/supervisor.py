@@ -34,6 +34,7 @@ from farm.graph import has_static_graph
 from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
+from farm.native import describe as describe_native
 from farm.proctitle import name_process
 from farm.ring import sweep_stale
 from workers.engines.vosk import ModelError, load_model, model_rate, model_view
@@ -129,6 +130,9 @@ class Supervisor:
             else "its graph composed on the fly: farm graph compiles it for a tenth of the CPU",
             os.getpid(),
         )
+        native = describe_native()
+        hint = " (apt-get install libjemalloc2 for ~25 % less CPU per call)" if "system" in native else ""
+        log.info("recognition runs on %s%s", native, hint if self.config.malloc == "auto" else "")
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)

@@ -30,6 +30,7 @@ import pytest
 
 from farm.client import Subscription
 from farm.config import default_model_dir
+from farm.native import choose_blas_core
 from farm.protocol.events import Event
 from farm.sender import SendResult, metadata_for, read_wav, send_pcm
 
@@ -40,6 +41,9 @@ MS = 0.001 * float(os.environ.get("FARM_TESTS_TIMEOUT_FACTOR", "1"))
 # Every process the tests start inherits this marker, so what outlives them can be found.
 SESSION_MARKER = f"FARM_TEST_SESSION={uuid.uuid4().hex}"
 os.environ["FARM_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
+# The decodings the tests make in this process run on the OpenBLAS kernels the nodes they
+# start do (each inherits the variable): the kernels round differently (farm/native.py).
+choose_blas_core()
 DATA = Path(__file__).parent / "data"
 CAPTURES = Path(__file__).parent / "captures"
 TEXTS: dict[str, Any] = json.loads((DATA / "texts.json").read_text()) if (DATA / "texts.json").exists() else {}
