@@ -113,10 +113,16 @@ def node_environ(blas_core: str, malloc: str, environ: Mapping[str, str]) -> dic
     when this process already has it. Raises ValueError for a malloc that is not there."""
     env = dict(environ)
     choose_blas_core(blas_core, env)
-    library = find_malloc(malloc)
     preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
-    if library and library not in preload:
-        env["LD_PRELOAD"] = " ".join([library, *preload])
+    mallocs = [p for p in preload if os.path.basename(p).startswith(tuple(f"lib{m}" for m in _MALLOCS))]
+    if malloc == "auto" and mallocs:
+        return None if env == dict(environ) else env  # an allocator preloaded already stands
+    library = find_malloc(malloc)
+    preload = [library] * bool(library) + [p for p in preload if p not in mallocs]
+    if preload:
+        env["LD_PRELOAD"] = " ".join(preload)
+    else:
+        env.pop("LD_PRELOAD", None)
     return None if env == dict(environ) else env
 
 

@@ -30,7 +30,7 @@ import pytest
 
 from farm.client import Subscription
 from farm.config import default_model_dir
-from farm.native import choose_blas_core
+from farm.native import choose_blas_core, node_environ
 from farm.protocol.events import Event
 from farm.sender import SendResult, metadata_for, read_wav, send_pcm
 
@@ -44,6 +44,21 @@ os.environ["FARM_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
 # The decodings the tests make in this process run on the OpenBLAS kernels the nodes they
 # start do (each inherits the variable): the kernels round differently (farm/native.py).
 choose_blas_core()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start pytest again on the allocator a node preloads, as ``farm up`` does: the tests'
+    reference decodings must round as the nodes' do, and Kaldi's results move with where
+    the allocator puts its matrices (farm/native.py). xdist's workers inherit it."""
+    env = node_environ("auto", "auto", os.environ)
+    if env is None:
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()  # give the terminal back before the exec
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "pytest", *config.invocation_params.args], env)
 DATA = Path(__file__).parent / "data"
 CAPTURES = Path(__file__).parent / "captures"
 TEXTS: dict[str, Any] = json.loads((DATA / "texts.json").read_text()) if (DATA / "texts.json").exists() else {}

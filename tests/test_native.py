@@ -67,6 +67,12 @@ def test_node_environ_asks_for_a_restart_only_when_something_changes() -> None:
     assert env == {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell", "LD_PRELOAD": f"{jemalloc} /x/libother.so"}
     assert node_environ("Haswell", "jemalloc", env) is None  # the restarted process: nothing more to do
     assert node_environ("openblas", "system", {"PATH": "/bin"}) is None
+    # An allocator preloaded already stands for auto; a setting of the operator's replaces it.
+    tcmalloc = {"PATH": "/bin", "LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4 /x/libother.so"}
+    assert node_environ("openblas", "auto", tcmalloc) is None
+    assert node_environ("openblas", "system", tcmalloc) == {"PATH": "/bin", "LD_PRELOAD": "/x/libother.so"}
+    assert node_environ("openblas", "jemalloc", tcmalloc) == {"PATH": "/bin", "LD_PRELOAD": f"{jemalloc} /x/libother.so"}
+    assert node_environ("openblas", "system", {"LD_PRELOAD": jemalloc}) == {}
 
 
 def _maps(pid: int) -> str:
