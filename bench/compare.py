@@ -33,7 +33,7 @@ from typing import Any
 from bench.cli import build_parser, config_from_args, ramp_steps
 from bench.report import ramp_report, write_json
 from bench.run import Slo, capacity_at, machine_info, ramp, start_farm, stop_process, wait_ready
-from farm.native import node_environ
+from farm.native import choose_blas_core, node_environ
 
 
 __all__ = ["main", "start_vosk_server", "results_section"]
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run vosk-server on the OpenBLAS kernels and malloc farm up picks (default: as shipped)",
     )
     args = parser.parse_args(argv)
+    choose_blas_core()  # the single-stream RTF below, on the kernels farm picks (vosk-server: see start_vosk_server)
     from farm.config import default_model_dir
 
     model = args.model or default_model_dir() or ""
