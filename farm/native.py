@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Mapping, MutableMapping
 
 
-__all__ = ["cpu_flags", "best_core", "choose_blas_core", "find_malloc", "node_environ", "describe"]
+__all__ = ["cpu_flags", "best_core", "choose_blas_core", "find_malloc", "node_environ", "loaded_core", "describe"]
 
 # The kernel set each generation's flags allow, best first (OpenBLAS's names, as
 # OPENBLAS_CORETYPE takes them; SkylakeX is its AVX-512 set, Zen its AVX2 set for AMD).
@@ -77,6 +77,7 @@ def choose_blas_core(setting: str = "auto", environ: MutableMapping[str, str] = 
 
 
 def _ldconfig_path(soname: str) -> str:
+    """Where the dynamic linker finds ``soname`` ("" when it does not)."""
     for tool in _LDCONFIG:
         try:
             out = subprocess.run([tool, "-p"], capture_output=True, text=True, timeout=10, check=False).stdout
@@ -86,6 +87,7 @@ def _ldconfig_path(soname: str) -> str:
             name, _, where = line.strip().partition(" => ")
             if name.split(" ", 1)[0] == soname and os.path.isfile(where):
                 return where
+        break  # the first ldconfig that runs has the cache
     return ""
 
 
@@ -139,13 +141,17 @@ def _loaded(fragment: str) -> str:
     return ""
 
 
+def loaded_core() -> str:
+    """The kernel set the OpenBLAS in this process's libvosk runs ("" before vosk is loaded)."""
+    libvosk = _loaded("libvosk")
+    if not libvosk:
+        return ""
+    lib = ctypes.CDLL(libvosk)  # the copy already loaded: dlopen hands back its handle
+    lib.gotoblas_corename.restype = ctypes.c_char_p
+    return (lib.gotoblas_corename() or b"?").decode()
+
+
 def describe() -> str:
     """What this process runs with, once vosk is loaded: "OpenBLAS SkylakeX kernels, jemalloc"."""
-    core = "?"
-    libvosk = _loaded("libvosk")
-    if libvosk:
-        lib = ctypes.CDLL(libvosk)  # the copy already loaded: dlopen hands back its handle
-        lib.gotoblas_corename.restype = ctypes.c_char_p
-        core = (lib.gotoblas_corename() or b"?").decode()
     malloc = next((name for name in _MALLOCS if _loaded(f"lib{name}")), "the system's malloc")
-    return f"OpenBLAS {core} kernels, {malloc}"
+    return f"OpenBLAS {loaded_core() or '?'} kernels, {malloc}"

@@ -34,7 +34,7 @@ from farm.graph import has_static_graph
 from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
-from farm.native import describe as describe_native
+from farm.native import describe as describe_native, loaded_core
 from farm.proctitle import name_process
 from farm.ring import sweep_stale
 from workers.engines.vosk import ModelError, load_model, model_rate, model_view
@@ -133,6 +133,9 @@ class Supervisor:
         native = describe_native()
         hint = " (apt-get install libjemalloc2 for ~25 % less CPU per call)" if "system" in native else ""
         log.info("recognition runs on %s%s", native, hint if self.config.malloc == "auto" else "")
+        asked = os.environ.get("OPENBLAS_CORETYPE", "")
+        if asked and asked.lower() != loaded_core().lower():
+            log.warning("OpenBLAS did not take the kernels asked for (%s): it runs %s", asked, loaded_core())
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)

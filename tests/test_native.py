@@ -110,6 +110,16 @@ def test_a_node_on_the_systems_malloc(tmp_path: Path) -> None:
         assert node.stop() == 0
 
 
+def test_kernels_openblas_does_not_know_are_said_to_be_refused(tmp_path: Path) -> None:
+    node = start_node(tmp_path, "--blas-core", "NoSuchCore", workers=1)
+    try:
+        said = re.search(r"OpenBLAS did not take the kernels asked for \(NoSuchCore\): it runs (\w+)", node.log())
+        assert said, node.log()[-2000:]
+        assert f"recognition runs on OpenBLAS {said.group(1)} kernels" in node.log()
+    finally:
+        assert node.stop() == 0
+
+
 def test_a_malloc_that_is_not_there_is_refused_before_the_start() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "farm.cli", "up", "--malloc", "/nonexistent/libnothing.so"],
