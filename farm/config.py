@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from farm.auth import AllowList, Tokens
 from farm.graph import has_static_graph
 from farm.knob_spec import at_least, curve_keys, knob, llm_url, ms_step, parses, port, port_range, within
-from farm.native import find_malloc
 from farm.protocol.esl import MAX_BODY_BYTES, MAX_CONTENT_LENGTH, MAX_HEADER_BYTES
 from farm.protocol.pcm import SUPPORTED_RATES
 
@@ -497,7 +496,6 @@ class Config:
         metadata=knob(
             "the node's allocator, preloaded: auto (jemalloc if installed), jemalloc, tcmalloc, system or a path",
             group="recognition",
-            check=parses(find_malloc),
         ),
     )
     # -- supervisor

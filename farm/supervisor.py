@@ -133,9 +133,9 @@ class Supervisor:
         native = describe_native()
         hint = " (apt-get install libjemalloc2 for ~25 % less CPU per call)" if "system" in native else ""
         log.info("recognition runs on %s%s", native, hint if self.config.malloc == "auto" else "")
-        asked = os.environ.get("OPENBLAS_CORETYPE", "")
-        if asked and asked.lower() != loaded_core().lower():
-            log.warning("OpenBLAS did not take the kernels asked for (%s): it runs %s", asked, loaded_core())
+        asked, core = os.environ.get("OPENBLAS_CORETYPE", ""), loaded_core()
+        if asked and asked.lower() != core.lower():
+            log.warning("OpenBLAS did not take the kernels asked for (%s): it runs %s", asked, core)
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)

@@ -30,7 +30,7 @@ import pytest
 
 from farm.client import Subscription
 from farm.config import default_model_dir
-from farm.native import choose_blas_core, node_environ
+from farm.native import node_environ
 from farm.protocol.events import Event
 from farm.sender import SendResult, metadata_for, read_wav, send_pcm
 
@@ -41,15 +41,10 @@ MS = 0.001 * float(os.environ.get("FARM_TESTS_TIMEOUT_FACTOR", "1"))
 # Every process the tests start inherits this marker, so what outlives them can be found.
 SESSION_MARKER = f"FARM_TEST_SESSION={uuid.uuid4().hex}"
 os.environ["FARM_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
-# The decodings the tests make in this process run on the OpenBLAS kernels the nodes they
-# start do (each inherits the variable): the kernels round differently (farm/native.py).
-choose_blas_core()
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    """Start pytest again on the allocator a node preloads, as ``farm up`` does: the tests'
-    reference decodings must round as the nodes' do, and Kaldi's results move with where
-    the allocator puts its matrices (farm/native.py). xdist's workers inherit it."""
+    """Start pytest again on the OpenBLAS kernels and the allocator a node runs Vosk with, as
+    ``farm up`` does: the tests' reference decodings must round as the nodes' do, and Kaldi's
+    results move with both (farm/native.py). xdist's workers and the nodes inherit them."""
     env = node_environ("auto", "auto", os.environ)
     if env is None:
         return
