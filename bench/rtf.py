@@ -36,7 +36,7 @@ import numpy as np
 
 from bench.audio import DATA, PAUSE_SENTENCES, SENTENCES, read_mono, sentence
 from bench.stats import cer
-from farm.native import describe
+from farm.native import describe, loaded_core, loaded_malloc
 
 
 __all__ = ["measure_rtf", "limits", "parse_decoder", "to_model_rate", "main"]
@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
             f"CER {r['cer']:.3f}; limit at {args.speech_fraction:.0%} speech on {cores} cores: "
             f"{lim['gated_calls']:.1f} calls (farm), {lim['ungated_calls']:.1f} (silence decoded too)"
         )
-    native = describe()
+    native = describe(loaded_core(), loaded_malloc())
     print(f"on {native} (a node preloads jemalloc where it is installed: farm/native.py)")
     if args.out:
         from bench.report import write_json

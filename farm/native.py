@@ -21,7 +21,16 @@ import subprocess
 from collections.abc import Mapping, MutableMapping
 
 
-__all__ = ["cpu_flags", "best_core", "choose_blas_core", "find_malloc", "node_environ", "loaded_core", "describe"]
+__all__ = [
+    "cpu_flags",
+    "best_core",
+    "choose_blas_core",
+    "find_malloc",
+    "node_environ",
+    "loaded_core",
+    "loaded_malloc",
+    "describe",
+]
 
 # The kernel set each generation's flags allow, best first (OpenBLAS's names, as
 # OPENBLAS_CORETYPE takes them; SkylakeX is its AVX-512 set, Zen its AVX2 set for AMD).
@@ -117,14 +126,13 @@ def node_environ(blas_core: str, malloc: str, environ: Mapping[str, str]) -> dic
     choose_blas_core(blas_core, env)
     preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
     mallocs = [p for p in preload if os.path.basename(p).startswith(tuple(f"lib{m}" for m in _MALLOCS))]
-    if malloc == "auto" and mallocs:
-        return None if env == dict(environ) else env  # an allocator preloaded already stands
-    library = find_malloc(malloc)
-    preload = [library] * bool(library) + [p for p in preload if p not in mallocs]
-    if preload:
-        env["LD_PRELOAD"] = " ".join(preload)
-    else:
-        env.pop("LD_PRELOAD", None)
+    if not (malloc == "auto" and mallocs):  # for auto, an allocator preloaded already stands
+        library = find_malloc(malloc)
+        preload = ([library] if library else []) + [p for p in preload if p not in mallocs]
+        if preload:
+            env["LD_PRELOAD"] = " ".join(preload)
+        else:
+            env.pop("LD_PRELOAD", None)
     return None if env == dict(environ) else env
 
 
@@ -151,7 +159,11 @@ def loaded_core() -> str:
     return (lib.gotoblas_corename() or b"?").decode()
 
 
-def describe() -> str:
-    """What this process runs with, once vosk is loaded: "OpenBLAS SkylakeX kernels, jemalloc"."""
-    malloc = next((name for name in _MALLOCS if _loaded(f"lib{name}")), "the system's malloc")
-    return f"OpenBLAS {loaded_core() or '?'} kernels, {malloc}"
+def loaded_malloc() -> str:
+    """The preloaded allocator this process runs on ("jemalloc"; "" for the system's)."""
+    return next((name for name in _MALLOCS if _loaded(f"lib{name}")), "")
+
+
+def describe(core: str, malloc: str) -> str:
+    """``loaded_core()`` and ``loaded_malloc()`` in words: "OpenBLAS SkylakeX kernels, jemalloc"."""
+    return f"OpenBLAS {core or '?'} kernels, " + (malloc or "the system's malloc")

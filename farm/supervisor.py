@@ -34,7 +34,7 @@ from farm.graph import has_static_graph
 from farm.heartbeats import HeartbeatTable
 from farm.lifeline import PARENT_ENV, STOP_SIGNAL
 from farm.limits import raise_open_files_limit
-from farm.native import describe as describe_native, loaded_core
+from farm.native import describe as describe_native, loaded_core, loaded_malloc
 from farm.proctitle import name_process
 from farm.ring import sweep_stale
 from workers.engines.vosk import ModelError, load_model, model_rate, model_view
@@ -130,10 +130,10 @@ class Supervisor:
             else "its graph composed on the fly: farm graph compiles it for a tenth of the CPU",
             os.getpid(),
         )
-        native = describe_native()
-        hint = " (apt-get install libjemalloc2 for ~25 % less CPU per call)" if "system" in native else ""
-        log.info("recognition runs on %s%s", native, hint if self.config.malloc == "auto" else "")
-        asked, core = os.environ.get("OPENBLAS_CORETYPE", ""), loaded_core()
+        core, malloc = loaded_core(), loaded_malloc()
+        hint = " (apt-get install libjemalloc2 for ~25 % less CPU per call)" if self.config.malloc == "auto" else ""
+        log.info("recognition runs on %s%s", describe_native(core, malloc), "" if malloc else hint)
+        asked = os.environ.get("OPENBLAS_CORETYPE", "")
         if asked and asked.lower() != core.lower():
             log.warning("OpenBLAS did not take the kernels asked for (%s): it runs %s", asked, core)
         self.pipe = os.pipe()

@@ -41,6 +41,11 @@ MS = 0.001 * float(os.environ.get("FARM_TESTS_TIMEOUT_FACTOR", "1"))
 # Every process the tests start inherits this marker, so what outlives them can be found.
 SESSION_MARKER = f"FARM_TEST_SESSION={uuid.uuid4().hex}"
 os.environ["FARM_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
+DATA = Path(__file__).parent / "data"
+CAPTURES = Path(__file__).parent / "captures"
+TEXTS: dict[str, Any] = json.loads((DATA / "texts.json").read_text()) if (DATA / "texts.json").exists() else {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Start pytest again on the OpenBLAS kernels and the allocator a node runs Vosk with, as
     ``farm up`` does: the tests' reference decodings must round as the nodes' do, and Kaldi's
@@ -54,9 +59,6 @@ def pytest_configure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "pytest", *config.invocation_params.args], env)
-DATA = Path(__file__).parent / "data"
-CAPTURES = Path(__file__).parent / "captures"
-TEXTS: dict[str, Any] = json.loads((DATA / "texts.json").read_text()) if (DATA / "texts.json").exists() else {}
 
 
 def free_port() -> int:
